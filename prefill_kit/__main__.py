@@ -1,0 +1,3 @@
+from prefill_kit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Chat templates (`prefill_kit.templates`): find one, and render it exactly as `apply_chat_template` does.
+
+A template is named by a *spec*, resolved in this order:
+
+1. a shipped name (`prefill_kit.templates.available_templates()`), e.g. `chatml`, `qwen3`, `deepseek-r1`;
+2. a path to a `.jinja` file;
+3. a Hugging Face model or tokenizer directory: its `chat_template.jinja`, else the `chat_template`
+   of its `tokenizer_config.json` (a string, or the list-of-named-templates form, whose `default`
+   entry is used unless `name=` picks another);
+4. a path to a `tokenizer_config.json`.
+
+Special tokens (`bos_token`, `eos_token`, ...) come from the `tokenizer_config.json` beside the
+template when there is one, and are passed to the template like `transformers` passes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from prefill_kit.errors import TemplateError, TemplateSecurityError
+from prefill_kit.sandbox import compile_template
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                      "mask_token")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template's source plus the special tokens it is rendered with."""
+
+    source: str
+    name: str = "<inline>"
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False,
+               tools: list[dict] | None = None, **template_kwargs: Any) -> str:
+        """Render like `tokenizer.apply_chat_template(messages, tokenize=False, ...)`.
+
+        Keys whose value is None are dropped from each message first, as transformers does.
+        Raises `TemplateError` (or `TemplateSecurityError`) naming this template.
+        """
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            compiled = compile_template(self.source)
+            return compiled.render(messages=messages, tools=tools, documents=None,
+                                   add_generation_prompt=add_generation_prompt,
+                                   **{**self.special_tokens, **template_kwargs})
+        except jinja2.exceptions.SecurityError as exc:
+            raise TemplateSecurityError(f"template {self.name}: blocked by the sandbox: {exc}") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(f"template {self.name}: syntax error at line {exc.lineno}: {exc.message}") from None
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"template {self.name}: {exc}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            raise TemplateError(f"template {self.name}: {type(exc).__name__}: {exc}") from None
+
+    @property
+    def generation_prompt_ending(self) -> str:
+        """What the template writes to open an assistant turn after one user message."""
+        msgs = [{"role": "user", "content": "x"}]
+        with_gen = self.render(msgs, add_generation_prompt=True)
+        without = self.render(msgs, add_generation_prompt=False)
+        return with_gen[len(without):] if with_gen.startswith(without) else with_gen[-24:]
+
+
+def available_templates() -> list[str]:
+    """The shipped template names."""
+    return sorted(p.name.removesuffix(".jinja") for p in resources.files(__name__).iterdir()
+                  if p.name.endswith(".jinja"))
+
+
+def _special_tokens(config: dict) -> dict[str, str]:
+    tokens = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):  # AddedToken serialised as {"content": ..., ...}
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[key] = value
+    return tokens
+
+
+def _from_tokenizer_config(path: Path, name: str | None, template_file: Path | None = None) -> ChatTemplate:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TemplateError(f"{path}: cannot read tokenizer config: {exc}") from None
+    special = _special_tokens(config)
+    if template_file is not None:
+        return ChatTemplate(template_file.read_text(encoding="utf-8"), str(template_file), special)
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        wanted = name or "default"
+        if wanted not in named:
+            raise TemplateError(f"{path}: no chat template named {wanted!r}; it has {sorted(map(str, named))}")
+        source = named[wanted]
+    if not isinstance(source, str):
+        raise TemplateError(f"{path}: has no `chat_template`")
+    return ChatTemplate(source, f"{path}#chat_template" + (f"[{name}]" if name else ""), special)
+
+
+def load_template(spec: str | Path, *, name: str | None = None) -> ChatTemplate:
+    """Resolve a template spec (see the module docstring) into a `ChatTemplate`."""
+    text = str(spec)
+    if text in available_templates():
+        source = resources.files(__name__).joinpath(f"{text}.jinja").read_text(encoding="utf-8")
+        return ChatTemplate(source, text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        config = path / "tokenizer_config.json"
+        jinja_file = path / "chat_template.jinja"
+        if config.is_file():
+            return _from_tokenizer_config(config, name, jinja_file if jinja_file.is_file() else None)
+        if jinja_file.is_file():
+            return ChatTemplate(jinja_file.read_text(encoding="utf-8"), str(jinja_file))
+        raise TemplateError(f"{path}: directory has neither chat_template.jinja nor tokenizer_config.json")
+    if path.is_file():
+        if path.suffix == ".json":
+            return _from_tokenizer_config(path, name)
+        return ChatTemplate(path.read_text(encoding="utf-8"), str(path))
+    raise TemplateError(f"unknown template {text!r}: not a shipped name ({', '.join(available_templates())}), "
+                        "a .jinja file, a model directory or a tokenizer_config.json")
