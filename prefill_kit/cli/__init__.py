@@ -1,4 +1,6 @@
-"""The `prefill-kit` command. The only place that prints for the user or exits.
+"""prefill-kit: render prefilled GRPO prompts, score completions, and train with GRPO.
+
+The only place that prints for the user or exits.
 
 Each subcommand lives in its own module of this package and exposes
 `add_parser(subparsers) -> argparse.ArgumentParser`, whose parser sets `func=run`;

@@ -1,0 +1,28 @@
+"""prefill-kit: GRPO with a fixed response prefix, rendered, rewarded and trained right.
+
+The public entry points are re-exported here and imported on first use, so that
+`import prefill_kit` stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "render_prompt": "prefill_kit.render",
+    "RenderedPrompt": "prefill_kit.render",
+    "decode_escapes": "prefill_kit.render",
+    "render_dataset": "prefill_kit.pipeline",
+    "load_template": "prefill_kit.templates",
+    "ChatTemplate": "prefill_kit.templates",
+    "available_templates": "prefill_kit.templates",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'prefill_kit' has no attribute {name!r}")

@@ -1,0 +1,58 @@
+"""Reading rows with their line numbers, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from prefill_kit.errors import DataError
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line_number, row)` for each non-blank line; DataError names the line that is bad."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            yield line_no, parse_json_line(raw, source=str(path), line=line_no)
+
+
+def parse_json_line(raw: bytes, *, source: str, line: int) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"invalid UTF-8 at byte {exc.start}", source=source, line=line) from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} at column {exc.colno}", source=source, line=line) from None
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {type(row).__name__}", source=source, line=line)
+    return row
+
+
+@contextmanager
+def atomic_output(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file beside `path`; rename it over `path` only if the block finishes.
+
+    An exception or Ctrl-C inside the block removes the temp file, so no half-written output is left.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_json_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"

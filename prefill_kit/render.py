@@ -1,0 +1,124 @@
+"""Render a conversation into a prefilled GRPO prompt.
+
+Names used throughout prefill-kit:
+
+- **generation prompt**: the template's rendering with `add_generation_prompt=True`, i.e. the
+  conversation followed by an open assistant turn.
+- **prefix**: text the rollout must start from, e.g. ``"<think>\\n"``. It belongs to the prompt: the model
+  conditions on it and never samples (or trains on) it.
+- **prompt**: generation prompt + the part of the prefix the template did not already write.
+- **effective prefix**: what the model continues from after the assistant header, stored per row so
+  that rewards can score ``prefix + completion``. It includes a reasoning opener the template itself
+  writes (R1-style templates end with ``<think>\\n``), so a format reward sees ``<think>`` even when
+  the user asked for no prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from prefill_kit.errors import DataError, TemplateError
+from prefill_kit.templates import ChatTemplate
+
+# A reasoning block the template opened (or opened and closed empty, as Qwen3 does with
+# enable_thinking=False) at the very end of its generation prompt.
+_TEMPLATE_THINK_TAIL = re.compile(r"<think>(?:\s*</think>)?\s*\Z")
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[ntr\\])")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """One rendered row: the full `prompt` text, its effective `prefix`, and the `solution` taken
+    from a trailing assistant message (None when there was none)."""
+
+    prompt: str
+    prefix: str
+    solution: str | None = None
+
+
+def decode_escapes(text: str) -> str:
+    """Decode ``\\n``, ``\\t``, ``\\r``, ``\\\\`` and ``\\uXXXX`` as typed on a command line; keep all else.
+
+    A shell passes ``--prefix '<think>\\n'`` as a backslash and an ``n``; users mean a newline.
+    """
+    return _ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "u" else _ESCAPES[m[1]], text)
+
+
+def prefix_overlap(text: str, prefix: str) -> int:
+    """Length of the longest beginning of `prefix` that `text` already ends with.
+
+    Only overlaps holding a non-space character count: a header ending in ``\\n`` must not eat the
+    newline a prefix starts with.
+    """
+    for k in range(min(len(prefix), len(text)), 0, -1):
+        if text.endswith(prefix[:k]) and prefix[:k].strip():
+            return k
+    return 0
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or the `text` parts of a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate, prefix: str = "", *,
+                  continue_final: bool = False, template_kwargs: dict[str, Any] | None = None) -> RenderedPrompt:
+    """Render `messages` with `template` into a prompt that ends with `prefix`, written once.
+
+    - Without `continue_final`, a trailing assistant message is the reference answer: it is removed
+      from the prompt and returned as `solution` (as ms-swift does for GRPO).
+    - With `continue_final`, the conversation must end in an assistant message; it is rendered left
+      open (transformers' `continue_final_message`) and its text becomes the prefix, after `prefix`
+      is applied to its beginning if it does not already start with it.
+    - The returned prefix is the effective prefix (module docstring).
+
+    Raises `DataError` for an empty conversation and `TemplateError` when the template fails.
+    """
+    if not messages:
+        raise DataError("empty conversation", field="messages")
+    kwargs = dict(template_kwargs or {})
+    if continue_final:
+        return _render_continue_final(messages, template, prefix, kwargs)
+
+    solution = None
+    if messages[-1].get("role") == "assistant":
+        solution = message_text(messages[-1].get("content"))
+        messages = messages[:-1]
+        if not messages:
+            raise DataError("conversation holds only an assistant message", field="messages")
+    generation_prompt = template.render(messages, add_generation_prompt=True, **kwargs)
+    k = prefix_overlap(generation_prompt, prefix)
+    think_tail = _TEMPLATE_THINK_TAIL.search(generation_prompt)
+    written = max(k, len(think_tail[0]) if think_tail else 0)
+    effective = generation_prompt[len(generation_prompt) - written:] + prefix[k:]
+    return RenderedPrompt(generation_prompt + prefix[k:], effective, solution)
+
+
+def _render_continue_final(messages, template, prefix, kwargs) -> RenderedPrompt:
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        raise DataError("continue_final needs a conversation ending in an assistant message", field="messages")
+    partial = message_text(last.get("content"))
+    if prefix and not partial.startswith(prefix):
+        partial = prefix + partial
+    # Render with a sentinel after the partial text and cut there: the same approach as transformers'
+    # continue_final_message, which keeps the template's own spacing before the message.
+    sentinel = "\x00PREFILL_KIT_CUT\x00"
+    rendered = template.render([*messages[:-1], {**last, "content": partial + sentinel}],
+                               add_generation_prompt=False, **kwargs)
+    cut = rendered.rfind(sentinel)
+    if cut < 0:
+        raise TemplateError(f"template {template.name}: it drops the final assistant message, "
+                            "so that message cannot be continued")
+    prompt = rendered[:cut]
+    if not prompt.endswith(partial):
+        raise TemplateError(f"template {template.name}: it rewrites the final assistant message "
+                            "(e.g. strips reasoning), so that message cannot be continued verbatim")
+    return RenderedPrompt(prompt, partial, None)
