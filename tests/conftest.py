@@ -1,0 +1,35 @@
+"""Shared fixtures: everything is built locally, nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 model with the chatml template (tokenizer adds no BOS)."""
+    from prefill_kit.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def bos_template() -> str:
+    """A Llama-style template that writes BOS itself."""
+    return ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(tmp_path_factory, bos_template) -> Path:
+    """A tokenizer that prepends BOS on `add_special_tokens=True` and whose template writes BOS too."""
+    from prefill_kit.tiny_model import build_tokenizer
+
+    out = tmp_path_factory.mktemp("bos_tok")
+    build_tokenizer(chat_template=bos_template, add_bos=True).save_pretrained(out)
+    return out
