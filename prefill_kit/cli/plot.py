@@ -1,0 +1,22 @@
+"""`prefill-kit plot RUN_DIR [RUN_DIR ...] [-o curves.png]`: training curves of one run or several."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plot", help="plot reward, loss, KL and completion length of runs", description=__doc__)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
+    p.add_argument("-o", "--output", default="curves.png", help="image file (default: curves.png)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefill_kit.plotting import plot_runs
+
+    out = plot_runs(args.run_dirs, args.output)
+    print(f"wrote {out} ({len(args.run_dirs)} run(s))", file=sys.stderr)
+    return 0
