@@ -26,6 +26,9 @@ import jinja2
 from prefill_kit.errors import TemplateError, TemplateSecurityError
 from prefill_kit.sandbox import compile_template
 
+# Names a message's reasoning may arrive under; transformers copies it to `reasoning_content` (what
+# templates read) and to `thinking` (gpt-oss), so templates see it whichever name the data used.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                       "mask_token")
 
@@ -42,10 +45,11 @@ class ChatTemplate:
                tools: list[dict] | None = None, **template_kwargs: Any) -> str:
         """Render like `tokenizer.apply_chat_template(messages, tokenize=False, ...)`.
 
-        Keys whose value is None are dropped from each message first, as transformers does.
+        Messages are normalised as transformers does: keys whose value is None are dropped, and
+        reasoning given as `reasoning` or `thinking` is also offered as `reasoning_content`.
         Raises `TemplateError` (or `TemplateSecurityError`) naming this template.
         """
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        messages = [_normalise(m) for m in messages]
         try:
             compiled = compile_template(self.source)
             return compiled.render(messages=messages, tools=tools, documents=None,
@@ -67,6 +71,14 @@ class ChatTemplate:
         with_gen = self.render(msgs, add_generation_prompt=True)
         without = self.render(msgs, add_generation_prompt=False)
         return with_gen[len(without):] if with_gen.startswith(without) else with_gen[-24:]
+
+
+def _normalise(message: dict[str, Any]) -> dict[str, Any]:
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
 
 
 def available_templates() -> list[str]:

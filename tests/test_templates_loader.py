@@ -68,6 +68,18 @@ def test_tools_render_like_transformers(rich_tokenizer):
     assert 'ä+b' in expected  # tojson keeps non-ASCII, as transformers' tojson does
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_fields_are_aliased_like_transformers(field):
+    source = ("{% for m in messages %}[{{ m.role }}|{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.content }}]"
+              "{% endfor %}")
+    tokenizer = build_tokenizer(chat_template=source)
+    messages = [{"role": "user", "content": "q", "tool_calls": None},
+                {"role": "assistant", "content": "a", field: "because"}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ChatTemplate(source).render(messages) == expected
+    assert "|because|because|a]" in expected
+
+
 def test_strftime_now_is_available():
     assert ChatTemplate("{{ strftime_now('%Y') }}").render([]).isdigit()
 

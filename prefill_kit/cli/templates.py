@@ -18,5 +18,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(map(len, names))
     print(f"{'name':<{width}}  generation prompt ends with")
     for name in names:
-        print(f"{name:<{width}}  {load_template(name).generation_prompt_ending!r}")
+        ending = load_template(name).generation_prompt_ending
+        print(f"{name:<{width}}  {ending!r}" if ending else f"{name:<{width}}  (no generation prompt: the prompt "
+              "ends with the last user turn)")
     return 0

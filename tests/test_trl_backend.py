@@ -1,0 +1,58 @@
+"""TRL backend: the config maps to GRPOConfig, and TRL's own prompt tokenization gives the rendered ids."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from prefill_kit.backends.trl import check_prompt_ids, exact_ids_tokenizer, grpo_config_kwargs
+from prefill_kit.config import config_from_dict
+from prefill_kit.errors import PrefillKitError
+from prefill_kit.render import render_prompt
+from prefill_kit.templates import load_template
+
+USER = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def tiny_config(**sections):
+    raw = {"model": {"path": "m"}, "data": {"path": "d.jsonl", "prefix": "<think>\n"}, "output": {"dir": "out"},
+           "rewards": [{"name": "format", "weight": 1.0}],
+           "grpo": {"num_generations": 4, "max_completion_length": 16, "epsilon": 0.2},
+           "train": {"per_device_train_batch_size": 8, "max_steps": 3, "seed": 7}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return config_from_dict(raw)
+
+
+def test_config_maps_to_grpo_config_names():
+    from trl import GRPOConfig
+
+    kwargs = grpo_config_kwargs(tiny_config(output={"save_steps": 0}))
+    args = GRPOConfig(**kwargs)
+    assert (args.num_generations, args.max_completion_length, args.per_device_train_batch_size) == (4, 16, 8)
+    assert args.epsilon_high == 0.2  # null means "same as epsilon", as in the built-in backend
+    assert args.seed == 7 and args.max_steps == 3 and args.report_to == []
+    assert args.save_strategy == "no"
+
+
+def test_trl_tokenization_of_a_rendered_prompt_has_one_bos(bos_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    prompt = render_prompt(USER, load_template(bos_tokenizer_dir), "<think>\n").prompt
+    rendered_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    exact = exact_ids_tokenizer(tokenizer)
+    # exactly TRL 1.16's call for plain-text prompts: processing_class(text=prompts)["input_ids"]
+    assert exact(text=[prompt])["input_ids"][0] == rendered_ids
+    assert rendered_ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer(text=[prompt])["input_ids"][0][:2] == [tokenizer.bos_token_id] * 2  # the trap it avoids
+    assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id  # the original is left as it was
+
+
+def test_check_prompt_ids_refuses_a_tokenizer_that_changes_the_ids(bos_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    prompt = render_prompt(USER, load_template(bos_tokenizer_dir)).prompt
+    data = datasets.Dataset.from_list([{"prompt": prompt,
+                                        "prompt_ids": tokenizer(prompt, add_special_tokens=False).input_ids}])
+    check_prompt_ids(exact_ids_tokenizer(tokenizer), data)
+    with pytest.raises(PrefillKitError, match="row 0: TRL would feed the model"):
+        check_prompt_ids(tokenizer, data)
