@@ -28,14 +28,34 @@ class Conversation:
     reference: str | None = None
 
 
+# The columns each format turns into the conversation; every other column passes through.
+_CONSUMED = {
+    "messages": frozenset({"messages"}),
+    "sharegpt": frozenset({"conversations", "system"}),
+    "prompt": frozenset({"prompt", "system"}),
+    "query": frozenset({"query", "response", "history", "system"}),
+    "alpaca": frozenset({"instruction", "input", "output", "system"}),
+}
+
+
+def consumed_columns(fmt: str, columns: Iterable[str]) -> frozenset[str]:
+    """The columns format `fmt` consumes from a row or table with these `columns`."""
+    if fmt == "problem":
+        return frozenset({"problem" if "problem" in columns else "question", "system"})
+    return _CONSUMED[fmt]
+
+
 def _text(row: dict, key: str, *, required: bool = True) -> str | None:
+    """A string column; a required one that is absent or blank is a missing or empty conversation."""
     value = row.get(key)
-    if value is None and not required:
+    if value is None:
+        if required:
+            raise DataError("missing or empty conversation", field=key)
         return None
     if not isinstance(value, str):
-        raise DataError(f"expected a string, got {type(value).__name__}", field=key)
+        raise DataError(f"malformed content: expected a string, got {type(value).__name__}", field=key)
     if required and not value.strip():
-        raise DataError("empty text", field=key)
+        raise DataError("missing or empty conversation", field=key)
     return value
 
 
@@ -45,7 +65,7 @@ def _with_system(row: dict, messages: list[dict]) -> list[dict]:
 
 
 def _from_messages(row: dict) -> Conversation:
-    return Conversation(validate_messages(row.get("messages"), "messages"), frozenset({"messages"}))
+    return Conversation(validate_messages(row.get("messages"), "messages"), _CONSUMED["messages"])
 
 
 def _from_sharegpt(row: dict) -> Conversation:
@@ -55,15 +75,15 @@ def _from_sharegpt(row: dict) -> Conversation:
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise DataError(f"expected an object with 'from' and 'value', got {type(turn).__name__}",
-                            field=f"conversations[{i}]")
+            raise DataError("malformed content: expected an object with 'from' and 'value', "
+                            f"got {type(turn).__name__}", field=f"conversations[{i}]")
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             raise DataError(f"unknown role {turn.get('from')!r}; expected one of {sorted(SHAREGPT_ROLES)}",
                             field=f"conversations[{i}].from")
         messages.append({"role": role, "content": turn.get("value")})
     messages = validate_messages(_with_system(row, messages), "conversations")
-    return Conversation(messages, frozenset({"conversations", "system"}))
+    return Conversation(messages, _CONSUMED["sharegpt"])
 
 
 def _from_alpaca(row: dict) -> Conversation:
@@ -72,39 +92,54 @@ def _from_alpaca(row: dict) -> Conversation:
     user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
     reference = _text(row, "output", required=False)
     messages = _with_system(row, [{"role": "user", "content": user}])
-    return Conversation(messages, frozenset({"instruction", "input", "output", "system"}), reference)
+    return Conversation(messages, _CONSUMED["alpaca"], reference)
 
 
 def _from_query(row: dict) -> Conversation:
     query = _text(row, "query")
     history = row.get("history") or []
     if not isinstance(history, list):
-        raise DataError("expected a list of [query, response] pairs", field="history")
+        raise DataError("malformed content: expected a list of [query, response] pairs", field="history")
     messages = []
     for i, pair in enumerate(history):
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise DataError("expected a [query, response] pair of strings", field=f"history[{i}]")
+            raise DataError("malformed content: expected a [query, response] pair of strings",
+                            field=f"history[{i}]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages = _with_system(row, [*messages, {"role": "user", "content": query}])
     reference = _text(row, "response", required=False)
-    return Conversation(messages, frozenset({"query", "response", "history", "system"}), reference)
+    return Conversation(messages, _CONSUMED["query"], reference)
 
 
 def _from_prompt(row: dict) -> Conversation:
     prompt = row.get("prompt")
     if isinstance(prompt, list):
-        return Conversation(validate_messages(prompt, "prompt"), frozenset({"prompt"}))
+        messages = validate_messages(prompt, "prompt")
+        if messages[0].get("role") != "system":
+            messages = _with_system(row, messages)
+        return Conversation(messages, _CONSUMED["prompt"], _answer_as_solution(row))
     _text(row, "prompt")
-    return Conversation(_with_system(row, [{"role": "user", "content": prompt}]), frozenset({"prompt", "system"}))
+    messages = _with_system(row, [{"role": "user", "content": prompt}])
+    return Conversation(messages, _CONSUMED["prompt"], _answer_as_solution(row))
 
 
 def _from_problem(row: dict) -> Conversation:
     key = "problem" if "problem" in row else "question"
     messages = _with_system(row, [{"role": "user", "content": _text(row, key)}])
-    reference = None
-    if "solution" not in row:
-        reference = _text(row, "answer", required=False) if "answer" in row else None
-    return Conversation(messages, frozenset({key, "system"}), reference)
+    return Conversation(messages, consumed_columns("problem", row), _answer_as_solution(row))
+
+
+def _answer_as_solution(row: dict) -> str | None:
+    """An `answer` (or `response`) column as the reference answer, kept whole, when there is no `solution`.
+
+    The column itself also passes through unchanged.
+    """
+    if row.get("solution") is not None:
+        return None
+    for key in ("answer", "response"):
+        if row.get(key) is not None:
+            return row[key] if isinstance(row[key], str) else str(row[key])
+    return None
 
 
 # Detection order: the first format whose key column is present wins.
@@ -129,6 +164,11 @@ def detect_format(columns: Iterable[str]) -> str:
                     f"{known}. Use --format, or --columns to rename")
 
 
+def rename_columns(row: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    """`row` with its keys renamed (`--columns '{"src": "dst"}'`), applied before detection."""
+    return {renames.get(k, k): v for k, v in row.items()} if renames else row
+
+
 def to_conversation(row: dict[str, Any], fmt: str) -> Conversation:
     """Convert one row of format `fmt` (see FORMATS); raises DataError naming the field."""
     try:
@@ -144,7 +184,8 @@ def validate_messages(messages: Any, field: str) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise DataError(f"expected an object with 'role' and 'content', got {type(message).__name__}",
+            raise DataError(f"malformed content: expected an object with 'role' and 'content', "
+                            f"got {type(message).__name__}",
                             field=where)
         role = message.get("role")
         if role not in ROLES:
@@ -155,9 +196,10 @@ def validate_messages(messages: Any, field: str) -> list[dict[str, Any]]:
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if not (isinstance(part, dict) and isinstance(part.get("type"), str)):
-                    raise DataError("expected a typed content part like {'type': 'text', 'text': ...}",
+                    raise DataError("malformed content: expected a typed part like {'type': 'text', 'text': ...}",
                                     field=f"{where}.content[{j}]")
         elif not isinstance(content, str):
-            raise DataError(f"expected a string or a list of typed parts, got {type(content).__name__}",
+            raise DataError(f"malformed content: expected a string or a list of typed parts, "
+                            f"got {type(content).__name__}",
                             field=f"{where}.content")
     return messages

@@ -1,19 +1,34 @@
-"""Render whole datasets: rows in, rendered rows (prompt, prefix, passthrough columns) out."""
+"""Render whole datasets: rows in, rendered rows (prompt, prefix, passthrough columns) out.
+
+`BatchRenderer` is the one place a batch of located input rows becomes output rows and rejects;
+the file pipeline (`prefill_kit.render_file`) and `render_dataset` (HF datasets) both use it.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefill_kit.errors import DataError, TemplateError
-from prefill_kit.formats import detect_format, to_conversation
+from prefill_kit.errors import ConfigError, DataError, TemplateError, TemplateSecurityError
+from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
+from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
+from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
+
+ON_ERROR = ("fail", "skip")
+ID_COLUMNS = ("prompt_ids", "num_prompt_tokens")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """Everything that decides how a row renders. `tokenizer` (optional) adds `prompt_ids`."""
+    """Everything that decides how a row renders. `tokenizer` (optional) adds `prompt_ids`.
+
+    `columns` renames input columns before detection; `on_error="skip"` turns bad rows into rejects;
+    `max_prompt_tokens` rejects longer prompts; `check_tokens` audits the prefix boundary.
+    """
 
     template: ChatTemplate
     prefix: str = ""
@@ -21,6 +36,22 @@ class RenderOptions:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     format: str = "auto"
     tokenizer: Any = None
+    columns: dict[str, str] = field(default_factory=dict)
+    on_error: str = "fail"
+    max_prompt_tokens: int | None = None
+    check_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ConfigError(f"format: unknown {self.format!r}; expected auto or one of {', '.join(FORMATS)}")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"on_error: expected one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items()):
+            raise ConfigError('columns: expected a mapping of column names, e.g. {"src": "dst"}')
+        if self.tokenizer is None and (self.max_prompt_tokens is not None or self.check_tokens):
+            raise ConfigError("max_prompt_tokens and check_tokens count tokens: they need a tokenizer")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens: expected a positive integer, got {self.max_prompt_tokens}")
 
 
 def load_tokenizer(spec: Any):
@@ -53,7 +84,7 @@ def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplat
 
 
 def render_row(row: dict[str, Any], options: RenderOptions, fmt: str) -> dict[str, Any]:
-    """Render one row; raises DataError (with the field) or TemplateError."""
+    """Render one (already renamed) row; raises DataError (with the field) or TemplateError."""
     conversation = to_conversation(row, fmt)
     prefix = row.get("prefix")
     if prefix is None:
@@ -72,40 +103,184 @@ def render_row(row: dict[str, Any], options: RenderOptions, fmt: str) -> dict[st
 
 def add_prompt_ids(rows: list[dict[str, Any]], tokenizer) -> None:
     """Tokenize prompts as rendered: `add_special_tokens=False`, so a template's BOS is the only one."""
-    ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    for row, row_ids in zip(rows, ids, strict=True):
+    encoder = tokenizer if isinstance(tokenizer, PromptTokenizer) else PromptTokenizer(tokenizer)
+    for row, row_ids in zip(rows, encoder.encode([r["prompt"] for r in rows]), strict=True):
         row["prompt_ids"] = row_ids
         row["num_prompt_tokens"] = len(row_ids)
 
 
-def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, continue_final: bool = False,
-                   template_kwargs: dict[str, Any] | None = None, format: str = "auto"):
-    """Render a `datasets.Dataset`/`IterableDataset` (or a path to one saved, or a JSON Lines file).
+def detect(columns: list[str], options: RenderOptions) -> str:
+    """The format to read rows as: `options.format`, or detected from the (renamed) columns."""
+    if options.format != "auto":
+        return options.format
+    return detect_format([options.columns.get(c, c) for c in columns])
 
-    Returns the same kind of dataset with `prompt`, `prefix`, every non-conversation column and,
-    with a tokenizer, `prompt_ids` and `num_prompt_tokens`. Bad rows raise DataError naming the row.
+
+def output_columns(columns: list[str], fmt: str, options: RenderOptions) -> list[str]:
+    """The fixed column list of a columnar output (Arrow, Parquet, Dataset) for these input columns."""
+    renamed = [options.columns.get(c, c) for c in columns]
+    consumed = consumed_columns(fmt, renamed)
+    out = ["prompt", "prefix", *(c for c in renamed if c not in consumed and c not in ("prompt", "prefix"))]
+    if "solution" not in out:
+        out.append("solution")
+    return out + list(ID_COLUMNS) * (options.tokenizer is not None)
+
+
+@dataclass
+class BatchResult:
+    """Output rows of one batch, its rejects (JSON-ready), and the boundary-merge audit."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    merges: int = 0
+    merge_example: BoundaryMerge | None = None
+
+
+def reject_entry(record: Record, reason: str, field_name: str | None) -> dict[str, Any]:
+    """A rejects-file line: where the row was, why it was rejected, and the row (or raw line) itself."""
+    entry = {"source": record.source, record.kind: record.loc, "field": field_name, "reason": reason}
+    entry.update({"data": record.row} if record.row is not None else {"raw": record.raw})
+    return entry
+
+
+class BatchRenderer:
+    """Turns located records into output rows; bad rows raise (on_error=fail) or become rejects (skip).
+
+    Picklable, so worker processes and `datasets.map` can carry it.
+    """
+
+    def __init__(self, options: RenderOptions, fmt: str) -> None:
+        self.options = options
+        self.fmt = fmt
+        self.encoder = PromptTokenizer(options.tokenizer) if options.tokenizer is not None else None
+
+    def __call__(self, records: list[Record]) -> BatchResult:
+        result = BatchResult()
+        kept: list[Record] = []
+        for record in records:
+            if record.error is not None:
+                self._bad(result, record, record.error.reason, record.error.field)
+                continue
+            try:
+                result.rows.append(render_row(rename_columns(record.row, self.options.columns), self.options,
+                                              self.fmt))
+                kept.append(record)
+            except DataError as exc:
+                self._bad(result, record, exc.reason, exc.field)
+            except TemplateSecurityError:
+                raise
+            except TemplateError as exc:
+                if self.options.on_error == "fail":
+                    raise TemplateError(f"{record.where}: {exc}") from None
+                result.rejects.append(reject_entry(record, f"template error: {exc}", None))
+        if self.encoder is not None and result.rows:
+            self._add_ids(result, kept)
+        return result
+
+    def _bad(self, result: BatchResult, record: Record, reason: str, field_name: str | None) -> None:
+        if self.options.on_error == "fail":
+            if record.kind == "line":
+                raise DataError(reason, source=record.source, line=record.loc, field=field_name)
+            raise DataError(reason, source=record.where, field=field_name)
+        result.rejects.append(reject_entry(record, reason, field_name))
+
+    def _add_ids(self, result: BatchResult, kept: list[Record]) -> None:
+        rows = result.rows
+        ids = self.encoder.encode([r["prompt"] for r in rows])
+        limit = self.options.max_prompt_tokens
+        if limit is not None and any(len(i) > limit for i in ids):
+            fits = []
+            for row, row_ids, record in zip(rows, ids, kept, strict=True):
+                if len(row_ids) <= limit:
+                    fits.append((row, row_ids, record))
+                else:
+                    self._bad(result, record, f"prompt too long: {len(row_ids)} tokens, more than "
+                                              f"max_prompt_tokens={limit}", "prompt")
+            rows, ids, kept = (list(c) for c in zip(*fits, strict=True)) if fits else ([], [], [])
+            result.rows = rows
+        for row, row_ids in zip(rows, ids, strict=True):
+            row["prompt_ids"] = row_ids
+            row["num_prompt_tokens"] = len(row_ids)
+        if self.options.check_tokens and rows:
+            merged = boundary_merges(self.encoder, [r["prompt"] for r in rows], [r["prefix"] for r in rows], ids)
+            result.merges = len(merged)
+            if merged:
+                i, whole, split = merged[0]
+                result.merge_example = describe_merge(self.options.tokenizer, kept[i].where, whole, split)
+
+
+def to_columns(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list]:
+    """Rows as a column dict with exactly `columns`; a key outside them is an error, not a silent drop."""
+    extra = {k for r in rows for k in r} - set(columns)
+    if extra:
+        raise DataError(f"columns {sorted(extra)} appear after the first batch fixed the output columns "
+                        f"{columns}; write JSON Lines, or give every row the same columns")
+    return {c: [r.get(c) for r in rows] for c in columns}
+
+
+class _MapRenderer:
+    """`datasets.map` function: a column batch in, rendered columns out (fewer rows when skipping)."""
+
+    def __init__(self, renderer: BatchRenderer, columns: list[str], out_columns: list[str]) -> None:
+        self.renderer = renderer
+        self.columns = columns
+        self.out_columns = out_columns
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        values = [batch[c] for c in self.columns]
+        records = [Record("dataset", "row", i, dict(zip(self.columns, row, strict=True)))
+                   for i, row in zip(indices, zip(*values, strict=True), strict=True)]
+        result = self.renderer(records)
+        for reject in result.rejects:
+            logger.warning("skipped dataset row %s: %s%s", reject["row"],
+                           f"field {reject['field']!r}: " if reject["field"] else "", reject["reason"])
+        return to_columns(result.rows, self.out_columns)
+
+
+def _as_dataset(data):
+    import datasets
+
+    if isinstance(data, datasets.Dataset | datasets.IterableDataset):
+        return data
+    from prefill_kit.readers import resolve_inputs
+
+    inputs = resolve_inputs(data)
+    kinds = {kind for _, kind in inputs}
+    if kinds == {"hf"} and len(inputs) == 1:
+        from prefill_kit.readers import _load_from_disk
+
+        return _load_from_disk(inputs[0][0])
+    builder = {"jsonl": "json", "json": "json"}.get(next(iter(kinds)), next(iter(kinds)))
+    if len(kinds) != 1 or builder == "hf":
+        raise DataError(f"mixes input types {sorted(kinds)}; pass shards of one type", source=str(data))
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p, _ in inputs], split="train")
+    except Exception as exc:  # datasets wraps parser errors in many types; name the input
+        raise DataError(f"cannot load as {builder}: {exc}", source=str(data)) from None
+
+
+def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, continue_final: bool = False,
+                   template_kwargs: dict[str, Any] | None = None, format: str = "auto",
+                   columns: dict[str, str] | None = None, on_error: str = "fail",
+                   max_prompt_tokens: int | None = None, num_proc: int | None = None,
+                   batch_size: int = 1000):
+    """Render a `datasets.Dataset` / `IterableDataset`, or a path to data (any type `prefill-kit render` reads).
+
+    Returns a `Dataset` (an `IterableDataset` for an iterable input) with `prompt`, `prefix`, every
+    non-conversation column, `solution` and, with a tokenizer, `prompt_ids` and `num_prompt_tokens`;
+    it plugs into `GRPOTrainer(train_dataset=...)` as it is. Bad rows raise DataError naming the row,
+    or with `on_error="skip"` are dropped and logged (logger `prefill_kit.pipeline`).
     """
     import datasets
 
-    if not isinstance(data, datasets.Dataset | datasets.IterableDataset):
-        data = datasets.load_dataset("json", data_files=str(data), split="train")
+    data = _as_dataset(data)
     tokenizer = load_tokenizer(tokenizer)
     options = RenderOptions(resolve_template(template, tokenizer), prefix, continue_final,
-                            dict(template_kwargs or {}), format, tokenizer)
-    columns = data.column_names or list(next(iter(data)).keys())
-    fmt = detect_format(columns) if format == "auto" else format
-
-    def render_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        out = []
-        for i, row in zip(indices, rows, strict=True):
-            try:
-                out.append(render_row(row, options, fmt))
-            except DataError as exc:
-                raise exc.located(source="dataset", line=i) from None
-        if tokenizer is not None:
-            add_prompt_ids(out, tokenizer)
-        keys = dict.fromkeys(k for r in out for k in r)
-        return {k: [r.get(k) for r in out] for k in keys}
-
-    return data.map(render_batch, batched=True, with_indices=True, remove_columns=columns)
+                            dict(template_kwargs or {}), format, tokenizer, dict(columns or {}), on_error,
+                            max_prompt_tokens)
+    in_columns = data.column_names or list(next(iter(data)).keys())
+    fmt = detect(in_columns, options)
+    function = _MapRenderer(BatchRenderer(options, fmt), in_columns, output_columns(in_columns, fmt, options))
+    kwargs = {"num_proc": num_proc} if isinstance(data, datasets.Dataset) and num_proc else {}
+    return data.map(function, batched=True, batch_size=batch_size, with_indices=True, remove_columns=in_columns,
+                    **kwargs)

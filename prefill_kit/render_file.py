@@ -1,60 +1,171 @@
-"""Render a JSON Lines file to a JSON Lines file (or stdout), all or nothing."""
+"""Render an input file (any type `prefill_kit.readers` reads) to an output file, streaming.
+
+Memory stays bounded whatever the input size: the input is read in chunks of `batch_size` rows,
+at most `2 * num_proc` chunks are in flight, and each chunk is written as soon as it and all
+chunks before it are done (output order = input order). Bad rows either stop the run (nothing is
+written) or go to a rejects file; rows in = rows out + rows rejected.
+"""
 
 from __future__ import annotations
 
-import sys
+import json
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from prefill_kit.errors import DataError, PrefillKitError
-from prefill_kit.formats import detect_format
-from prefill_kit.io import atomic_output, dump_json_line, iter_jsonl
-from prefill_kit.pipeline import RenderOptions, add_prompt_ids, render_row
-
-CHUNK = 1024
+from prefill_kit.errors import TemplateError
+from prefill_kit.io import atomic_output
+from prefill_kit.pipeline import BatchRenderer, RenderOptions, detect, output_columns
+from prefill_kit.prompt_tokens import BoundaryMerge
+from prefill_kit.readers import DEFAULT_BATCH_SIZE, Chunk, chunk_columns, chunk_records, iter_chunks
+from prefill_kit.writers import ENCODERS, open_sink, output_format, rejects_path
 
 
 @dataclass
 class RenderSummary:
+    """What a run did: the counts (rows_in == rows_out + rejected), where things went, the token audit."""
+
+    rows_in: int = 0
     rows_out: int = 0
+    rejected: int = 0
+    format: str | None = None
+    output: str = ""
+    output_format: str = "jsonl"
+    rejects_path: str | None = None
+    first_reject: dict[str, Any] | None = None
+    boundary_merges: int = 0
+    merge_example: BoundaryMerge | None = None
     sample: list[dict[str, Any]] = field(default_factory=list)
 
 
-def render_jsonl(source: str | Path, output: str, options: RenderOptions, *, sample: int = 5) -> RenderSummary:
-    """Render every row of `source`; the first bad row raises DataError with file, line and field,
-    and no output file is left behind."""
-    summary = RenderSummary()
-    rows = iter_jsonl(source)
-    fmt = options.format
+@dataclass
+class _ChunkResult:
+    rows_in: int
+    rows_out: int
+    payload: Any
+    rejects: list[dict[str, Any]]
+    merges: int
+    merge_example: BoundaryMerge | None
+    sample: list[dict[str, Any]]
 
-    def chunks():
-        nonlocal fmt
-        while batch := list(islice(rows, CHUNK)):
-            if fmt == "auto":
-                fmt = detect_format(batch[0][1])
-            out = []
-            for line, row in batch:
-                try:
-                    out.append(render_row(row, options, fmt))
-                except DataError as exc:
-                    raise exc.located(source=str(source), line=line) from None
-                except PrefillKitError as exc:
-                    raise type(exc)(f"{source}:{line}: {exc}") from None
-            if options.tokenizer is not None:
-                add_prompt_ids(out, options.tokenizer)
-            yield out
 
-    def write(f) -> None:
-        for out in chunks():
-            f.writelines(dump_json_line(r) for r in out)
-            summary.rows_out += len(out)
-            summary.sample.extend(out[: sample - len(summary.sample)])
+@dataclass(frozen=True)
+class _Job:
+    """What a worker needs to turn a chunk into an encoded, ready-to-write result."""
 
-    if output == "-":
-        write(sys.stdout)
-    else:
-        with atomic_output(output) as f:
-            write(f)
+    renderer: BatchRenderer
+    encode: Callable
+    columns: list[str]
+    sample: int
+
+    def __call__(self, chunk: Chunk) -> _ChunkResult:
+        records = chunk_records(chunk)
+        result = self.renderer(records)
+        return _ChunkResult(len(records), len(result.rows), self.encode(result.rows, self.columns), result.rejects,
+                            result.merges, result.merge_example, result.rows[: self.sample])
+
+
+_worker_job: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _worker_job
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no thread oversubscription
+    _worker_job = job
+
+
+def _run_in_worker(chunk: Chunk) -> _ChunkResult:
+    return _worker_job(chunk)
+
+
+def _results(job: _Job, chunks: Iterable[Chunk], num_proc: int) -> Iterator[_ChunkResult]:
+    """Results in input order; with several processes, at most 2 * num_proc chunks are in flight."""
+    if num_proc <= 1:
+        yield from map(job, chunks)
+        return
+    context = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer and template
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(job,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_run_in_worker, (chunk,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _check_template(options: RenderOptions) -> None:
+    """Fail once, before any row, when the template does not even compile."""
+    import jinja2
+
+    from prefill_kit.sandbox import compile_template
+
+    try:
+        compile_template(options.template.source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"template {options.template.name}: syntax error at line {exc.lineno}: "
+                            f"{exc.message}") from None
+
+
+def render_file(source: str | Path, output: str, options: RenderOptions, *, output_format_name: str | None = None,
+                num_proc: int = 1, batch_size: int = DEFAULT_BATCH_SIZE, sample: int = 5,
+                progress: Callable[[int], None] | None = None, chunks: Iterable[Chunk] | None = None) -> RenderSummary:
+    """Render every row of `source` into `output` ('-' for stdout).
+
+    With `options.on_error == "fail"` the first bad row raises DataError (file, line or row, field,
+    reason) and no output is left behind; with "skip" bad rows go to OUTPUT_STEM.rejects.jsonl.
+    `progress(n)` is called after each chunk with its number of input rows. `chunks` replaces
+    reading `source` (tests use it to watch how far reading runs ahead of writing).
+    """
+    fmt_out = output_format(output, output_format_name)
+    _check_template(options)
+    chunks = iter(chunks if chunks is not None else iter_chunks(source, batch_size))
+    summary = RenderSummary(output=output, output_format=fmt_out)
+    # Detect the format from the first readable row; chunks read for that are kept and rendered first.
+    seen: list[Chunk] = []
+    in_columns = None
+    for chunk in chunks:
+        seen.append(chunk)
+        if (in_columns := chunk_columns(chunk)) is not None:
+            break
+    summary.format = detect(in_columns, options) if in_columns is not None else None
+    columns = output_columns(in_columns, summary.format, options) if in_columns is not None else ["prompt", "prefix"]
+    chunks = chain(seen, chunks)
+    job = _Job(BatchRenderer(options, summary.format or "messages"), ENCODERS[fmt_out], columns, sample)
+    reject_file = rejects_path(output, str(source))
+
+    with ExitStack() as stack:
+        sink = stack.enter_context(open_sink(output, fmt_out, columns))
+        rejects = None
+        for result in _results(job, chunks, num_proc):
+            sink.write(result.payload)
+            if result.rejects:
+                if rejects is None:
+                    rejects = stack.enter_context(atomic_output(reject_file))
+                    summary.rejects_path = str(reject_file)
+                    summary.first_reject = result.rejects[0]
+                rejects.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in result.rejects)
+            _tally(summary, result, sample)
+            if progress is not None:
+                progress(result.rows_in)
     return summary
+
+
+def _tally(summary: RenderSummary, result: _ChunkResult, sample: int) -> None:
+    summary.rows_in += result.rows_in
+    summary.rows_out += result.rows_out
+    summary.rejected += len(result.rejects)
+    summary.boundary_merges += result.merges
+    summary.merge_example = summary.merge_example or result.merge_example
+    summary.sample.extend(result.sample[: sample - len(summary.sample)])
+    if summary.rows_in != summary.rows_out + summary.rejected:  # a bookkeeping bug, never bad data
+        raise AssertionError(f"rows in {summary.rows_in} != out {summary.rows_out} + rejected {summary.rejected}")
+
+
+render_jsonl = render_file  # the name the JSON Lines-only first version used

@@ -6,11 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "query", "prompt", "problem")
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="render chat data into prefilled prompts", description=__doc__)
-    p.add_argument("input", help="JSON Lines file: `messages`, or a prompt/query/question/problem string")
-    p.add_argument("-o", "--output", help="output file (default: INPUT_STEM.prefilled.jsonl; '-' for stdout)")
+    p.add_argument("input", help=".jsonl, .json, .parquet, .csv, .arrow, a save_to_disk directory, "
+                                 "or a directory or glob of shards")
+    p.add_argument("-o", "--output", help="output .jsonl, .parquet or directory (save_to_disk) "
+                                          "(default: INPUT_STEM.prefilled.jsonl; '-' for stdout)")
+    p.add_argument("--output-format", choices=("jsonl", "parquet", "hf"),
+                   help="output format (default: from the output's extension)")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="input data format (default: detected from the columns)")
+    p.add_argument("--columns", default="{}", metavar="JSON",
+                   help='rename input columns before detection, e.g. \'{"instruction_text": "prompt"}\'')
     p.add_argument("--template", help="shipped name, .jinja file, model dir or tokenizer_config.json "
                                       "(default: the tokenizer's own, else chatml)")
     p.add_argument("--tokenizer", help="model/tokenizer directory: its template, and `prompt_ids` columns")
@@ -21,31 +31,65 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="continue a trailing assistant message instead of treating it as the reference answer")
     p.add_argument("--template-kwargs", default="{}", help='JSON object passed to the template, '
                                                            'e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--on-error", default="fail", choices=("fail", "skip"),
+                   help="fail: stop at the first bad row, write nothing; skip: write OUTPUT_STEM.rejects.jsonl")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="reject prompts longer than N tokens (needs --tokenizer)")
+    p.add_argument("--check-tokens", action="store_true",
+                   help="count rows whose prefix tokenizes differently alone than in the prompt (needs --tokenizer)")
+    p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
+    p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered prompts, prefix highlighted")
     p.set_defaults(func=run)
     return p
 
 
-def _options(args: argparse.Namespace):
+def _json_object(text: str, flag: str) -> dict:
     import json
 
+    from prefill_kit.errors import ConfigError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object")
+    return value
+
+
+def _options(args: argparse.Namespace):
     from prefill_kit.errors import ConfigError
     from prefill_kit.pipeline import RenderOptions, load_tokenizer, resolve_template
     from prefill_kit.render import decode_escapes
 
-    try:
-        template_kwargs = json.loads(args.template_kwargs)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--template-kwargs: invalid JSON: {exc}") from None
-    if not isinstance(template_kwargs, dict):
-        raise ConfigError("--template-kwargs: expected a JSON object")
+    template_kwargs = _json_object(args.template_kwargs, "--template-kwargs")
+    columns = _json_object(args.columns, "--columns")
     if args.prefix_file:
         prefix = Path(args.prefix_file).read_text(encoding="utf-8")
     else:
         prefix = decode_escapes(args.prefix)
+    if args.tokenizer is None and (args.max_prompt_tokens is not None or args.check_tokens):
+        raise ConfigError("--max-prompt-tokens and --check-tokens count tokens: they need --tokenizer")
+    if args.num_proc < 1 or args.batch_size < 1:
+        raise ConfigError("--num-proc and --batch-size: expected positive integers")
     tokenizer = load_tokenizer(args.tokenizer)
     return RenderOptions(resolve_template(args.template, tokenizer), prefix, args.continue_final,
-                         template_kwargs, "auto", tokenizer)
+                         template_kwargs, args.format, tokenizer, columns, args.on_error,
+                         args.max_prompt_tokens, args.check_tokens)
+
+
+def default_output(source: str, output_format: str | None) -> str:
+    """INPUT_STEM.prefilled.jsonl beside the input (.parquet, or a directory, for those formats)."""
+    from prefill_kit.errors import ConfigError
+
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"input {source} is a glob: give the output with -o")
+    stem = path.stem if path.is_file() else path.name
+    suffix = {"parquet": ".parquet", "hf": ""}.get(output_format or "jsonl", ".jsonl")
+    return str(path.with_name(f"{stem}.prefilled{suffix}"))
 
 
 def show_prompt(prompt: str, prefix: str, stream) -> None:
@@ -56,16 +100,50 @@ def show_prompt(prompt: str, prefix: str, stream) -> None:
     stream.write(f"{head}{mark[0]}{tail}{mark[1]}\n" if tail else f"{head}\n")
 
 
+def _progress_bar(args: argparse.Namespace):
+    """A tqdm bar (rows/s, ETA) on stderr when it is a terminal and not --quiet; else None."""
+    if args.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    from prefill_kit.readers import count_rows
+
+    return tqdm(total=count_rows(args.input), unit=" rows", file=sys.stderr, dynamic_ncols=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from prefill_kit.render_file import render_jsonl
+    from prefill_kit.render_file import render_file
 
     options = _options(args)
-    source = Path(args.input)
-    output = args.output or str(source.with_name(f"{source.stem}.prefilled.jsonl"))
-    summary = render_jsonl(source, output, options)
+    output = args.output or default_output(args.input, args.output_format)
+    bar = _progress_bar(args)
+    try:
+        summary = render_file(args.input, output, options, output_format_name=args.output_format,
+                              num_proc=args.num_proc, batch_size=args.batch_size, sample=max(args.show, 1),
+                              progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     for row in summary.sample[: args.show]:
         print("-" * 60, file=sys.stderr)
         show_prompt(row["prompt"], row["prefix"], sys.stderr)
     print(f"rendered {summary.rows_out} rows  template: {options.template.name}  "
           f"prefix: {options.prefix!r}  output: {output}", file=sys.stderr)
+    print(f"rows in: {summary.rows_in}  out: {summary.rows_out}  rejected: {summary.rejected}  "
+          f"format: {summary.format}", file=sys.stderr)
+    if summary.rejected:
+        first = summary.first_reject
+        where = f"line {first['line']}" if "line" in first else f"row {first['row']}"
+        print(f"rejects: {summary.rejects_path} (first: {first['source']} {where}: {first['reason']})",
+              file=sys.stderr)
+    if options.check_tokens:
+        _print_audit(summary)
     return 0
+
+
+def _print_audit(summary) -> None:
+    print(f"token audit: {summary.boundary_merges} of {summary.rows_out} rows have a boundary merge "
+          "(prompt without prefix + prefix tokenize differently from the whole prompt)", file=sys.stderr)
+    example = summary.merge_example
+    if example is not None:
+        print(f"  e.g. {example.where}: whole {example.whole} vs split {example.split}", file=sys.stderr)
