@@ -1,0 +1,66 @@
+"""Checkpoints: `accelerate`'s save_state (model, optimizer, RNG of every process) plus the loop's own state.
+
+A checkpoint is a directory `checkpoint-<step>` in the run directory, written under a temporary name and
+renamed when complete, so a crash never leaves a checkpoint that looks whole but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefill_kit.errors import ConfigError
+
+PREFIX = "checkpoint-"
+
+
+@dataclass
+class LoopState:
+    """What the loop needs beyond model, optimizer, scheduler and RNG to continue exactly.
+
+    `step` fixes the data position (see `data.prompt_indices`); `rollout` is the batch being reused when
+    a checkpoint falls between the `num_iterations` passes over one generation.
+    """
+
+    step: int = 0
+    rollout: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "rollout": self.rollout}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.rollout = state.get("rollout")
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int) -> Path:
+    """Write `run_dir/checkpoint-<step>`; every process must call it (each saves its own RNG state)."""
+    final = run_dir / f"{PREFIX}{step}"
+    tmp = run_dir / f".{PREFIX}{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "checkpoint.json").write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself when it is a checkpoint, else the latest `checkpoint-<step>` inside it (a run directory)."""
+    path = Path(path)
+    if (path / "checkpoint.json").is_file():
+        return path
+    found = sorted((p for p in path.glob(f"{PREFIX}*") if (p / "checkpoint.json").is_file()),
+                   key=lambda p: int(p.name.removeprefix(PREFIX)))
+    if not found:
+        raise ConfigError(f"output.resume_from: {path} is neither a checkpoint nor a run directory with one")
+    return found[-1]

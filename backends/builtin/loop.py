@@ -1,0 +1,322 @@
+"""The built-in GRPO loop: one function, read top to bottom.
+
+Each optimizer step runs these phases:
+  1. rollout (every `num_iterations` steps): pick this process's prompts, sample `num_generations`
+     completions each, score them with the rewards, gather every process's scores, turn them into
+     group-relative advantages, keep this process's slice; old log-probs (num_iterations > 1) and reference
+     log-probs (beta > 0) are computed here, once per batch.
+  2. optimize: `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` completions,
+     each a forward over prompt + completion, the GRPO loss on completion tokens, backward.
+  3. clip, step the optimizer and the learning-rate schedule.
+  4. log a metrics row; checkpoint every `save_steps`.
+Distributed concerns shrink to `accelerator`: is_main_process, num_processes, gather, unwrap_model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages, nanstd
+from prefill_kit.backends.builtin.checkpoint import LoopState, find_checkpoint, save_checkpoint
+from prefill_kit.backends.builtin.data import load_training_data, prompt_indices
+from prefill_kit.backends.builtin.loss import grpo_loss
+from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
+from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
+from prefill_kit.config import TrainingConfig
+
+METRICS_FILE = "metrics.jsonl"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class RolloutRecord:
+    """One process's completions of one rollout, for `on_rollout` hooks (e.g. completion logs).
+
+    Lists have one entry per completion of this process; `rewards` maps each reward name to its scores
+    (None where the reward returned None).
+    """
+
+    step: int
+    process_index: int
+    prompt_indices: list[int]
+    prefixes: list[str]
+    completions: list[str]
+    completion_lengths: list[int]
+    truncated: list[bool]
+    rewards: dict[str, list[float | None]]
+    reward: list[float | None]
+    advantages: list[float]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metrics rows, on every process
+
+
+def resolve_rewards(spec: list | str) -> list[WeightedRewardLike]:
+    from prefill_kit.rewards import parse_reward_spec
+
+    return list(parse_reward_spec(spec))
+
+
+def load_models(config: TrainingConfig):
+    """Tokenizer, policy, and a frozen reference model only when beta > 0 (else None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = DTYPES[config.model.dtype]
+    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
+    ref_model = None
+    if config.grpo.beta > 0:
+        ref_model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).eval()
+        ref_model.requires_grad_(False)
+    for module in model.modules():  # sampling and scoring must see the same distribution
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return tokenizer, model, ref_model
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({*ids, tokenizer.eos_token_id} - {None})
+
+
+def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] | None = None,
+          progress: bool = True, on_rollout: Callable[[RolloutRecord], None] | None = None) -> TrainResult:
+    """Train with GRPO as `config` says; returns the run directory, final step and the logged rows.
+
+    `reward_funcs` (objects with `name`, `fn`, `weight`) replace `config.rewards` when given.
+    `on_rollout` is called on every process after each rollout with that process's completions.
+    Runs unchanged in one process or under `accelerate launch`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig, get_scheduler
+
+    g, t, out = config.grpo, config.train, config.output
+    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no")
+    set_seed(t.seed, device_specific=True)  # each process samples differently
+    run_dir = Path(out.dir)
+
+    # ---- setup: models, data, rewards, optimizer
+    tokenizer, model, ref_model = load_models(config)
+    dataset = load_training_data(config.data, tokenizer)
+    rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
+    if not rewards:
+        from prefill_kit.errors import ConfigError
+
+        raise ConfigError("rewards: at least one reward is needed")
+    weights = reward_weights(rewards)
+    eos_ids = eos_token_ids(tokenizer, model)
+    generation_config = GenerationConfig(
+        do_sample=True, max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
+        top_k=g.top_k or None, repetition_penalty=1.0, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, disable_compile=True)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=t.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ref_model is not None:
+        ref_model.to(accelerator.device)
+    state = LoopState()
+    # The scheduler is registered, not prepared: a prepared scheduler steps once per process.
+    accelerator.register_for_checkpointing(scheduler, state)
+
+    if out.resume_from:
+        accelerator.load_state(str(find_checkpoint(out.resume_from)))
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, config)
+        _truncate_metrics(run_dir / METRICS_FILE, state.step)
+    accelerator.wait_for_everyone()
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    prompts_per_process = config.prompts_per_device_step
+    local_rows = t.per_device_train_batch_size * t.gradient_accumulation_steps  # completions per process per step
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+
+    while state.step < t.max_steps:
+        step_start = time.perf_counter()
+        generation, iteration = divmod(state.step, g.num_iterations)
+        policy = accelerator.unwrap_model(model)
+
+        # ---- 1. rollout: generate, score, normalize (once per `num_iterations` steps)
+        if iteration == 0 or state.rollout is None:
+            indices = prompt_indices(generation, num_prompts=len(dataset), prompts_per_process=prompts_per_process,
+                                     process_index=rank, num_processes=world, seed=t.seed,
+                                     shuffle=config.data.shuffle)
+            rows = dataset[indices]  # column -> list, one entry per prompt
+            with accelerator.autocast():
+                batch = generate(policy, rows["prompt_ids"], num_generations=g.num_generations,
+                                 generation_config=generation_config, eos_token_ids=eos_ids,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 mask_truncated_completions=g.mask_truncated_completions)
+            lengths = _lengths(batch, eos_ids)  # (B,) tokens up to and including EOS
+            ids_list = [ids[:n].tolist() for ids, n in zip(batch.completion_ids.cpu(), lengths.tolist(), strict=True)]
+            completions = tokenizer.batch_decode(ids_list, skip_special_tokens=True)
+            columns = {k: [v for v in values for _ in range(g.num_generations)] for k, values in rows.items()}
+            prompts = columns.pop("prompt")
+            local_scores = score_completions(rewards, prompts=prompts, completions=completions,
+                                             completion_ids=ids_list, columns=columns)  # (B, K)
+            # Group statistics need every completion of a prompt; all of a prompt's completions are on one
+            # process, but the "batch" scaling and the logged stats need all processes: gather first.
+            scores = accelerator.gather(local_scores.to(accelerator.device)).cpu()  # (B*world, K)
+            totals = combine_rewards(scores, weights)  # (B*world,)
+            advantages = compute_advantages(totals, g.num_generations, g.scale_rewards)
+            batch.advantages = advantages[rank * len(batch):(rank + 1) * len(batch)].to(accelerator.device)
+            with torch.no_grad(), accelerator.autocast():
+                if g.num_iterations > 1:
+                    batch.old_logps = _logps_in_chunks(policy, batch, g.temperature, t.per_device_train_batch_size)
+                if ref_model is not None:
+                    batch.ref_logps = _logps_in_chunks(ref_model, batch, g.temperature,
+                                                       t.per_device_train_batch_size)
+            rollout_stats = _rollout_stats(accelerator, rewards, scores, totals, lengths, batch, g.num_generations)
+            state.rollout = batch.state_dict()
+            if on_rollout is not None:
+                on_rollout(RolloutRecord(
+                    step=state.step + 1, process_index=rank,
+                    prompt_indices=[i for i in indices for _ in range(g.num_generations)],
+                    prefixes=columns.get("prefix", [""] * len(completions)), completions=completions,
+                    completion_lengths=lengths.tolist(), truncated=batch.is_truncated.tolist(),
+                    rewards={r.name: _nullable(local_scores[:, k]) for k, r in enumerate(rewards)},
+                    reward=_nullable(combine_rewards(local_scores, weights)), advantages=batch.advantages.tolist()))
+        batch = Rollout(**state.rollout)
+        # dapo: tokens of the whole generation batch on all processes, per process (see loss.NORMALIZERS)
+        num_items = accelerator.gather(batch.completion_mask.sum().to(accelerator.device)).sum().item() / world
+
+        # ---- 2. optimize over micro-batches
+        model.train()
+        step_loss, loss_metrics = 0.0, {}
+        micro = t.per_device_train_batch_size
+        for m, start in enumerate(range(0, local_rows, micro)):
+            mb = batch.rows(start, start + micro)
+            last = m == t.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                logps = completion_logps(model, mb, g.temperature)  # (b, C)
+                loss, metrics = grpo_loss(
+                    logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask, loss_type=g.loss_type,
+                    epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                    max_completion_length=g.max_completion_length, num_items_in_batch=num_items)
+                if g.loss_type != "dapo":  # dapo's normalizer already spans the accumulation window
+                    loss = loss / t.gradient_accumulation_steps
+                accelerator.backward(loss)
+            step_loss += loss.item()
+            for k, v in metrics.items():
+                loss_metrics[k] = loss_metrics.get(k, 0.0) + v.item() / t.gradient_accumulation_steps
+
+        # ---- 3. clip, step
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if iteration == g.num_iterations - 1:
+            state.rollout = None  # the next step generates afresh; nothing to carry in a checkpoint
+
+        # ---- 4. log, checkpoint
+        reduced = accelerator.reduce(torch.tensor([step_loss, *loss_metrics.values()], device=accelerator.device),
+                                     reduction="mean").tolist()
+        row = {"step": state.step, "loss": reduced[0], **rollout_stats,
+               "kl": None, **dict(zip(loss_metrics, reduced[1:], strict=True)),
+               "learning_rate": learning_rate,
+               "grad_norm": None if grad_norm is None else float(grad_norm),
+               "step_time": time.perf_counter() - step_start}
+        row["clip_ratio"] = row.pop("clip_ratio/region_mean")
+        history.append(row)
+        if accelerator.is_main_process and (state.step % out.logging_steps == 0 or state.step == t.max_steps):
+            with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward']:.3f}")
+        bar.update(1)
+        if out.save_steps and state.step % out.save_steps == 0 and state.step < t.max_steps:
+            save_checkpoint(accelerator, run_dir, state.step)
+    bar.close()
+
+    # ---- final model
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(run_dir)
+        tokenizer.save_pretrained(run_dir)
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, state.step, history)
+
+
+def _lengths(batch: Rollout, eos_ids: list[int]) -> torch.Tensor:
+    """Completion lengths up to and including the first EOS, whatever mask_truncated_completions did."""
+    from prefill_kit.backends.builtin.rollout import completion_mask_from_eos
+
+    return completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).cpu()
+
+
+@torch.no_grad()
+def _logps_in_chunks(model, batch: Rollout, temperature: float, chunk: int) -> torch.Tensor:
+    return torch.cat([completion_logps(model, batch.rows(s, s + chunk), temperature)
+                      for s in range(0, len(batch), chunk)])
+
+
+def _rollout_stats(accelerator, rewards, scores: torch.Tensor, totals: torch.Tensor, lengths: torch.Tensor,
+                   batch: Rollout, num_generations: int) -> dict[str, float]:
+    """Reward and length statistics over every process's completions (as TRL logs them)."""
+    all_lengths = accelerator.gather(lengths.to(accelerator.device)).float().cpu()
+    truncated = accelerator.gather(batch.is_truncated.to(accelerator.device)).float().cpu()
+    group_std = nanstd(totals.view(-1, num_generations), dim=1)
+    stats = {"reward": _nan_to_none(torch.nanmean(totals).item()),
+             "reward_std": _nan_to_none(nanstd(totals).item())}
+    for k, r in enumerate(rewards):
+        stats[f"rewards/{r.name}"] = _nan_to_none(torch.nanmean(scores[:, k]).item())
+    stats["frac_reward_zero_std"] = torch.isclose(torch.nan_to_num(group_std), torch.zeros(())).float().mean().item()
+    stats["completion_length"] = all_lengths.mean().item()
+    stats["truncated_ratio"] = truncated.mean().item()
+    return stats
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x != x else x
+
+
+def _nullable(values: torch.Tensor) -> list[float | None]:
+    return [_nan_to_none(v) for v in values.tolist()]
+
+
+def _write_config(run_dir: Path, config: TrainingConfig) -> None:
+    import yaml
+
+    from prefill_kit.io import atomic_output
+
+    with atomic_output(run_dir / "config.yaml") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (a resumed run rewrites them), or start afresh when step is 0."""
+    if not path.exists():
+        return
+    from prefill_kit.io import atomic_output
+
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and step and json.loads(line).get("step", 0) <= step]
+    with atomic_output(path) as f:
+        f.writelines(line + "\n" for line in keep)

@@ -1,0 +1,331 @@
+"""The training config: one YAML file that every backend reads.
+
+Schema (every key but `model.path`, `data.path` and `output.dir` has a default; unknown keys are errors):
+
+```yaml
+backend: builtin                # builtin | trl; `prefill-kit train --backend` overrides it
+model:
+  path: ./my-model              # a local Hugging Face model directory
+  dtype: float32                # float32 | bfloat16 | float16 | auto: the dtype the weights are loaded in
+  tokenizer: null               # tokenizer directory; default: model.path
+data:
+  path: data.jsonl              # JSON Lines (or a dataset saved with save_to_disk)
+  prefix: "<think>\\n"           # the response prefix; a rendered file's own `prefix` column wins
+  template: null                # chat template spec for raw data; default: the tokenizer's own template
+  format: auto                  # raw-data format (see `prefill-kit render --help`)
+  continue_final: false         # render options, as for `prefill-kit render`
+  template_kwargs: {}
+  shuffle: true                 # shuffle prompts each epoch (seeded by train.seed)
+rewards:                        # a spec string "format,accuracy:2.0" or a list of {name, weight, ...params}
+  - {name: format, weight: 1.0}
+grpo:
+  num_generations: 8            # completions per prompt (>= 2)
+  max_completion_length: 256
+  temperature: 1.0
+  top_p: 1.0
+  top_k: 0                      # 0 disables top-k
+  beta: 0.0                     # KL coefficient; > 0 loads a frozen reference model
+  loss_type: dapo               # dapo | grpo | bnpo | dr_grpo
+  epsilon: 0.2
+  epsilon_high: null            # default: epsilon
+  scale_rewards: group          # group | batch | none
+  num_iterations: 1             # optimizer steps per generated batch
+  mask_truncated_completions: false
+train:
+  learning_rate: 1.0e-6
+  per_device_train_batch_size: 8   # completions, a multiple of grpo.num_generations
+  gradient_accumulation_steps: 1
+  max_steps: 100                # optimizer steps
+  warmup_steps: 0
+  lr_scheduler_type: linear     # linear | cosine | constant | constant_with_warmup
+  weight_decay: 0.0
+  adam_beta1: 0.9
+  adam_beta2: 0.999
+  adam_epsilon: 1.0e-8
+  max_grad_norm: 1.0            # 0 disables clipping
+  seed: 42
+  bf16: false                   # bf16 mixed precision (autocast)
+  gradient_checkpointing: false
+output:
+  dir: runs/my-run
+  logging_steps: 1
+  save_steps: 500               # 0 disables intermediate checkpoints
+  resume_from: null             # a checkpoint directory, or a run directory (its latest checkpoint)
+```
+
+Relative paths are relative to the working directory, as on the command line.
+Every option is a plain value so that the TRL backend can map it to its `GRPOConfig` name; an option a
+backend does not support is that backend's error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prefill_kit.errors import ConfigError
+
+BACKENDS = ("builtin", "trl")
+REQUIRED = object()  # marks a field with no default; dataclasses need a default to keep the order free
+
+
+def _field(default: Any = REQUIRED, *, help: str = "", **checks: Any) -> Any:
+    """A dataclass field with validation metadata: `min`/`max` bounds, `exclusive_min` for a strict `min`."""
+    kwargs = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kwargs, metadata={"help": help, **checks})
+
+
+@dataclass
+class ModelSection:
+    path: str = _field()
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    tokenizer: str | None = None
+
+
+@dataclass
+class DataSection:
+    path: str = _field()
+    prefix: str = ""
+    template: str | None = None
+    format: str = "auto"
+    continue_final: bool = False
+    template_kwargs: dict = _field(dict)
+    shuffle: bool = True
+
+
+@dataclass
+class GRPOSection:
+    num_generations: int = _field(8, min=2)
+    max_completion_length: int = _field(256, min=1)
+    temperature: float = _field(1.0, min=0.0, exclusive_min=True)
+    top_p: float = _field(1.0, min=0.0, exclusive_min=True, max=1.0)
+    top_k: int = _field(0, min=0)
+    beta: float = _field(0.0, min=0.0)
+    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
+    epsilon: float = _field(0.2, min=0.0)
+    epsilon_high: float | None = _field(None, min=0.0)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = _field(1, min=1)
+    mask_truncated_completions: bool = False
+
+
+@dataclass
+class TrainSection:
+    learning_rate: float = _field(1e-6, min=0.0)
+    per_device_train_batch_size: int = _field(8, min=1)
+    gradient_accumulation_steps: int = _field(1, min=1)
+    max_steps: int = _field(100, min=1)
+    warmup_steps: int = _field(0, min=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = _field(0.0, min=0.0)
+    adam_beta1: float = _field(0.9, min=0.0, max=1.0)
+    adam_beta2: float = _field(0.999, min=0.0, max=1.0)
+    adam_epsilon: float = _field(1e-8, min=0.0)
+    max_grad_norm: float = _field(1.0, min=0.0)
+    seed: int = _field(42, min=0)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class OutputSection:
+    dir: str = _field()
+    logging_steps: int = _field(1, min=1)
+    save_steps: int = _field(500, min=0)
+    resume_from: str | None = None
+
+
+@dataclass
+class TrainingConfig:
+    """A validated training config. Build it with `load_config` or `config_from_dict`."""
+
+    model: ModelSection = _field()
+    data: DataSection = _field()
+    output: OutputSection = _field()
+    backend: Literal["builtin", "trl"] = "builtin"
+    rewards: list | str = _field(list)
+    grpo: GRPOSection = _field(GRPOSection)
+    train: TrainSection = _field(TrainSection)
+
+    @property
+    def prompts_per_device_step(self) -> int:
+        """Prompts one process generates for per optimizer step (each gets `num_generations` completions)."""
+        return (self.train.per_device_train_batch_size * self.train.gradient_accumulation_steps
+                // self.grpo.num_generations)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConfig:
+    """Read a YAML config, apply `key.sub=value` overrides, validate. ConfigError names file and key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return config_from_dict(apply_overrides(raw, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of `raw` with each `key.sub=value` set; the value is parsed as YAML (`0.5`, `true`, `null`, `[..]`)."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = parsed
+    return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainingConfig:
+    """Validate a plain dict (as read from YAML) into a TrainingConfig; ConfigError names the bad key."""
+    config = _build(TrainingConfig, raw, "")
+    _check_rewards(config.rewards)
+    g, t = config.grpo, config.train
+    if t.per_device_train_batch_size % g.num_generations:
+        raise ConfigError(f"train.per_device_train_batch_size: {t.per_device_train_batch_size} completions is not a "
+                          f"multiple of grpo.num_generations ({g.num_generations}); the completions of a prompt must "
+                          "stay in one batch")
+    if t.warmup_steps > t.max_steps:
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} is more than train.max_steps ({t.max_steps})")
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in raw:
+            if f.default is REQUIRED:
+                raise ConfigError(f"{key}: required")
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw[name] if raw[name] is not None else {}, key + ".")
+        else:
+            values[name] = _check_value(raw[name], tp, key, f.metadata)
+    return cls(**values)
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _check_value(value: Any, tp: Any, key: str, checks: dict) -> Any:
+    """Check `value` against type `tp` and the bounds in `checks`; returns the value, ints widened to float."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _check_value(value, inner[0], key, checks)
+        for candidate in inner:
+            try:
+                return _check_value(value, candidate, key, checks)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a, {}) for a in inner)}, got {_show(value)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {_show(value)}")
+        return value
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+        list: lambda v: isinstance(v, list),
+    }[origin or tp](value)
+    if ok and tp in (int, float):
+        low, high, strict = checks.get("min"), checks.get("max"), checks.get("exclusive_min", False)
+        ok = (low is None or (value > low if strict else value >= low)) and (high is None or value <= high)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp, checks)}, got {_show(value)}")
+    return float(value) if tp is float else value
+
+
+def _type_name(tp: Any, checks: dict) -> str:
+    low, high, strict = checks.get("min"), checks.get("max"), checks.get("exclusive_min", False)
+    if tp is int:
+        if low == 1:
+            return "a positive integer"
+        if low == 0:
+            return "a non-negative integer"
+        return f"an integer >= {low}" if low is not None else "an integer"
+    if tp is float:
+        if low is not None and high is not None:
+            return f"a number in {'(' if strict else '['}{low}, {high}]"
+        if low is not None:
+            return f"a number {'>' if strict else '>='} {low}"
+        return "a number"
+    return {bool: "true or false", str: "a string", dict: "a mapping", list: "a list"}.get(tp, str(tp))
+
+
+def _check_rewards(rewards: list | str) -> None:
+    """Shape only: names and weights. The rewards registry checks that names and params exist."""
+    if isinstance(rewards, str):
+        return
+    for i, item in enumerate(rewards):
+        key = f"rewards[{i}]"
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"{key}: expected a mapping with `name` (and `weight`), got {_show(item)}")
+        if not isinstance(item.get("name"), str) or not item["name"]:
+            raise ConfigError(f"{key}.name: expected a reward name, got {_show(item.get('name'))}")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ConfigError(f"{key}.weight: expected a number, got {_show(weight)}")
