@@ -24,31 +24,24 @@ def load_training_data(section: DataSection, tokenizer):
     `prompt_ids` come from the rendered text with `add_special_tokens=False` and the tokenizer in use (a
     rendered file's own ids are replaced), so the model sees exactly the rendered prompt.
     """
-    import datasets
-
-    from prefill_kit.io import iter_jsonl
-    from prefill_kit.pipeline import render_dataset
+    from prefill_kit.pipeline import _as_dataset, render_dataset
+    from prefill_kit.prompt_tokens import PromptTokenizer
 
     path = Path(section.path)
     if not path.exists():
-        raise DataError("no such file or directory", source=str(path), field=None)
-    if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-    else:
-        rows = [row for _, row in iter_jsonl(path)]
-        if not rows:
-            raise DataError("no rows", source=str(path))
-        dataset = datasets.Dataset.from_list(rows)
+        raise DataError("no such file or directory", source=str(path))
+    dataset = _as_dataset(str(path))
+    if len(dataset) == 0:
+        raise DataError("no rows", source=str(path))
     if not is_rendered(dataset):
-        try:
-            return render_dataset(dataset, template=section.template, tokenizer=tokenizer, prefix=section.prefix,
-                                  continue_final=section.continue_final, template_kwargs=section.template_kwargs,
-                                  format=section.format)
-        except DataError as exc:
-            raise exc.located(source=str(path)) from None
+        return render_dataset(dataset, template=section.template, tokenizer=tokenizer, prefix=section.prefix,
+                              continue_final=section.continue_final, template_kwargs=section.template_kwargs,
+                              format=section.format)
+    encoder = PromptTokenizer(tokenizer)  # == tokenizer(prompts, add_special_tokens=False), computed faster
 
     def tokenize(batch):
-        return {"prompt_ids": tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]}
+        ids = encoder.encode(batch["prompt"])
+        return {"prompt_ids": ids, "num_prompt_tokens": [len(i) for i in ids]}
 
     return dataset.map(tokenize, batched=True)
 

@@ -287,7 +287,7 @@ def _rollout_stats(accelerator, rewards, scores: torch.Tensor, totals: torch.Ten
              "reward_std": _nan_to_none(nanstd(totals).item())}
     for k, r in enumerate(rewards):
         stats[f"rewards/{r.name}"] = _nan_to_none(torch.nanmean(scores[:, k]).item())
-    stats["frac_reward_zero_std"] = torch.isclose(torch.nan_to_num(group_std), torch.zeros(())).float().mean().item()
+    stats["zero_std_ratio"] = torch.isclose(torch.nan_to_num(group_std), torch.zeros(())).float().mean().item()
     stats["completion_length"] = all_lengths.mean().item()
     stats["truncated_ratio"] = truncated.mean().item()
     return stats

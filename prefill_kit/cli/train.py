@@ -1,0 +1,72 @@
+"""`prefill-kit train CONFIG`: GRPO training from one YAML config, with the built-in or the TRL backend.
+
+Runs unchanged under `accelerate launch` (e.g. `accelerate launch --num_processes 2 -m prefill_kit train CONFIG`).
+The config schema is documented in `prefill_kit.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train with GRPO from a YAML config", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML training config")
+    p.add_argument("--backend", help="override the config's `backend:` (builtin, trl)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=10 --set grpo.beta=0.04 "
+                        "(VALUE is parsed as YAML); repeatable")
+    p.set_defaults(func=run)
+    return p
+
+
+def load_backend(name: str):
+    """The backend module `prefill_kit.backends.<name>`; each exposes `train(config, ...)`."""
+    import importlib
+
+    from prefill_kit.errors import ConfigError
+
+    try:
+        return importlib.import_module(f"prefill_kit.backends.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"prefill_kit.backends.{name}":
+            raise ConfigError(f"backend: {name!r} is not available in this installation") from None
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from prefill_kit.config import load_config
+
+    overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
+    config = load_config(args.config, overrides)
+    backend = load_backend(config.backend)
+    # Like `python -m`, let `module:function` rewards and modules next to the config's user resolve.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    backend.train(config)
+
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(run_summary(config), file=sys.stderr)
+    return 0
+
+
+def run_summary(config) -> str:
+    """One line from the run's metrics.jsonl, the same for every backend."""
+    import json
+    from pathlib import Path
+
+    run_dir = Path(config.output.dir)
+    rows = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    last = rows[-1] if rows else {}
+    parts = [f"{config.backend} backend: {last.get('step', 0)} steps"]
+    parts += [f"{k} {last[k]:.4g}" for k in ("reward", "loss", "completion_length") if isinstance(last.get(k), float)]
+    return "; ".join(parts) + f"; model and metrics.jsonl in {run_dir}"
