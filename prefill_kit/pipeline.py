@@ -7,6 +7,7 @@ the file pipeline (`prefill_kit.render_file`) and `render_dataset` (HF datasets)
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,17 +147,42 @@ def reject_entry(record: Record, reason: str, field_name: str | None) -> dict[st
 class BatchRenderer:
     """Turns located records into output rows; bad rows raise (on_error=fail) or become rejects (skip).
 
-    Picklable, so worker processes and `datasets.map` can carry it.
+    With a tokenizer, rows are rendered in slices and each slice is tokenized on a background thread
+    while the next one renders: the tokenizer releases the GIL, so Jinja and BPE run side by side.
+    Picklable (the thread is not carried), so worker processes and `datasets.map` can carry it.
     """
+
+    SLICE = 256
 
     def __init__(self, options: RenderOptions, fmt: str) -> None:
         self.options = options
         self.fmt = fmt
         self.encoder = PromptTokenizer(options.tokenizer) if options.tokenizer is not None else None
+        self._thread: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:
+        return {"options": self.options, "fmt": self.fmt}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["options"], state["fmt"])
 
     def __call__(self, records: list[Record]) -> BatchResult:
         result = BatchResult()
         kept: list[Record] = []
+        pending: list[Future] = []
+        for start in range(0, len(records), self.SLICE):
+            first_row = len(result.rows)
+            self._render(records[start:start + self.SLICE], result, kept)
+            if self.encoder is not None and len(result.rows) > first_row:
+                if self._thread is None:
+                    self._thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-kit-tokenize")
+                prompts = [r["prompt"] for r in result.rows[first_row:]]
+                pending.append(self._thread.submit(self.encoder.encode, prompts))
+        if pending:
+            self._add_ids(result, kept, [ids for future in pending for ids in future.result()])
+        return result
+
+    def _render(self, records: list[Record], result: BatchResult, kept: list[Record]) -> None:
         for record in records:
             if record.error is not None:
                 self._bad(result, record, record.error.reason, record.error.field)
@@ -167,15 +193,12 @@ class BatchRenderer:
                 kept.append(record)
             except DataError as exc:
                 self._bad(result, record, exc.reason, exc.field)
-            except TemplateSecurityError:
-                raise
+            except TemplateSecurityError as exc:  # the template, not the row, is at fault: always fatal
+                raise TemplateSecurityError(f"{record.where}: {exc}") from None
             except TemplateError as exc:
                 if self.options.on_error == "fail":
                     raise TemplateError(f"{record.where}: {exc}") from None
                 result.rejects.append(reject_entry(record, f"template error: {exc}", None))
-        if self.encoder is not None and result.rows:
-            self._add_ids(result, kept)
-        return result
 
     def _bad(self, result: BatchResult, record: Record, reason: str, field_name: str | None) -> None:
         if self.options.on_error == "fail":
@@ -184,9 +207,8 @@ class BatchRenderer:
             raise DataError(reason, source=record.where, field=field_name)
         result.rejects.append(reject_entry(record, reason, field_name))
 
-    def _add_ids(self, result: BatchResult, kept: list[Record]) -> None:
+    def _add_ids(self, result: BatchResult, kept: list[Record], ids: list[list[int]]) -> None:
         rows = result.rows
-        ids = self.encoder.encode([r["prompt"] for r in rows])
         limit = self.options.max_prompt_tokens
         if limit is not None and any(len(i) > limit for i in ids):
             fits = []

@@ -101,7 +101,10 @@ def _results(job: _Job, chunks: Iterable[Chunk], num_proc: int) -> Iterator[_Chu
 
 
 def _check_template(options: RenderOptions) -> None:
-    """Fail once, before any row, when the template does not even compile."""
+    """With on_error=skip, fail once when the template does not compile, instead of rejecting every row.
+
+    (With on_error=fail the first row raises it anyway, naming that row.)
+    """
     import jinja2
 
     from prefill_kit.sandbox import compile_template
@@ -124,7 +127,8 @@ def render_file(source: str | Path, output: str, options: RenderOptions, *, outp
     reading `source` (tests use it to watch how far reading runs ahead of writing).
     """
     fmt_out = output_format(output, output_format_name)
-    _check_template(options)
+    if options.on_error == "skip":
+        _check_template(options)
     chunks = iter(chunks if chunks is not None else iter_chunks(source, batch_size))
     summary = RenderSummary(output=output, output_format=fmt_out)
     # Detect the format from the first readable row; chunks read for that are kept and rendered first.
