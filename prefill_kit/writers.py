@@ -87,7 +87,13 @@ class _ArrowSink:
             import pyarrow as pa
 
             self.write(pa.table({c: pa.array([], pa.string()) for c in columns}))
-        self.writer.close()
+        self.close()
+
+    def close(self) -> None:
+        """Close the writer (also after a failure, so it does not write to a removed file later)."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
 
 
 @contextmanager
@@ -104,8 +110,11 @@ def open_sink(output: str, fmt: str, columns: list[str]) -> Iterator[Any]:
 
         with atomic_output(output, "wb") as f:
             sink = _ArrowSink(lambda schema: pq.ParquetWriter(f, schema))
-            yield sink
-            sink.finish(columns)
+            try:
+                yield sink
+                sink.finish(columns)
+            finally:
+                sink.close()
     else:
         with _hf_sink(output, columns) as sink:
             yield sink
@@ -129,8 +138,11 @@ def _hf_sink(output: str, columns: list[str]) -> Iterator[_ArrowSink]:
     try:
         with os.fdopen(fd, "wb") as f:
             sink = _ArrowSink(lambda schema: pa.ipc.new_stream(f, schema))
-            yield sink
-            sink.finish(columns)
+            try:
+                yield sink
+                sink.finish(columns)
+            finally:
+                sink.close()
         with atomic_directory(output) as tmp:
             bars_were_on = not datasets.utils.are_progress_bars_disabled()
             datasets.disable_progress_bars()  # the library does not print; the CLI shows its own bar
