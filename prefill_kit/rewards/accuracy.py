@@ -19,7 +19,7 @@ from prefill_kit.rewards.numeric import fast_equal
 from prefill_kit.rewards.response import column, completion_text, responses
 from prefill_kit.rewards.verify_pool import shared_pool
 
-_WARM_MODULES = ("sympy", "math_verify", "prefill_kit.rewards.symbolic")
+_WARM_MODULES = ("prefill_kit.rewards.symbolic:warm_up",)
 _MAX_SYMBOLIC_CHARS = 1000  # longer "answers" are prose, not math: sympy on them only burns the time bound
 
 
@@ -60,6 +60,10 @@ class AccuracyReward:
         self.answer_tag = answer_tag
         self.stats = AccuracyStats()
         self._stats_lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Start the verify workers now (a trainer calls this at setup; otherwise the first batch starts them)."""
+        shared_pool(self.num_workers, _WARM_MODULES).start()
 
     def __call__(self, completions: list[Any], **kwargs: Any) -> list[float | None]:
         verdicts = self.correctness(completions, **kwargs)

@@ -19,8 +19,10 @@ _ASSIGNMENT = re.compile(r"^[A-Za-z]=(?!=)")
 _INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
 _DECIMAL = re.compile(rf"^([+-]?)({_INT}(?:\.\d*)?|\.\d+)$")
 _SLASH = re.compile(r"^([+-]?)(\d+)/(\d+)$")
+_MIXED = re.compile(r"^([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$")  # 1\frac{1}{4}: MATH's mixed numbers
 _LATEX_FRAC = re.compile(r"^([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{(\d+)\}|(\d))$")
-_CLOSE_MARGIN = Fraction(1, 1000)  # numbers this close may be a rounded decimal: let the symbolic check decide
+_WORD = re.compile(r"^[A-Za-z]{1,40}$")
+_CLOSE_MARGIN = Fraction(1, 1000)  # a decimal this close may be a rounding: let the symbolic check decide
 
 
 def normalize(answer: str) -> tuple[str, bool]:
@@ -58,6 +60,10 @@ def to_number(text: str) -> Fraction | None:
         den = int(match.group(4) or match.group(5))
         if den != 0:
             return Fraction(num, den) * (-1 if match.group(1) == "-" else 1)
+    match = _MIXED.match(text)
+    if match and int(match.group(4)) != 0:
+        value = int(match.group(2)) + Fraction(int(match.group(3)), int(match.group(4)))
+        return -value if match.group(1) == "-" else value
     return None
 
 
@@ -67,6 +73,8 @@ def fast_equal(gold: str, pred: str) -> bool | None:
     pred_text, pred_pct = normalize(pred)
     if gold_text and gold_text == pred_text:
         return True
+    if _WORD.match(gold_text) and _WORD.match(pred_text):
+        return gold_text.lower() == pred_text.lower()  # "A" vs "C", "Evelyn" vs "Carla": names, not math
     gold_value, pred_value = to_number(gold_text), to_number(pred_text)
     if gold_value is None or pred_value is None:
         return None
@@ -76,6 +84,7 @@ def fast_equal(gold: str, pred: str) -> bool | None:
         candidates.append((gold_value / 100, pred_value) if gold_pct else (gold_value, pred_value / 100))
     if any(g == p for g, p in candidates):
         return True
-    if any(abs(g - p) <= _CLOSE_MARGIN * max(1, abs(g)) for g, p in candidates):
+    approximate = "." in gold_text or "." in pred_text
+    if approximate and any(abs(g - p) <= _CLOSE_MARGIN * max(1, abs(g)) for g, p in candidates):
         return None
     return False

@@ -4,7 +4,7 @@ math-verify bounds its time with `signal.alarm`, which only works in the main th
 hang for minutes. A thread cannot be stopped; a process can. So each task runs in a warm worker process; a task
 that overruns its bound is abandoned, its worker killed and replaced, and the task reported as timed out.
 
-Workers are fresh interpreters (`python -m prefill_kit.rewards.verify_pool FD_IN FD_OUT`) talking over inherited
+Workers are fresh interpreters (`python -m prefill_kit.rewards.worker FD_IN FD_OUT`) talking over inherited
 pipes: never `fork` (unsafe once torch or other threads run), and unlike multiprocessing's spawn/forkserver they
 do not re-import the caller's `__main__`, so a training script without an `if __name__ == "__main__"` guard works.
 They start lazily, stay warm across calls, and tasks with the same key go to the same worker so its per-process
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import importlib
 import os
 import subprocess
 import sys
@@ -38,35 +37,13 @@ class TaskResult:
     error: str | None = None
 
 
-def _worker_main(recv_conn: Connection, conn: Connection, warm_modules: Sequence[str]) -> None:
-    for name in warm_modules:
-        importlib.import_module(name)
-    conn.send(("ready",))
-    while True:
-        try:
-            message = recv_conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
-        task_id, fn, args = message
-        try:
-            outcome = ("ok", fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - a task's failure is reported, never kills the worker loop
-            outcome = ("error", f"{type(exc).__name__}: {str(exc)[:300]}")
-        try:
-            conn.send((task_id, outcome))
-        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-            conn.send((task_id, ("error", f"unsendable result: {type(exc).__name__}")))
-
-
 class _Worker:
     def __init__(self, warm_modules: Sequence[str]) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(to_child_r), str(from_child_w), *warm_modules],
+            [sys.executable, "-m", "prefill_kit.rewards.worker", str(to_child_r), str(from_child_w), *warm_modules],
             pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, env=env)
         os.close(to_child_r)
         os.close(from_child_w)
@@ -116,6 +93,20 @@ class VerifyPool:
             while len(self._workers) < n_workers:
                 self._workers.append(_Worker(self._warm_modules))
             return self._run(fn, args_list, keys, timeout, self._workers[:n_workers])
+
+    def start(self, num_workers: int | None = None) -> None:
+        """Start workers now and wait until they are ready, so the first batch does not pay for the imports."""
+        with self._lock:
+            n_workers = max(1, min(self.num_workers, num_workers or self.num_workers))
+            while len(self._workers) < n_workers:
+                self._workers.append(_Worker(self._warm_modules))
+            deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+            for worker in self._workers[:n_workers]:
+                while not worker.ready and worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                    try:
+                        worker.ready = worker.conn.recv() == ("ready",)
+                    except (EOFError, OSError):
+                        break
 
     def _run(self, fn, args_list, keys, timeout, workers) -> list[TaskResult]:
         queues = [collections.deque() for _ in workers]
@@ -232,7 +223,3 @@ def _close_shared() -> None:
         pool.close()
     _shared.clear()
 
-
-if __name__ == "__main__":
-    _worker_main(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False),
-                 sys.argv[3:])
