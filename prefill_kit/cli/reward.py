@@ -1,0 +1,125 @@
+"""`prefill-kit reward INPUT --rewards format,accuracy`: score completions offline with the training rewards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+_LOWEST_SHOWN = 3
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("reward", help="score a JSONL of completions with the reward functions",
+                       description=__doc__)
+    p.add_argument("input", help="JSONL rows with `completion` (+ `solution`, `prefix`, `prompt` where needed)")
+    p.add_argument("--rewards", required=True,
+                   help="reward spec, e.g. 'format,accuracy:2.0' or 'pkg.module:function:0.5'")
+    p.add_argument("--prefix", default=None, help="response prefix for rows without a `prefix` column")
+    p.add_argument("-o", "--output", default=None, help="write rows + one column per reward + `reward` (JSONL)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the reward histograms")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """Rows of INPUT; a row without a usable `completion` is an error naming its line."""
+    from prefill_kit.errors import DataError
+    from prefill_kit.io import iter_jsonl
+
+    rows = []
+    for line, row in iter_jsonl(path):
+        completion = row.get("completion")
+        if not isinstance(completion, str | list):
+            got = "missing" if completion is None else f"a {type(completion).__name__}"
+            raise DataError(f"expected a string or a list of messages, got {got}", source=path, line=line,
+                            field="completion")
+        rows.append(row)
+    if not rows:
+        raise DataError("no rows", source=path)
+    return rows
+
+
+def score_rows(rows: list[dict[str, Any]], rewards, prefix: str | None) -> dict[str, list[float | None]]:
+    """One score list per reward name, plus the weighted total `reward` (None rewards left out, as TRL's nansum)."""
+    completions = [row["completion"] for row in rows]
+    columns = {key: [row.get(key) for row in rows] for row in rows for key in row if key != "completion"}
+    columns["prefix"] = [row.get("prefix", prefix) for row in rows]
+    scores = {w.name: list(w.fn(completions, **columns)) for w in rewards}
+    totals: list[float | None] = []
+    for i in range(len(rows)):
+        parts = [w.weight * scores[w.name][i] for w in rewards if scores[w.name][i] is not None]
+        totals.append(sum(parts) if parts else None)
+    scores["reward"] = totals
+    return scores
+
+
+def _summary(name: str, values: list[float | None], timeouts: int | None) -> str:
+    import statistics
+
+    present = [v for v in values if v is not None]
+    mean = statistics.fmean(present) if present else float("nan")
+    std = statistics.pstdev(present) if present else float("nan")
+    none_share = 1 - len(present) / len(values)
+    return f"{name:<28} {mean:>8.4f} {std:>8.4f} {none_share:>7.1%} {'-' if timeouts is None else timeouts:>9}"
+
+
+def _plot(scores: dict[str, list[float | None]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prefill_kit.io import atomic_output
+
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3), squeeze=False)
+    for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
+        ax.hist([v for v in values if v is not None], bins=20)
+        ax.set_title(name)
+        ax.set_xlabel("score")
+    axes[0][0].set_ylabel("rows")
+    fig.tight_layout()
+    with atomic_output(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from prefill_kit.io import atomic_output
+    from prefill_kit.rewards import parse_reward_spec
+    from prefill_kit.rewards.response import completion_text
+
+    rewards = parse_reward_spec(args.rewards)
+    rows = read_rows(args.input)
+    scores = score_rows(rows, rewards, args.prefix)
+
+    print(f"{len(rows)} rows from {args.input}")
+    print(f"{'reward':<28} {'mean':>8} {'std':>8} {'None':>7} {'timeouts':>9}")
+    for w in rewards:
+        stats = getattr(w.fn, "stats", None) or getattr(getattr(w.fn, "accuracy", None), "stats", None)
+        print(_summary(f"{w.name} (x{w.weight:g})", scores[w.name], stats.timeouts if stats else None))
+    print(_summary("reward (weighted)", scores["reward"], None))
+
+    ranked = sorted((i for i, v in enumerate(scores["reward"]) if v is not None), key=lambda i: scores["reward"][i])
+    if ranked:
+        print(f"\nlowest-scoring rows (of {len(ranked)} scored):")
+    for i in ranked[:_LOWEST_SHOWN]:
+        text = completion_text(rows[i]["completion"]).replace("\n", " ")
+        shown = text if len(text) <= 160 else text[:60] + " ... " + text[-95:]
+        per = ", ".join(f"{w.name}={scores[w.name][i]}" for w in rewards)
+        print(f"  row {i + 1}: reward={scores['reward'][i]:.4f} ({per})\n    {shown}")
+
+    if args.output:
+        names = [w.name for w in rewards] + ["reward"]
+        with atomic_output(args.output) as f:
+            for i, row in enumerate(rows):
+                out = dict(row)
+                out.update({name: scores[name][i] for name in names})
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+        print(f"\nwrote {len(rows)} rows to {args.output}", file=sys.stderr)
+    if args.plot:
+        _plot(scores, args.plot)
+        print(f"wrote histograms to {args.plot}", file=sys.stderr)
+    return 0
