@@ -61,6 +61,16 @@ class AccuracyReward:
         self.stats = AccuracyStats()
         self._stats_lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable for TRL's async rollout worker: the lock is per process.
+        state = dict(self.__dict__)
+        del state["_stats_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stats_lock = threading.Lock()
+
     def warm_up(self) -> None:
         """Start the verify workers now (a trainer calls this at setup; otherwise the first batch starts them)."""
         shared_pool(self.num_workers, _WARM_MODULES).start()

@@ -101,6 +101,12 @@ def extract_prediction(response: str, answer_tag: str = "answer", think_tag: str
     if answer is None and tagged is not None:
         answer = _strip_math_delimiters(tagged) or None
     if answer is None:
+        # A response that is one math span (`$...$`, `\[...\]`) is the answer as a whole, e.g. `$f(y) = y$`.
+        stripped = region.strip()
+        inner = _strip_math_delimiters(stripped)
+        if inner != stripped.rstrip(".").strip() and "$" not in inner and len(inner) <= 500:
+            answer = inner or None
+    if answer is None:
         answer = last_number(region)
     return answer or None
 

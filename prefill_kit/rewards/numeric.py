@@ -11,6 +11,7 @@ import re
 from fractions import Fraction
 
 _SPACING = re.compile(r"\\(?:left|right|displaystyle|!|,|;|:| )|\s+|~")
+_LIST_COMMA = re.compile(r",\s+")
 _FRAC_VARIANT = re.compile(r"\\[dtc]frac")
 _DEGREES = re.compile(r"\^\s*\{?\\circ\}?|°")
 _TEXT_WRAP = re.compile(r"^\\(?:text|textbf|mbox|mathrm|textrm)\{([^{}]*)\}$")
@@ -28,6 +29,7 @@ _CLOSE_MARGIN = Fraction(1, 1000)  # a decimal this close may be a rounding: let
 def normalize(answer: str) -> tuple[str, bool]:
     """Canonical text of an answer and whether it was given as a percentage."""
     text = answer.replace("\\$", "").replace("$", "").replace("{,}", ",")
+    text = _LIST_COMMA.sub(";", text)  # "32, 349" is a list of two numbers (as math-verify reads it), not 32349
     text = _SPACING.sub("", text)
     text = _FRAC_VARIANT.sub(r"\\frac", text)
     text = _DEGREES.sub("", text)
