@@ -27,13 +27,15 @@ class LoopState:
 
     step: int = 0
     rollout: dict[str, Any] | None = None
+    rollout_stats: dict[str, Any] | None = None  # the reused batch's reward and length statistics, for logging
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "rollout": self.rollout}
+        return {"step": self.step, "rollout": self.rollout, "rollout_stats": self.rollout_stats}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.rollout = state.get("rollout")
+        self.rollout_stats = state.get("rollout_stats")
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int) -> Path:

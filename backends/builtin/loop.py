@@ -112,7 +112,9 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     from transformers import GenerationConfig, get_scheduler
 
     g, t, out = config.grpo, config.train, config.output
-    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no")
+    # Without a GPU, ask for CPU explicitly: that is what makes accelerate use gloo across the processes
+    # torchrun (`accelerate launch --multi_gpu`) starts; otherwise each would train alone.
+    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
     set_seed(t.seed, device_specific=True)  # each process samples differently
     run_dir = Path(out.dir)
 
@@ -126,9 +128,11 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         raise ConfigError("rewards: at least one reward is needed")
     weights = reward_weights(rewards)
     eos_ids = eos_token_ids(tokenizer, model)
+    # Every sampling knob is explicit: a None would be filled from transformers' defaults (top_k=50), and
+    # sampling from a truncated distribution while scoring the full one is off-policy. top_k=0 disables it.
     generation_config = GenerationConfig(
         do_sample=True, max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
-        top_k=g.top_k or None, repetition_penalty=1.0, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        top_k=g.top_k, repetition_penalty=1.0, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, disable_compile=True)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
@@ -192,7 +196,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                 if ref_model is not None:
                     batch.ref_logps = _logps_in_chunks(ref_model, batch, g.temperature,
                                                        t.per_device_train_batch_size)
-            rollout_stats = _rollout_stats(accelerator, rewards, scores, totals, lengths, batch, g.num_generations)
+            state.rollout_stats = _rollout_stats(accelerator, rewards, scores, totals, lengths, batch,
+                                                 g.num_generations)
             state.rollout = batch.state_dict()
             if on_rollout is not None:
                 on_rollout(RolloutRecord(
@@ -233,13 +238,14 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        stats = state.rollout_stats
         if iteration == g.num_iterations - 1:
-            state.rollout = None  # the next step generates afresh; nothing to carry in a checkpoint
+            state.rollout = state.rollout_stats = None  # the next step generates afresh: nothing to carry
 
         # ---- 4. log, checkpoint
         reduced = accelerator.reduce(torch.tensor([step_loss, *loss_metrics.values()], device=accelerator.device),
                                      reduction="mean").tolist()
-        row = {"step": state.step, "loss": reduced[0], **rollout_stats,
+        row = {"step": state.step, "loss": reduced[0], **stats,
                "kl": None, **dict(zip(loss_metrics, reduced[1:], strict=True)),
                "learning_rate": learning_rate,
                "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -249,7 +255,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         if accelerator.is_main_process and (state.step % out.logging_steps == 0 or state.step == t.max_steps):
             with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward']:.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", reward=row["reward"] and f"{row['reward']:.3f}")
         bar.update(1)
         if out.save_steps and state.step % out.save_steps == 0 and state.step < t.max_steps:
             save_checkpoint(accelerator, run_dir, state.step)

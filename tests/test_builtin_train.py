@@ -1,0 +1,262 @@
+"""The built-in backend end to end on a tiny model: the mask, the reward call, learning, resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefill_kit.backends.builtin import completion_logps, completion_mask_from_eos, generate, grpo_loss
+from prefill_kit.backends.builtin import loop as loop_module
+from prefill_kit.backends.builtin.data import load_training_data
+from prefill_kit.config import DataSection, config_from_dict
+
+PREFIX = "<think>\n"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are fastest single-threaded; on a busy 2-core box two threads can be 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "questions.jsonl"
+    rows = [{"question": f"what is {a} + {a * 3 % 7}?" + " then add one" * (a % 3), "answer": str(a + a * 3 % 7)}
+            for a in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@dataclass
+class Reward:
+    name: str
+    fn: object
+    weight: float = 1.0
+
+
+def brevity(completions, completion_ids, **kwargs):
+    """A reward a tiny random model can learn: end early."""
+    return [1.0 - len(ids) / 32 for ids in completion_ids]
+
+
+def make_config(model_dir, data_file, out_dir, **sections):
+    raw = {
+        "model": {"path": str(model_dir)},
+        "data": {"path": str(data_file), "prefix": PREFIX},
+        "grpo": {"num_generations": 4, "max_completion_length": 32},
+        "train": {"learning_rate": 1e-2, "per_device_train_batch_size": 16, "max_steps": 30, "seed": 0,
+                  "lr_scheduler_type": "constant"},
+        "output": {"dir": str(out_dir), "save_steps": 0},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+# --------------------------------------------------------------------------------------------------- mask
+
+
+def test_prefix_is_in_the_prompt_and_only_completion_positions_get_gradient(tiny, data_file):
+    from transformers import GenerationConfig
+
+    tokenizer, model = tiny
+    prefix_ids = tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
+    assert len(prefix_ids) == 4  # the tiny tokenizer splits the prefix: a boundary bug would show
+
+    dataset = load_training_data(DataSection(path=str(data_file), prefix=PREFIX), tokenizer)
+    rows = dataset[[0, 2]]  # prompts of different lengths: the shorter one is left-padded
+    assert len(rows["prompt_ids"][0]) != len(rows["prompt_ids"][1])
+    for prompt, ids in zip(rows["prompt"], rows["prompt_ids"], strict=True):
+        assert prompt.endswith(PREFIX) and ids[-4:] == prefix_ids
+        assert ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = GenerationConfig(do_sample=True, max_new_tokens=6, eos_token_id=[eos], pad_token_id=tokenizer.pad_token_id)
+    batch = generate(model, rows["prompt_ids"], num_generations=2, generation_config=config, eos_token_ids=[eos],
+                     pad_token_id=tokenizer.pad_token_id)
+    assert batch.prompt_ids[:, -4:].tolist() == [prefix_ids] * 4  # every row conditions on the whole prefix
+    # Row 0 ends after two tokens: what follows its EOS is padding and must not be trained.
+    batch.completion_ids[0, 1] = eos
+    batch.completion_ids[0, 2:] = tokenizer.pad_token_id
+    batch.completion_mask = completion_mask_from_eos(batch.completion_ids, [eos])
+    assert batch.completion_mask[0].tolist() == [1, 1, 0, 0, 0, 0]
+
+    # The final hidden state at position i feeds only the logits at i: its gradient is the logits' gradient
+    # pulled back through the LM head, zero exactly where the logits' gradient is zero.
+    captured = {}
+    handle = model.model.norm.register_forward_hook(lambda m, i, out: captured.update(h=out) or out.retain_grad())
+    try:
+        logps = completion_logps(model, batch, temperature=1.0)
+        loss, _ = grpo_loss(logps, None, None, torch.tensor([1.0, -1.0, 0.5, -0.5]), batch.completion_mask)
+        loss.backward()
+    finally:
+        handle.remove()
+    grad = captured["h"].grad.abs().sum(-1)  # (B, P+C)
+    P = batch.prompt_ids.size(1)
+    expected = torch.zeros_like(grad, dtype=torch.bool)
+    for row in range(4):
+        for j in range(batch.completion_ids.size(1)):
+            if batch.completion_mask[row, j]:
+                expected[row, P - 1 + j] = True  # position P-1+j predicts completion token j
+    assert torch.all(grad[~expected] == 0)  # prompt, prefix, left padding, after EOS: exactly zero
+    assert torch.all(grad[expected] > 0)
+
+
+# --------------------------------------------------------------------------------------------- the rollout
+
+
+def test_rewards_get_trls_call_and_none_rows_get_no_advantage(tiny_model_dir, data_file, tmp_path):
+    calls, records = [], []
+
+    def recorder(completions, **kwargs):
+        calls.append({"completions": completions, **kwargs})
+        return [None if i % 4 == 0 else float(i % 4) for i in range(len(completions))]  # spread within each group
+
+    config = make_config(tiny_model_dir, data_file, tmp_path / "run", grpo={"max_completion_length": 8},
+                         train={"max_steps": 1})
+    result = loop_module.train(config, reward_funcs=[Reward("recorder", recorder)], progress=False,
+                               on_rollout=records.append)
+    call, record = calls[0], records[0]
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert {"prompts", "completions", "completion_ids", "prefix", "solution", "prompt_ids"} <= set(call)
+    assert all(p == PREFIX for p in call["prefix"]) and all(p.endswith(PREFIX) for p in call["prompts"])
+    assert len(call["completions"]) == 16 and call["prompts"][0] == call["prompts"][3]  # 4 prompts x 4
+    for text, ids in zip(call["completions"], call["completion_ids"], strict=True):
+        assert 1 <= len(ids) <= 8
+        assert tokenizer.eos_token_id not in ids[:-1]  # cut at the first EOS, which is the last id if any
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert record.rewards["recorder"][0] is None and record.advantages[0] == 0.0
+    assert [a for i, a in enumerate(record.advantages) if i % 4 == 0] == [0.0] * 4
+    assert any(a != 0.0 for a in record.advantages)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert {"step", "loss", "reward", "reward_std", "rewards/recorder", "completion_length", "kl", "clip_ratio",
+            "learning_rate", "step_time"} <= set(row)
+    assert row["step"] == 1 and result.global_step == 1
+    assert (tmp_path / "run" / "model.safetensors").exists() and (tmp_path / "run" / "tokenizer.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ learning
+
+
+def test_it_learns_and_a_flipped_advantage_does_not(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    config = make_config(tiny_model_dir, data_file, tmp_path / "good")
+    good = loop_module.train(config, reward_funcs=[Reward("brevity", brevity)], progress=False).history
+    rewards = [row["reward"] for row in good]
+    assert rewards[0] < 0.3
+    assert sum(rewards[-3:]) / 3 > 0.8
+
+    original = loop_module.compute_advantages
+    monkeypatch.setattr(loop_module, "compute_advantages", lambda *a, **k: -original(*a, **k))
+    config = make_config(tiny_model_dir, data_file, tmp_path / "flipped", train={"max_steps": 15})
+    flipped = loop_module.train(config, reward_funcs=[Reward("brevity", brevity)], progress=False).history
+    assert max(row["reward"] for row in flipped[-5:]) < 0.3
+
+
+# -------------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_gives_the_same_weights(tiny_model_dir, data_file, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    # accumulation, a reused rollout (checkpoint 3 falls between its two iterations), a reference model
+    sections = {"grpo": {"num_iterations": 2, "beta": 0.04, "max_completion_length": 12},
+                "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 4,
+                          "lr_scheduler_type": "linear", "warmup_steps": 1}}
+    full = make_config(tiny_model_dir, data_file, tmp_path / "full", output={"save_steps": 3}, **sections)
+    loop_module.train(full, reward_funcs=[Reward("brevity", brevity)], progress=False)
+    assert (tmp_path / "full" / "checkpoint-3" / "checkpoint.json").exists()
+    assert not (tmp_path / "full" / "checkpoint-4").exists()  # the final model is saved, not a checkpoint
+
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    (tmp_path / "resumed" / "model.safetensors").unlink()  # the final model must come from the resumed run
+    resumed = make_config(tiny_model_dir, data_file, tmp_path / "resumed",
+                          output={"resume_from": str(tmp_path / "resumed")}, **sections)
+    result = loop_module.train(resumed, reward_funcs=[Reward("brevity", brevity)], progress=False)
+    assert [row["step"] for row in result.history] == [4]
+
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def rows(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in lines]
+
+    assert rows("resumed") == rows("full")  # steps 1-3 kept, step 4 rewritten identically
+    assert rows("full")[-1]["kl"] is not None
+
+
+# ------------------------------------------------------------------------------------------- two processes
+
+DRIVER = """
+import json, sys, torch
+from dataclasses import dataclass
+from accelerate import PartialState
+from prefill_kit.backends.builtin import train
+from prefill_kit.config import load_config
+
+@dataclass
+class Reward:
+    name: str
+    fn: object
+    weight: float = 1.0
+
+def brevity(completions, completion_ids, **kwargs):
+    return [1.0 - len(ids) / 32 for ids in completion_ids]
+
+torch.set_num_threads(1)
+result = train(load_config(sys.argv[1]), reward_funcs=[Reward("brevity", brevity)], progress=False)
+rank = PartialState().process_index
+with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
+    json.dump({"loss": [r["loss"] for r in result.history], "reward": [r["reward"] for r in result.history]}, f)
+"""
+
+
+def test_two_cpu_processes(tiny_model_dir, data_file, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    config = make_config(tiny_model_dir, data_file, out, grpo={"num_generations": 2, "max_completion_length": 8},
+                         train={"per_device_train_batch_size": 4, "max_steps": 2}, output={"save_steps": 1})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    (tmp_path / "driver.py").write_text(textwrap.dedent(DRIVER))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
+    # accelerate 1.15's `--cpu` launcher starts several processes only through mpirun; `--multi_gpu` starts
+    # them with torchrun, and on a machine without GPUs the loop joins them over gloo on CPU.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(tmp_path / "driver.py"), str(tmp_path / "cfg.yaml"), str(out)],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]["loss"]) == 2  # both ranks log the same, global, loss
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # written once, by the main process
+    assert [m["loss"] for m in metrics] == ranks[0]["loss"]
+    checkpoints = sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", ".checkpoint-")))
+    assert checkpoints == ["checkpoint-1"]
+    assert sorted(p.name for p in (out / "checkpoint-1").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]  # each process's RNG, in the one checkpoint
