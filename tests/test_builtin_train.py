@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -304,3 +305,29 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     (tmp_path / "cfg.yaml").write_text("model: {path: m}\ndata: {path: d}\noutput: {dir: o}\n")
     assert main(["train", str(tmp_path / "cfg.yaml"), "--set", "grpo.num_generations=x"]) == 2
     assert "grpo.num_generations: expected an integer >= 2, got 'x'" in capsys.readouterr().err
+
+
+def test_bf16_and_gradient_checkpointing_run(tiny_model_dir, data_file, tmp_path):
+    config = make_config(tiny_model_dir, data_file, tmp_path / "run",
+                         grpo={"max_completion_length": 8, "loss_type": "bnpo", "top_k": 20, "top_p": 0.9},
+                         train={"max_steps": 1, "bf16": True, "gradient_checkpointing": True})
+    spread = Reward("spread", lambda completions, **kw: [float(i % 4) for i in range(len(completions))])
+    row = loop_module.train(config, reward_funcs=[spread], progress=False).history[0]
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+
+
+def test_masked_truncation_takes_truncated_completions_out_of_the_loss(tiny):
+    from transformers import GenerationConfig
+
+    tokenizer, model = tiny
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt = tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" + PREFIX,
+                       add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    config = GenerationConfig(do_sample=True, max_new_tokens=3, eos_token_id=[eos], pad_token_id=pad)
+    batch = generate(model, [prompt], num_generations=8, generation_config=config, eos_token_ids=[eos],
+                     pad_token_id=pad, mask_truncated_completions=True)
+    assert batch.is_truncated.any()  # 3 tokens rarely reach EOS
+    for ids, mask, truncated in zip(batch.completion_ids, batch.completion_mask, batch.is_truncated, strict=True):
+        assert truncated == (eos not in ids.tolist())
+        assert mask.tolist() == ([0] * 3 if truncated else completion_mask_from_eos(ids[None], [eos])[0].tolist())
