@@ -85,6 +85,7 @@ def _batch():
     ("bnpo", {}, (-2.3 + 3.0) / 5),
     ("dapo", {}, (-2.3 + 3.0) / 5),
     ("dapo", {"num_items_in_batch": 10}, (-2.3 + 3.0) / 10),
+    ("bnpo", {"num_items_in_batch": 10}, (-2.3 + 3.0) / 5),  # bnpo always normalizes by its own tokens
     ("dr_grpo", {"max_completion_length": 4}, (-2.3 + 3.0) / (2 * 4)),
 ])
 def test_loss_normalizers(loss_type, kwargs, expected):

@@ -30,10 +30,15 @@ def _per_sequence_mean(loss: torch.Tensor, mask: torch.Tensor, **_) -> torch.Ten
     return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
 
-def _token_mean(loss: torch.Tensor, mask: torch.Tensor, num_items_in_batch: float | None = None,
-                **_) -> torch.Tensor:
-    count = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=loss.dtype,
-                                                                           device=loss.device)
+def _token_mean(loss: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
+    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _generation_batch_token_mean(loss: torch.Tensor, mask: torch.Tensor, num_items_in_batch: float | None = None,
+                                 **_) -> torch.Tensor:
+    if num_items_in_batch is None:  # one process, no accumulation: the batch is the generation batch
+        return _token_mean(loss, mask)
+    count = torch.as_tensor(num_items_in_batch, dtype=loss.dtype, device=loss.device)
     return (loss * mask).sum() / count.clamp(min=1.0)
 
 
@@ -53,7 +58,7 @@ def _batch_times_max_length(loss: torch.Tensor, mask: torch.Tensor, max_completi
 NORMALIZERS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": _per_sequence_mean,
     "bnpo": _token_mean,
-    "dapo": _token_mean,
+    "dapo": _generation_batch_token_mean,
     "dr_grpo": _batch_times_max_length,
 }
 
