@@ -124,9 +124,33 @@ def test_piecewise_ids_equal_whole_text_ids(tiny_tokenizer):
     assert encoder.encode(TEXTS[::-1]) == tiny_tokenizer(TEXTS[::-1], add_special_tokens=False)["input_ids"]
 
 
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    """Text soup built to hit pre-tokenizer edge cases: contractions, runs of mixed whitespace, punctuation
+    against letters and digits, characters the plain-text word path must leave to the tokenizer."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = [*"abc XYZ 0123456789'sS\t\n\r  .,;:!?-_()<>\\/\"`~@#$%^&*+=|", "'ll", "'VE",
+                "\u2019", "\u00e9", "\u4f60", "\x1c", "\u00a0", "\u2028", "e\u0301", "<|im_start|>", "<|im_end|>"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+def test_word_memo_ids_equal_whole_text_ids_on_random_text(tiny_tokenizer):
+    encoder = PromptTokenizer(tiny_tokenizer)
+    assert encoder._words is not None  # the tiny tokenizer is byte-level BPE: the word path is under test
+    texts = random_texts(600)
+    got = [ids for i in range(0, len(texts), 200) for ids in encoder.encode(texts[i:i + 200])]
+    assert got == tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert encoder._split is not None and encoder._word_memo  # no fallback happened, and words were memoised
+
+
 def test_piecewise_ids_equal_whole_text_ids_on_qwen(qwen_tokenizer):
     encoder = PromptTokenizer(qwen_tokenizer)
-    assert encoder.encode(TEXTS) == qwen_tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    assert encoder._words is not None
+    texts = TEXTS + random_texts(600, seed=1)
+    got = [ids for i in range(0, len(texts), 200) for ids in encoder.encode(texts[i:i + 200])]
+    assert got == qwen_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert encoder._split is not None
 
 
 def test_tokens_that_strip_whitespace_are_encoded_whole(chatml):
