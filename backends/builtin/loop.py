@@ -15,6 +15,7 @@ Distributed concerns shrink to `accelerator`: is_main_process, num_processes, ga
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -117,7 +118,10 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     g, t, out = config.grpo, config.train, config.output
     # Without a GPU, ask for CPU explicitly: that is what makes accelerate use gloo across the processes
     # torchrun (`accelerate launch --multi_gpu`) starts; otherwise each would train alone.
-    accelerator = Accelerator(mixed_precision="bf16" if t.bf16 else "no", cpu=not torch.accelerator.is_available())
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    # bf16 is our own autocast, not accelerate's mixed_precision: accelerate's is a per-process singleton
+    # that a second run in the same process (a notebook, the tests) could not change.
+    autocast = functools.partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=t.bf16)
     set_seed(t.seed, device_specific=True)  # each process samples differently
     run_dir = Path(out.dir)
 
@@ -175,7 +179,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                                      process_index=rank, num_processes=world, seed=t.seed,
                                      shuffle=config.data.shuffle)
             rows = dataset[indices]  # column -> list, one entry per prompt
-            with accelerator.autocast():
+            with autocast():
                 batch = generate(policy, rows["prompt_ids"], num_generations=g.num_generations,
                                  generation_config=generation_config, eos_token_ids=eos_ids,
                                  pad_token_id=tokenizer.pad_token_id,
@@ -193,7 +197,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
             totals = combine_rewards(scores, weights)  # (B*world,)
             advantages = compute_advantages(totals, g.num_generations, g.scale_rewards)
             batch.advantages = advantages[rank * len(batch):(rank + 1) * len(batch)].to(accelerator.device)
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), autocast():
                 if g.num_iterations > 1:
                     batch.old_logps = _logps_in_chunks(policy, batch, g.temperature, t.per_device_train_batch_size)
                 if ref_model is not None:
@@ -221,7 +225,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         for m, start in enumerate(range(0, local_rows, micro)):
             mb = batch.rows(start, start + micro)
             last = m == t.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with contextlib.nullcontext() if last else accelerator.no_sync(model), autocast():
                 logps = completion_logps(model, mb, g.temperature)  # (b, C)
                 loss, metrics = grpo_loss(
                     logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask, loss_type=g.loss_type,
