@@ -82,10 +82,12 @@ def _options(args: argparse.Namespace):
 
 def default_output(source: str, output_format: str | None) -> str:
     """INPUT_STEM.prefilled.jsonl beside the input (.parquet, or a directory, for those formats)."""
+    import glob
+
     from prefill_kit.errors import ConfigError
 
     path = Path(source)
-    if not path.exists():
+    if not path.exists() and glob.has_magic(source):
         raise ConfigError(f"input {source} is a glob: give the output with -o")
     stem = path.stem if path.is_file() else path.name
     suffix = {"parquet": ".parquet", "hf": ""}.get(output_format or "jsonl", ".jsonl")
