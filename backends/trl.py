@@ -37,6 +37,8 @@ METRIC_NAMES = {
     "frac_reward_zero_std": "zero_std_ratio",
     "kl": "kl",
     "clip_ratio/region_mean": "clip_ratio",
+    "clip_ratio/low_mean": "clip_ratio/low_mean",
+    "clip_ratio/high_mean": "clip_ratio/high_mean",
     "learning_rate": "learning_rate",
     "step_time": "step_time",
     "grad_norm": "grad_norm",
@@ -74,7 +76,7 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "seed": t.seed,
         "data_seed": t.seed,
         "bf16": t.bf16,
-        "gradient_checkpointing": t.gradient_checkpointing,
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
         "shuffle_dataset": config.data.shuffle,
         "logging_steps": o.logging_steps,
         "save_strategy": "steps" if o.save_steps else "no",
@@ -83,6 +85,23 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "disable_tqdm": False,
         "remove_unused_columns": False,
     }
+
+
+def trl_extra_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    """The `trl:` section, checked: each key must be a `GRPOConfig` field that prefill-kit does not set itself."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    mapped = grpo_config_kwargs(config)
+    owned = {"reward_weights", "model_init_kwargs"}  # set from `rewards:` and `model:`
+    for key in config.trl:
+        if key not in known:
+            raise ConfigError(f"trl.{key}: not an option of TRL's GRPOConfig")
+        if key in mapped or key in owned:
+            raise ConfigError(f"trl.{key}: prefill-kit sets this from its own config; set it there instead")
+    return dict(config.trl)
 
 
 def exact_ids_tokenizer(tokenizer):
@@ -134,9 +153,8 @@ def _metrics_callback(path: Path, reward_names: list[str]):
                 return
             row: dict[str, Any] = {"step": state.global_step}
             for trl_key, name in METRIC_NAMES.items():
-                if logs.get(trl_key) is not None:
-                    row[name] = float(logs[trl_key])
-            row.setdefault("kl", 0.0)  # TRL computes no KL when beta == 0; the built-in backend logs 0.0
+                value = logs.get(trl_key)
+                row[name] = float(value) if value is not None else None  # e.g. no KL is computed when beta == 0
             for name in reward_names:
                 value = logs.get(f"rewards/{name}/mean")
                 row[f"rewards/{name}"] = float(value) if value is not None else None
@@ -171,6 +189,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from prefill_kit.backends.builtin.data import load_training_data
     from prefill_kit.rewards import parse_reward_spec
 
+    trl_extra_kwargs(config)  # fail on a bad `trl:` option before any model is loaded
     rewards = parse_reward_spec(config.rewards)
     if not rewards:
         raise ConfigError("rewards: at least one reward is needed")
@@ -183,7 +202,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
     dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
     model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
-    args = GRPOConfig(**grpo_config_kwargs(config), reward_weights=[r.weight for r in rewards])
+    args = GRPOConfig(**grpo_config_kwargs(config), **trl_extra_kwargs(config),
+                      reward_weights=[r.weight for r in rewards])
     out_dir = Path(config.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"

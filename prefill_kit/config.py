@@ -51,6 +51,7 @@ output:
   logging_steps: 1
   save_steps: 500               # 0 disables intermediate checkpoints
   resume_from: null             # a checkpoint directory, or a run directory (its latest checkpoint)
+trl: {}                         # trl backend only: extra GRPOConfig options, e.g. {use_vllm: true}
 ```
 
 Relative paths are relative to the working directory, as on the command line.
@@ -151,6 +152,9 @@ class TrainingConfig:
     rewards: list | str = _field(list)
     grpo: GRPOSection = _field(GRPOSection)
     train: TrainSection = _field(TrainSection)
+    # Extra TRL `GRPOConfig` options with no prefill-kit equivalent (use_vllm, deepspeed, ...). Only the
+    # trl backend takes them; the built-in backend rejects a non-empty section rather than ignore it.
+    trl: dict = _field(dict)
 
     @property
     def prompts_per_device_step(self) -> int:

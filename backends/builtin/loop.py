@@ -115,6 +115,11 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     from tqdm.auto import tqdm
     from transformers import GenerationConfig, get_scheduler
 
+    if config.trl:
+        from prefill_kit.errors import ConfigError
+
+        raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend does "
+                          "not support it (remove it, or run with --backend trl)")
     g, t, out = config.grpo, config.train, config.output
     # Without a GPU, ask for CPU explicitly: that is what makes accelerate use gloo across the processes
     # torchrun (`accelerate launch --multi_gpu`) starts; otherwise each would train alone.
