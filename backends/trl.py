@@ -82,9 +82,18 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "save_strategy": "steps" if o.save_steps else "no",
         "save_steps": o.save_steps or 500,
         "report_to": "none",
+        # Without a GPU, say so: that is what makes the processes `accelerate launch` starts join over gloo
+        # instead of each training alone.
+        "use_cpu": not _has_accelerator(),
         "disable_tqdm": False,
         "remove_unused_columns": False,
     }
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 def trl_extra_kwargs(config: TrainingConfig) -> dict[str, Any]:
