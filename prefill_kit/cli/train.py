@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     config = load_config(args.config, overrides)
     backend = load_backend(config.backend)
+    if lone_cpu_launch(os.environ):
+        print("prefill-kit train: warning: `accelerate launch --cpu` started only this one process (without MPI, "
+              "accelerate's CPU launcher cannot start more); for N processes on CPU use "
+              "`accelerate launch --multi_gpu --num_processes N ...`, which joins them over gloo", file=sys.stderr)
     # Like `python -m`, let `module:function` rewards and modules next to the config's user resolve.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -54,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if PartialState().is_main_process:
         print(run_summary(config), file=sys.stderr)
     return 0
+
+
+def lone_cpu_launch(env) -> bool:
+    """True when `accelerate launch --cpu --num_processes N>1` ran us alone: it sets MASTER_ADDR for N > 1
+    but, lacking mpirun, starts a single process with no WORLD_SIZE."""
+    return env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
 
 
 def run_summary(config) -> str:
