@@ -13,6 +13,9 @@ TRL 1.16 has three traps for prefilled prompts, each closed here:
 
 The loss mask is TRL's completion mask: generated tokens only. The prefix is part of the prompt ids,
 never of `completion_ids`.
+
+Like the built-in backend, it writes completions.jsonl (`prefill_kit.completion_log`) and warns when truncation
+or zero reward spread persists (`prefill_kit.run_health`); see `CompletionRecorder` for how.
 """
 
 from __future__ import annotations
@@ -140,15 +143,101 @@ def check_prompt_ids(tokenizer, dataset, *, rows: int = 16) -> None:
                                   f"not the {len(expected)} rendered ones {list(expected)[:8]}...")
 
 
-def _named(name: str, fn):
-    """TRL names a reward by its function's `__name__`; a parametrised reward gets its config name."""
+# A column added to the training data so that each completion can be traced to its data row: TRL passes every
+# dataset column to the reward functions, and so to `CompletionRecorder`.
+PROMPT_INDEX_COLUMN = "_prefill_kit_prompt_index"
 
-    @functools.wraps(fn)
-    def reward(*args, **kwargs):
-        return fn(*args, **kwargs)
 
-    reward.__name__ = reward.__qualname__ = name
-    return reward
+class CompletionRecorder:
+    """What TRL gave the reward functions on this process in the latest rollout, and what each returned.
+
+    How the TRL backend gets per-completion rows for completions.jsonl, and why this way: TRL 1.16 keeps its
+    own per-completion record in `GRPOTrainer._logs`, a private structure (renamed before and gathered
+    without prompt rows or token ids), and returns from `_generate_and_score_completions` only tensors
+    (ids, masks, advantages), no texts or per-reward scores. The reward-function call is TRL's public,
+    stable contract: each process calls every reward once per rollout with its own completions, their
+    `completion_ids` (cut after EOS) and every dataset column, in the order of the batch. So each reward
+    is wrapped to record that call and its scores; the one private hook left is reading `advantages` from
+    `_generate_and_score_completions`'s result, the dict `compute_loss` consumes (same order as the batch).
+    """
+
+    def __init__(self) -> None:
+        self.call: dict[str, Any] = {}
+        self.scores: dict[str, list] = {}
+
+    def wrap(self, name: str, fn):
+        """`fn` under the name TRL shows (its config name), recording its call and scores."""
+
+        @functools.wraps(fn)
+        def reward(*args, **kwargs):
+            values = list(fn(*args, **kwargs))
+            self.call, self.scores[name] = kwargs, values
+            return values
+
+        reward.__name__ = reward.__qualname__ = name
+        return reward
+
+    def rows(self, *, step: int, advantages: list[float], weights: list[float], eos_ids: set[int]) -> list[dict]:
+        """The completions.jsonl rows of the latest rollout on this process."""
+        from prefill_kit.completion_log import completion_rows, weighted_total
+
+        call, names = self.call, list(self.scores)
+        ids = [list(i) for i in call["completion_ids"]]
+        n = len(ids)
+        return completion_rows(
+            step=step, prompt_indices=call[PROMPT_INDEX_COLUMN], prefixes=call.get("prefix") or [""] * n,
+            completions=call["completions"], completion_lengths=[len(i) for i in ids],
+            truncated=[not eos_ids.intersection(i) for i in ids], rewards=self.scores,
+            reward=[weighted_total([self.scores[k][j] for k in names], weights) for j in range(n)],
+            advantages=advantages)
+
+
+def _trainer_class():
+    """TRL's GRPOTrainer, plus completions.jsonl and run-health warnings after each rollout."""
+    from trl import GRPOTrainer
+
+    from prefill_kit.completion_log import gather_rows
+    from prefill_kit.run_health import zero_spread_share
+
+    class PrefillKitGRPOTrainer(GRPOTrainer):
+        def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
+                     eos_ids: list[int], **kwargs):
+            super().__init__(*args, **kwargs)
+            self.recorder, self.completion_log, self.health = recorder, completion_log, health
+            self.weights, self.eos_ids = weights, set(eos_ids)
+            # optimizer steps one rollout serves: TRL generates every steps_per_generation * num_iterations
+            # micro-steps, and an optimizer step takes gradient_accumulation_steps of them
+            self.steps_per_rollout = max(1, self.args.steps_per_generation * self.num_iterations
+                                         // self.args.gradient_accumulation_steps)
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            if self.model.training:
+                self._after_rollout(output["advantages"].tolist())
+            return output
+
+        def _after_rollout(self, advantages: list[float]) -> None:
+            step = self.state.global_step + 1  # the optimizer step this rollout is for
+            # every process, every rollout: a prompt's group may span processes, so the zero-spread share
+            # needs all rows (TRL gathers its prompts and completions each rollout the same way)
+            rows = gather_rows(self.recorder.rows(step=step, advantages=advantages, weights=self.weights,
+                                                  eos_ids=self.eos_ids))
+            if not self.accelerator.is_main_process:
+                return
+            truncated = sum(r["truncated"] for r in rows) / len(rows)
+            zero_spread = zero_spread_share([r["reward"] for r in rows], self.num_generations)
+            self.health.update(step, truncated, zero_spread, steps=self.steps_per_rollout)
+            if self.completion_log.due(step, span=self.steps_per_rollout):
+                self.completion_log.write(rows)
+
+    return PrefillKitGRPOTrainer
+
+
+def _resume_step(checkpoint: str | None) -> int:
+    if checkpoint is None:
+        return 0
+    state = Path(checkpoint) / "trainer_state.json"
+    return int(json.loads(state.read_text(encoding="utf-8")).get("global_step", 0)) if state.is_file() else 0
 
 
 def _metrics_callback(path: Path, reward_names: list[str]):
@@ -193,21 +282,26 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     """Run GRPO with TRL's `GRPOTrainer`; returns a summary of the run."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from prefill_kit.backends.builtin.data import load_training_data
+    from prefill_kit.backends.builtin.loop import eos_token_ids
+    from prefill_kit.completion_log import CompletionLog, check_reward_names
     from prefill_kit.rewards import parse_reward_spec
+    from prefill_kit.run_health import HealthMonitor
 
     trl_extra_kwargs(config)  # fail on a bad `trl:` option before any model is loaded
     rewards = parse_reward_spec(config.rewards)
     if not rewards:
         raise ConfigError("rewards: at least one reward is needed")
+    check_reward_names([r.name for r in rewards])
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = load_training_data(config.data, tokenizer)
     exact = exact_ids_tokenizer(tokenizer)
     check_prompt_ids(exact, dataset)
+    dataset = dataset.add_column(PROMPT_INDEX_COLUMN, list(range(len(dataset))))
 
     dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
     model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
@@ -219,10 +313,18 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     resume = _resume_checkpoint(config.output.resume_from)
     if resume is None:
         metrics_path.unlink(missing_ok=True)
-    trainer = GRPOTrainer(
+    recorder = CompletionRecorder()
+    o = config.output
+    completion_log = CompletionLog(out_dir, every=o.log_completions_steps, max_rows=o.log_completions_max,
+                                   reward_names=[r.name for r in rewards], resume_step=_resume_step(resume),
+                                   is_main=args.process_index == 0)
+    trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, processing_class=exact,
-        reward_funcs=[_named(r.name, r.fn) for r in rewards],
-        callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards])])
+        reward_funcs=[recorder.wrap(r.name, r.fn) for r in rewards],
+        callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards])],
+        recorder=recorder, completion_log=completion_log,
+        health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
+        weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out_dir))

@@ -8,7 +8,8 @@ Each optimizer step runs these phases:
   2. optimize: `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` completions,
      each a forward over prompt + completion, the GRPO loss on completion tokens, backward.
   3. clip, step the optimizer and the learning-rate schedule.
-  4. log a metrics row; checkpoint every `save_steps`.
+  4. log a metrics row (and, every `log_completions_steps`, the rollout's completions to completions.jsonl);
+     warn when truncation or zero reward spread persists; checkpoint every `save_steps`.
 Distributed concerns shrink to `accelerator`: is_main_process, num_processes, gather, unwrap_model.
 """
 
@@ -31,7 +32,9 @@ from prefill_kit.backends.builtin.data import load_training_data, prompt_indices
 from prefill_kit.backends.builtin.loss import grpo_loss
 from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
-from prefill_kit.config import TrainingConfig
+from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
+from prefill_kit.config import GRPOSection, TrainingConfig
+from prefill_kit.run_health import HealthMonitor
 
 METRICS_FILE = "metrics.jsonl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -55,6 +58,13 @@ class RolloutRecord:
     rewards: dict[str, list[float | None]]
     reward: list[float | None]
     advantages: list[float]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The completions.jsonl rows of this rollout (see `prefill_kit.completion_log`)."""
+        return completion_rows(step=self.step, prompt_indices=self.prompt_indices, prefixes=self.prefixes,
+                               completions=self.completions, completion_lengths=self.completion_lengths,
+                               truncated=self.truncated, rewards=self.rewards, reward=self.reward,
+                               advantages=self.advantages)
 
 
 @dataclass
@@ -102,6 +112,20 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted({*ids, tokenizer.eos_token_id} - {None})
 
 
+def make_generation_config(grpo: GRPOSection, tokenizer, eos_ids: list[int]):
+    """The sampling settings of a rollout.
+
+    Every sampling knob is explicit: a None would be filled from transformers' defaults (top_k=50), and
+    sampling from a truncated distribution while scoring the full one is off-policy. top_k=0 disables it.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, max_new_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
+        top_k=grpo.top_k, repetition_penalty=1.0, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, disable_compile=True)
+
+
 def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] | None = None,
           progress: bool = True, on_rollout: Callable[[RolloutRecord], None] | None = None) -> TrainResult:
     """Train with GRPO as `config` says; returns the run directory, final step and the logged rows.
@@ -113,7 +137,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig, get_scheduler
+    from transformers import get_scheduler
 
     if config.trl:
         from prefill_kit.errors import ConfigError
@@ -140,12 +164,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         raise ConfigError("rewards: at least one reward is needed")
     weights = reward_weights(rewards)
     eos_ids = eos_token_ids(tokenizer, model)
-    # Every sampling knob is explicit: a None would be filled from transformers' defaults (top_k=50), and
-    # sampling from a truncated distribution while scoring the full one is off-policy. top_k=0 disables it.
-    generation_config = GenerationConfig(
-        do_sample=True, max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
-        top_k=g.top_k, repetition_penalty=1.0, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, disable_compile=True)
+    generation_config = make_generation_config(g, tokenizer, eos_ids)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   eps=t.adam_epsilon, weight_decay=t.weight_decay)
@@ -164,6 +183,10 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir, config)
         _truncate_metrics(run_dir / METRICS_FILE, state.step)
+    completion_log = CompletionLog(run_dir, every=out.log_completions_steps, max_rows=out.log_completions_max,
+                                   reward_names=[r.name for r in rewards], resume_step=state.step,
+                                   is_main=accelerator.is_main_process)
+    health = HealthMonitor(window=out.logging_steps, max_completion_length=g.max_completion_length)
     accelerator.wait_for_everyone()
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -211,14 +234,17 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
             state.rollout_stats = _rollout_stats(accelerator, rewards, scores, totals, lengths, batch,
                                                  g.num_generations)
             state.rollout = batch.state_dict()
+            record = RolloutRecord(
+                step=state.step + 1, process_index=rank,
+                prompt_indices=[i for i in indices for _ in range(g.num_generations)],
+                prefixes=columns.get("prefix", [""] * len(completions)), completions=completions,
+                completion_lengths=lengths.tolist(), truncated=batch.is_truncated.tolist(),
+                rewards={r.name: _nullable(local_scores[:, k]) for k, r in enumerate(rewards)},
+                reward=_nullable(combine_rewards(local_scores, weights)), advantages=batch.advantages.tolist())
+            if completion_log.due(record.step, span=g.num_iterations):  # the same answer on every process
+                completion_log.write(gather_rows(record.rows()))
             if on_rollout is not None:
-                on_rollout(RolloutRecord(
-                    step=state.step + 1, process_index=rank,
-                    prompt_indices=[i for i in indices for _ in range(g.num_generations)],
-                    prefixes=columns.get("prefix", [""] * len(completions)), completions=completions,
-                    completion_lengths=lengths.tolist(), truncated=batch.is_truncated.tolist(),
-                    rewards={r.name: _nullable(local_scores[:, k]) for k, r in enumerate(rewards)},
-                    reward=_nullable(combine_rewards(local_scores, weights)), advantages=batch.advantages.tolist()))
+                on_rollout(record)
         batch = Rollout(**state.rollout)
         # dapo: tokens of the whole generation batch on all processes, per process (see loss.NORMALIZERS)
         num_items = accelerator.gather(batch.completion_mask.sum().to(accelerator.device)).sum().item() / world
@@ -264,6 +290,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                "step_time": time.perf_counter() - step_start}
         row["clip_ratio"] = row.pop("clip_ratio/region_mean")
         history.append(row)
+        if accelerator.is_main_process:
+            health.update(state.step, stats["truncated_ratio"], stats["zero_std_ratio"])
         if accelerator.is_main_process and (state.step % out.logging_steps == 0 or state.step == t.max_steps):
             with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

@@ -1,0 +1,146 @@
+"""completions.jsonl: the completions a run generated, next to each reward's score. One schema, both backends.
+
+One JSON object per completion, keys in this order:
+    step, prompt_index, prefix, completion, completion_length, truncated, <one key per reward>, reward, advantage
+- `step`: the optimizer step the rollout was generated for (1-based, as in metrics.jsonl);
+- `prompt_index`: the row of the training data (after rendering) the prompt came from;
+- `prefix`: the effective prefix the model continued from; `completion` holds only generated text, decoded
+  without special tokens, so `prefix + completion` is what the rewards scored;
+- `completion_length`: generated tokens up to and including EOS; `truncated`: no EOS within
+  `max_completion_length`;
+- one key per reward, named as in metrics.jsonl's `rewards/<name>` (None where the reward returned None);
+- `reward`: the weighted total (None where every reward returned None); `advantage`: what the loss used.
+
+Rows are written by the main process only, for step 1 and every `output.log_completions_steps`-th step, at most
+`output.log_completions_max` per step (whole prompt groups first), so the file stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefill_kit.errors import ConfigError
+
+COMPLETIONS_FILE = "completions.jsonl"
+LEADING_COLUMNS = ("step", "prompt_index", "prefix", "completion", "completion_length", "truncated")
+TRAILING_COLUMNS = ("reward", "advantage")
+FIXED_COLUMNS = LEADING_COLUMNS + TRAILING_COLUMNS
+
+
+def check_reward_names(names: Sequence[str]) -> None:
+    """A reward's column must not shadow a fixed column of the log."""
+    for name in names:
+        if name in FIXED_COLUMNS:
+            raise ConfigError(f"rewards: a reward named {name!r} would clash with the {name!r} column of "
+                              f"{COMPLETIONS_FILE}; give it another name")
+
+
+def weighted_total(scores: Sequence[float | None], weights: Sequence[float]) -> float | None:
+    """The total reward of one completion as both backends compute it: a weighted sum that skips None,
+    and None when every reward returned None (the completion is unscorable)."""
+    present = [(s, w) for s, w in zip(scores, weights, strict=True) if _number(s) is not None]
+    return sum(s * w for s, w in present) if present else None
+
+
+def completion_rows(*, step: int, prompt_indices: Sequence[int], prefixes: Sequence[str],
+                    completions: Sequence[str], completion_lengths: Sequence[int], truncated: Sequence[bool],
+                    rewards: dict[str, Sequence[float | None]], reward: Sequence[float | None],
+                    advantages: Sequence[float]) -> list[dict[str, Any]]:
+    """One log row per completion; every sequence holds one entry per completion, in the same order."""
+    rows = []
+    for i, completion in enumerate(completions):
+        row: dict[str, Any] = {"step": int(step), "prompt_index": int(prompt_indices[i]), "prefix": prefixes[i],
+                               "completion": completion, "completion_length": int(completion_lengths[i]),
+                               "truncated": bool(truncated[i])}
+        row.update((name, _number(scores[i])) for name, scores in rewards.items())
+        row["reward"] = _number(reward[i])
+        row["advantage"] = _number(advantages[i])
+        rows.append(row)
+    return rows
+
+
+def bounded(rows: list[dict[str, Any]], max_rows: int) -> list[dict[str, Any]]:
+    """At most `max_rows` rows, whole prompt groups first (adjacent rows with the same prompt_index), so each
+    kept prompt shows its reward spread."""
+    kept: list[dict[str, Any]] = []
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows) and rows[end]["prompt_index"] == rows[start]["prompt_index"]:
+            end += 1
+        if len(kept) + end - start > max_rows:
+            break
+        kept += rows[start:end]
+        start = end
+    return kept or rows[:max_rows]
+
+
+def is_due(step: int, every: int, span: int = 1) -> bool:
+    """Whether a rollout generated for steps `step .. step + span - 1` is logged: the first one, and any that
+    covers a multiple of `every` (a rollout reused for several steps covers them all). `every=0`: never."""
+    if every <= 0:
+        return False
+    return step == 1 or (step + span - 1) // every > (step - 1) // every
+
+
+def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process's rows, in process order, on every process (a collective: all processes must call it)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    return list(gather_object(rows)) if PartialState().num_processes > 1 else list(rows)
+
+
+class CompletionLog:
+    """Appends logged completions to `run_dir/completions.jsonl`. Only the main process writes.
+
+    A fresh run (`resume_step=0`) starts the file afresh; a resumed run drops the rows logged after the step it
+    resumes from, which it is about to generate again.
+    """
+
+    def __init__(self, run_dir: str | Path, *, every: int, max_rows: int, reward_names: Sequence[str],
+                 resume_step: int = 0, is_main: bool = True):
+        check_reward_names(reward_names)
+        self.path = Path(run_dir) / COMPLETIONS_FILE
+        self.every, self.max_rows, self.is_main = every, max_rows, is_main
+        if is_main:
+            _drop_rows_after(self.path, resume_step)
+
+    def due(self, step: int, span: int = 1) -> bool:
+        return is_due(step, self.every, span)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Append (at most `max_rows` of) one step's rows; a no-op outside the main process."""
+        if not self.is_main or not rows:
+            return
+        text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+                       for row in bounded(rows, self.max_rows))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(text)  # one write per step: a crash leaves whole steps
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    if not step:
+        path.unlink()
+        return
+    from prefill_kit.io import atomic_output
+
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    with atomic_output(path) as f:
+        f.writelines(line + "\n" for line in keep)
+
+
+def _number(value: Any) -> float | None:
+    """A JSON-safe score: None for None and NaN."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
