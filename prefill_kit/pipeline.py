@@ -259,7 +259,7 @@ class _MapRenderer:
         return to_columns(result.rows, self.out_columns)
 
 
-def _as_dataset(data):
+def as_dataset(data):
     import datasets
 
     if isinstance(data, datasets.Dataset | datasets.IterableDataset):
@@ -295,7 +295,7 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
     """
     import datasets
 
-    data = _as_dataset(data)
+    data = as_dataset(data)
     tokenizer = load_tokenizer(tokenizer)
     options = RenderOptions(resolve_template(template, tokenizer), prefix, continue_final,
                             dict(template_kwargs or {}), format, tokenizer, dict(columns or {}), on_error,

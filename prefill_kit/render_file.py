@@ -172,4 +172,3 @@ def _tally(summary: RenderSummary, result: _ChunkResult, sample: int) -> None:
         raise AssertionError(f"rows in {summary.rows_in} != out {summary.rows_out} + rejected {summary.rejected}")
 
 
-render_jsonl = render_file  # the name the JSON Lines-only first version used

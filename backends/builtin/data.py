@@ -24,13 +24,13 @@ def load_training_data(section: DataSection, tokenizer):
     `prompt_ids` come from the rendered text with `add_special_tokens=False` and the tokenizer in use (a
     rendered file's own ids are replaced), so the model sees exactly the rendered prompt.
     """
-    from prefill_kit.pipeline import _as_dataset, render_dataset
+    from prefill_kit.pipeline import as_dataset, render_dataset
     from prefill_kit.prompt_tokens import PromptTokenizer
 
     path = Path(section.path)
     if not path.exists():
         raise DataError("no such file or directory", source=str(path))
-    dataset = _as_dataset(str(path))
+    dataset = as_dataset(str(path))
     if len(dataset) == 0:
         raise DataError("no rows", source=str(path))
     if not is_rendered(dataset):
