@@ -10,6 +10,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are fastest single-threaded; on a busy 2-core box two threads can be 100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 model with the chatml template (tokenizer adds no BOS)."""

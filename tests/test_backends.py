@@ -23,13 +23,7 @@ BACKENDS = {"builtin": builtin.train, "trl": trl.train}
 PREFIX = "<think>\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are fastest single-threaded; two threads on a busy 2-core box can be far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
