@@ -1,0 +1,102 @@
+"""`prefill-kit preflight CONFIG`: what a training run will do, before it runs.
+
+Checks the config for the chosen backend, renders the data, samples `grpo.num_generations` completions for a
+few of the prompts the run starts with (configured model and sampling), scores them with the configured
+rewards, and reports prompt lengths, truncation, reward statistics, zero-spread groups, prefix token merges,
+the prefix as the model sees it and sample completions, with a verdict and advice. It trains nothing.
+
+Exit codes: 0, or 1 with --strict when a blocking problem was found; 2 for a config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("preflight", help="sample and score a few completions to check a training config",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML training config (as for `prefill-kit train`)")
+    p.add_argument("--backend", choices=("builtin", "trl"), help="the backend to check for (default: the config's)")
+    p.add_argument("--prompts", type=_positive, default=8, metavar="N", help="prompts to sample (default: 8)")
+    p.add_argument("--samples", type=int, default=4, metavar="K", help="sample completions to show (default: 4)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when a blocking problem is found")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as for `prefill-kit train`; repeatable")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="highlight the prefix in samples (auto: when stdout is a terminal)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from prefill_kit.config import load_config
+    from prefill_kit.preflight import run_preflight
+
+    overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
+    config = load_config(args.config, overrides)  # config errors come here, before any model is loaded
+    if os.getcwd() not in sys.path:  # as `prefill-kit train` does, for `module:function` rewards
+        sys.path.insert(0, os.getcwd())
+    report = run_preflight(config, num_prompts=args.prompts, num_samples=args.samples)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(format_report(report, color=color))
+    return 1 if args.strict and report.blocking else 0
+
+
+def format_report(report, *, color: bool = False) -> str:
+    """The report as text: facts first, then samples, then the verdict with its advice."""
+    from prefill_kit.inspect_view import format_rows, show
+    from prefill_kit.run_health import percent
+
+    r = report
+    low, mean, high = r.prompt_tokens
+    lines = [f"preflight: {r.backend} backend, model {r.model}: {r.num_prompts} prompt(s) x {r.num_generations} "
+             f"completions, at most {r.max_completion_length} tokens each", ""]
+    context = f"context {r.context_length} tokens" if r.context_length else "context unknown"
+    over = (f"{len(r.over_long)} over-long (prompt + {r.max_completion_length} completion tokens > context): rows "
+            + ", ".join(map(str, r.over_long[:10])) + (", ..." if len(r.over_long) > 10 else "")
+            if r.over_long else "none over-long")
+    lines.append(f"prompts:     {r.num_rows} rows, {low}-{high} tokens (mean {mean:.1f}); {context}; {over}")
+    pieces = " ".join(repr(t) for t in r.prefix_tokens)
+    lines.append(f"prefix:      {r.prefix!r} as the model sees it: {len(r.prefix_tokens)} token(s) {pieces}"
+                 if r.prefix else "prefix:      none")
+    merges = (f"merges with the text before it in {len(r.boundary_merges)} of {r.boundary_rows_checked} rows"
+              if r.boundary_merges else f"no merges in {r.boundary_rows_checked} rows")
+    lines.append(f"boundary:    {merges}")
+    if r.merge_example is not None:
+        lines.append(f"             {r.merge_example.where}: prompt tokens {r.merge_example.whole} vs text + prefix "
+                     f"{r.merge_example.split}")
+    lines.append(f"truncation:  {percent(r.truncation_rate)} of completions reached {r.max_completion_length} tokens "
+                 "without EOS")
+    lines.append(f"zero spread: {percent(r.zero_spread_share)} of prompt groups (all completions scored the same)")
+    lines += ["", "rewards:", f"  {'name':<24} {'weight':>6} {'mean':>8} {'std':>8} {'None':>6}"]
+    for s in [*r.rewards, r.total]:
+        weight = "" if s is r.total else f"{s.weight:g}"
+        lines.append(f"  {show(s.name):<24} {weight:>6} {_num(s.mean):>8} {_num(s.std):>8} "
+                     f"{percent(s.none_share):>6}")
+    if r.samples:
+        lines += ["", "samples (the prefix between « and » is the model's, not generated):" if not color
+                  else "samples (the highlighted prefix is the model's, not generated):"]
+        lines.append(format_rows(r.samples, [s.name for s in r.rewards], color=color))
+    lines.append("")
+    if r.ready:
+        lines.append("verdict: ready" + (" (with warnings)" if r.problems else ": no problems found"))
+    else:
+        lines.append(f"verdict: NOT READY, {len(r.blocking)} blocking problem(s)")
+    for p in r.problems:
+        lines.append(f"  {'✗' if p.severity == 'blocking' else '!'} {p.message}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,294 @@
+"""Preflight: what a GRPO run will do, found out in a minute instead of after hours on a GPU.
+
+`run_preflight(config)` checks the config against the chosen backend, renders the data, samples
+`num_generations` completions for a few of the prompts the run would start with (the built-in rollout code,
+with the configured model and sampling), scores them with the configured rewards, and returns a
+`PreflightReport`: prompt lengths, truncation, each reward's statistics, zero-spread groups, prefix token
+merges, the prefix as the model sees it, sample completions, and the problems found, each with advice.
+It trains nothing and prints nothing but a progress bar; `prefill-kit preflight` shows the report.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from prefill_kit.config import TrainingConfig
+from prefill_kit.errors import ConfigError, PrefillKitError
+from prefill_kit.run_health import THRESHOLD, percent, truncation_advice, zero_spread_advice, zero_spread_share
+
+BOUNDARY_ROWS = 1000  # rows whose prefix boundary is audited (a template merges the same way on every row)
+TRUNCATION_NOTICE = 0.25  # a truncation rate worth a (non-blocking) warning
+THINK_REWARDS = ("format", "think_format", "tag_count")  # rewards that need the reasoning block closed
+
+
+@dataclass
+class Problem:
+    """Something that would make the run learn badly or not at all; `blocking` ones fail `--strict`."""
+
+    severity: Literal["blocking", "warning"]
+    message: str
+
+
+@dataclass
+class RewardSummary:
+    name: str
+    weight: float
+    mean: float | None  # over the completions it scored (None: it scored none)
+    std: float | None  # Bessel-corrected, as the training logs report it
+    none_share: float  # share of completions it returned None for
+    constant: float | None  # the value, when it gave every scored completion the same one
+
+
+@dataclass
+class PreflightReport:
+    backend: str
+    model: str
+    num_rows: int  # training rows after rendering
+    prompt_tokens: tuple[int, float, int]  # min, mean, max over all rows
+    context_length: int | None  # the model's max_position_embeddings
+    over_long: list[int]  # rows whose prompt + max_completion_length exceeds the context
+    num_prompts: int
+    num_generations: int
+    max_completion_length: int
+    truncation_rate: float
+    rewards: list[RewardSummary]
+    total: RewardSummary  # the weighted total reward
+    zero_spread_share: float
+    boundary_rows_checked: int
+    boundary_merges: list[int]  # rows whose prefix merges with the text before it
+    merge_example: Any  # a `prompt_tokens.BoundaryMerge` for the first such row, or None
+    prefix: str  # the effective prefix of the first sampled prompt
+    prefix_tokens: list[str]  # the prompt's last tokens that hold it, each decoded: what the model conditions on
+    samples: list[dict[str, Any]]  # completion rows (completion_log schema, step 0)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def blocking(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "blocking"]
+
+    @property
+    def ready(self) -> bool:
+        return not self.blocking
+
+
+def check_backend_options(config: TrainingConfig, backend: str) -> None:
+    """Raise ConfigError for an option `backend` does not support, as training would, before any model loads."""
+    if backend == "builtin":
+        if config.trl:
+            raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend "
+                              "does not support it (remove it, or use --backend trl)")
+        return
+    if backend != "trl":
+        raise ConfigError(f"backend: expected builtin or trl, got {backend!r}")
+    from prefill_kit.backends.trl import grpo_config_kwargs, trl_extra_kwargs
+
+    extra = trl_extra_kwargs(config)
+    from trl import GRPOConfig
+
+    try:  # TRL's own checks of the combination (batch sizes, generation settings, ...)
+        GRPOConfig(**grpo_config_kwargs(config), **extra)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"backend trl: TRL's GRPOConfig rejects this config: {exc}") from None
+
+
+def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_prompts: int = 8,
+                  num_samples: int = 4, progress: bool = True, reward_funcs: Sequence[Any] | None = None
+                  ) -> PreflightReport:
+    """Check `config` by sampling and scoring completions for `num_prompts` prompts; see the module docstring.
+
+    Raises ConfigError for a config the backend would reject, before loading any model. `reward_funcs`
+    (objects with `name`, `fn`, `weight`) replace `config.rewards` when given.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages
+    from prefill_kit.backends.builtin.data import load_training_data, prompt_indices
+    from prefill_kit.backends.builtin.loop import DTYPES, eos_token_ids, make_generation_config, resolve_rewards
+    from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
+    from prefill_kit.completion_log import check_reward_names, completion_rows
+
+    backend = backend or config.backend
+    check_backend_options(config, backend)
+    if num_prompts < 1:
+        raise ConfigError(f"prompts: expected a positive number, got {num_prompts}")
+    rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
+    if not rewards:
+        raise ConfigError("rewards: at least one reward is needed")
+    check_reward_names([r.name for r in rewards])
+    g = config.grpo
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = load_training_data(config.data, tokenizer)
+    problems: list[Problem] = []
+    if backend == "trl":
+        problems += _trl_prompt_problems(tokenizer, dataset)
+    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=DTYPES[config.model.dtype]).eval()
+
+    # ---- prompts: lengths over every row, the prefix boundary on the first BOUNDARY_ROWS
+    lengths = list(dataset["num_prompt_tokens"])
+    context = getattr(model.config, "max_position_embeddings", None)
+    over_long = [i for i, n in enumerate(lengths) if context and n + g.max_completion_length > context]
+    checked = dataset.select(range(min(BOUNDARY_ROWS, len(dataset))))
+    merges, merge_example = _boundary_merges(tokenizer, checked)
+
+    # ---- sample and score completions for the prompts the run starts with
+    n = min(num_prompts, len(dataset))
+    indices = prompt_indices(0, num_prompts=len(dataset), prompts_per_process=n, process_index=0, num_processes=1,
+                             seed=config.train.seed, shuffle=config.data.shuffle)
+    rows = dataset[indices]
+    torch.manual_seed(config.train.seed)
+    eos_ids = eos_token_ids(tokenizer, model)
+    completion_ids, truncated = _generate(
+        model, rows["prompt_ids"], g, make_generation_config(g, tokenizer, eos_ids), eos_ids, tokenizer.pad_token_id,
+        chunk=max(1, config.train.per_device_train_batch_size // g.num_generations), progress=progress)
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    columns = {k: [v for v in values for _ in range(g.num_generations)] for k, values in rows.items()}
+    prompts = columns.pop("prompt")
+    scores = score_completions(rewards, prompts=prompts, completions=completions, completion_ids=completion_ids,
+                               columns=columns)  # (B, K), NaN for None
+    totals = combine_rewards(scores, reward_weights(rewards))
+    advantages = compute_advantages(totals, g.num_generations, g.scale_rewards)
+
+    summaries = [_summary(r.name, float(r.weight), scores[:, k].tolist()) for k, r in enumerate(rewards)]
+    total = _summary("reward", 1.0, totals.tolist())
+    total_list = [None if math.isnan(v) else v for v in totals.tolist()]
+    truncation_rate = sum(truncated) / len(truncated)
+    zero_spread = zero_spread_share(total_list, g.num_generations)
+    samples = completion_rows(
+        step=0, prompt_indices=[i for i in indices for _ in range(g.num_generations)], prefixes=columns["prefix"],
+        completions=completions, completion_lengths=[len(i) for i in completion_ids], truncated=truncated,
+        rewards={r.name: scores[:, k].tolist() for k, r in enumerate(rewards)}, reward=totals.tolist(),
+        advantages=advantages.tolist())[:num_samples]
+
+    problems += _problems(
+        g=g, num_rows=len(dataset), over_long=over_long, context=context, truncation_rate=truncation_rate,
+        summaries=summaries, zero_spread=zero_spread, merges=merges, checked=len(checked),
+        merge_example=merge_example, prefix=columns["prefix"][0], completions=completions)
+    return PreflightReport(
+        backend=backend, model=config.model.path, num_rows=len(dataset),
+        prompt_tokens=(min(lengths), statistics.fmean(lengths), max(lengths)), context_length=context,
+        over_long=over_long, num_prompts=n, num_generations=g.num_generations,
+        max_completion_length=g.max_completion_length, truncation_rate=truncation_rate, rewards=summaries,
+        total=total, zero_spread_share=zero_spread, boundary_rows_checked=len(checked), boundary_merges=merges,
+        merge_example=merge_example, prefix=columns["prefix"][0],
+        prefix_tokens=prefix_tokens(tokenizer, rows["prompt_ids"][0], columns["prefix"][0]), samples=samples,
+        problems=problems)
+
+
+def _generate(model, prompt_ids, g, generation_config, eos_ids, pad_token_id, *, chunk: int, progress: bool):
+    """Completion ids (cut after EOS) and truncation flags, `chunk` prompts at a time with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from prefill_kit.backends.builtin.rollout import completion_mask_from_eos, generate
+
+    ids_out: list[list[int]] = []
+    truncated: list[bool] = []
+    with tqdm(total=len(prompt_ids), desc="preflight: generating", unit="prompt", file=sys.stderr,
+              disable=not progress) as bar:
+        for start in range(0, len(prompt_ids), chunk):
+            part = prompt_ids[start:start + chunk]
+            batch = generate(model, part, num_generations=g.num_generations, generation_config=generation_config,
+                             eos_token_ids=eos_ids, pad_token_id=pad_token_id)
+            lengths = completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).tolist()
+            ids_out += [ids[:n].tolist() for ids, n in zip(batch.completion_ids, lengths, strict=True)]
+            truncated += batch.is_truncated.tolist()
+            bar.update(len(part))
+    return ids_out, truncated
+
+
+def prefix_tokens(tokenizer, prompt_ids: Sequence[int], prefix: str) -> list[str]:
+    """The prompt's last tokens that together hold `prefix`, each decoded: the prefix as the model sees it.
+
+    When the prefix merged with the text before it, the first of them also holds some of that text.
+    """
+    if not prefix:
+        return []
+    for k in range(1, len(prompt_ids) + 1):
+        if tokenizer.decode(list(prompt_ids[-k:])).endswith(prefix):
+            return [tokenizer.decode([t]) for t in prompt_ids[-k:]]
+    return []
+
+
+def _boundary_merges(tokenizer, dataset):
+    from prefill_kit.prompt_tokens import PromptTokenizer, boundary_merges, describe_merge
+
+    merged = boundary_merges(PromptTokenizer(tokenizer), list(dataset["prompt"]), list(dataset["prefix"]),
+                             [list(i) for i in dataset["prompt_ids"]])
+    if not merged:
+        return [], None
+    row, whole, split = merged[0]
+    return [i for i, _, _ in merged], describe_merge(tokenizer, f"row {row}", whole, split)
+
+
+def _trl_prompt_problems(tokenizer, dataset) -> list[Problem]:
+    """The TRL backend tokenizes prompts itself: it must give the rendered ids (see backends/trl.py)."""
+    from prefill_kit.backends.trl import check_prompt_ids, exact_ids_tokenizer
+
+    try:
+        check_prompt_ids(exact_ids_tokenizer(tokenizer), dataset)
+    except PrefillKitError as exc:
+        return [Problem("blocking", f"TRL backend: {exc}")]
+    return []
+
+
+def _summary(name: str, weight: float, values: list[float]) -> RewardSummary:
+    scored = [v for v in values if not math.isnan(v)]
+    return RewardSummary(
+        name=name, weight=weight, mean=statistics.fmean(scored) if scored else None,
+        std=statistics.stdev(scored) if len(scored) > 1 else None,
+        none_share=1 - len(scored) / len(values) if values else 0.0,
+        constant=scored[0] if scored and all(v == scored[0] for v in scored) else None)
+
+
+def _problems(*, g, num_rows, over_long, context, truncation_rate, summaries, zero_spread, merges, checked,
+              merge_example, prefix, completions) -> list[Problem]:
+    """The verdict's items, most fundamental first, each with what to do about it."""
+    out: list[Problem] = []
+    if over_long:
+        shown = ", ".join(map(str, over_long[:5])) + (", ..." if len(over_long) > 5 else "")
+        out.append(Problem("blocking", f"{len(over_long)} of {num_rows} prompts plus grpo.max_completion_length "
+                                       f"({g.max_completion_length}) exceed the model's context of {context} tokens "
+                                       f"(rows {shown}): drop or shorten them, or lower grpo.max_completion_length"))
+    if truncation_rate > THRESHOLD:
+        out.append(Problem("blocking", truncation_advice(truncation_rate, g.max_completion_length)))
+    elif truncation_rate >= TRUNCATION_NOTICE:
+        out.append(Problem("warning", truncation_advice(truncation_rate, g.max_completion_length)))
+    for s in summaries:
+        if s.none_share == 1.0:
+            out.append(Problem("blocking", f"{s.name} returned None for every completion: it cannot score these "
+                                           "rows (is the column it needs, e.g. `solution`, in the data?)"))
+        elif s.none_share > 0:
+            out.append(Problem("warning", f"{s.name} returned None for {percent(s.none_share)} of completions: "
+                                          "those rows get no score from it"))
+        elif s.constant is not None:
+            out.append(Problem("warning", f"{s.name} is {s.constant!r} on every completion"
+                                          + _constant_reason(s, prefix, completions, truncation_rate)))
+    if zero_spread > THRESHOLD:
+        out.append(Problem("blocking", zero_spread_advice(zero_spread)))
+    if merges:
+        ex = merge_example
+        out.append(Problem("warning", f"the prefix merges with the text before it in {len(merges)} of {checked} "
+                                      f"rows ({ex.where}: the prompt has tokens {ex.whole}, text + prefix would be "
+                                      f"{ex.split}): the model conditions on other tokens at the boundary than "
+                                      "it would generate; end the template's assistant header with a newline or "
+                                      "start the prefix with one"))
+    return out
+
+
+def _constant_reason(s: RewardSummary, prefix: str, completions: list[str], truncation_rate: float) -> str:
+    if s.name in THINK_REWARDS and "<think>" in prefix and not any("</think>" in c for c in completions):
+        return ": the completions do not close </think>"
+    if truncation_rate > THRESHOLD:
+        return ": most completions are truncated before they could finish"
+    if s.name in ("accuracy", "choice_accuracy") and s.constant == 0.0:
+        return (": no completion is right; check that answers are written the way the reward extracts them, "
+                "or use easier prompts")
+    return ""
