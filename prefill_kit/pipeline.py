@@ -7,11 +7,13 @@ the file pipeline (`prefill_kit.render_file`) and `render_dataset` (HF datasets)
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefill_kit.errors import ConfigError, DataError, TemplateError, TemplateSecurityError
+from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
 from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.readers import Record
@@ -243,14 +245,16 @@ def to_columns(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list
 class _MapRenderer:
     """`datasets.map` function: a column batch in, rendered columns out (fewer rows when skipping)."""
 
-    def __init__(self, renderer: BatchRenderer, columns: list[str], out_columns: list[str]) -> None:
+    def __init__(self, renderer: BatchRenderer, columns: list[str], out_columns: list[str], offset: int = 0) -> None:
         self.renderer = renderer
         self.columns = columns
         self.out_columns = out_columns
+        self.offset = offset  # index of the first row of the shard this renders, for error messages
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         values = [batch[c] for c in self.columns]
-        records = [Record("dataset", "row", i, dict(zip(self.columns, row, strict=True)))
+        offset = self.offset
+        records = [Record("dataset", "row", i + offset, dict(zip(self.columns, row, strict=True)))
                    for i, row in zip(indices, zip(*values, strict=True), strict=True)]
         result = self.renderer(records)
         for reject in result.rejects:
@@ -303,6 +307,76 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
     in_columns = data.column_names or list(next(iter(data)).keys())
     fmt = detect(in_columns, options)
     function = _MapRenderer(BatchRenderer(options, fmt), in_columns, output_columns(in_columns, fmt, options))
-    kwargs = {"num_proc": num_proc} if isinstance(data, datasets.Dataset) and num_proc else {}
-    return data.map(function, batched=True, batch_size=batch_size, with_indices=True, remove_columns=in_columns,
-                    **kwargs)
+    if isinstance(data, datasets.Dataset) and num_proc and num_proc > 1:
+        shards = shard_bounds(len(data), num_proc, batch_size)
+        if len(shards) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            return _map_in_processes(data, function, shards, batch_size)
+    return data.map(function, batched=True, batch_size=batch_size, with_indices=True, remove_columns=in_columns)
+
+
+def shard_bounds(rows: int, num_proc: int, batch_size: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) row ranges, one per process, none smaller than about one batch."""
+    n = max(1, min(num_proc, -(-rows // batch_size)))
+    return [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
+
+
+_shard_job: tuple | None = None
+
+
+def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]], batch_size: int):
+    """`data.map(function)` over contiguous shards in forked processes, concatenated in input order.
+
+    Why not `Dataset.map(num_proc=...)`: it pickles the function, tokenizer included, for every shard and
+    hashes it for a fingerprint, which costs seconds per call. Forked workers inherit the function and
+    the data instead, and each writes its own Arrow file (in datasets' temporary cache directory, removed
+    at exit), so only file names cross the process boundary.
+    """
+    global _shard_job
+    import datasets
+    from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
+
+    fingerprint = generate_random_fingerprint()
+    directory = get_temporary_cache_files_directory()
+    _shard_job = (data, function, shards, batch_size, directory, fingerprint)
+    # Workers run one per core: tokenizers' own thread pool would oversubscribe (and warn about the fork).
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with multiprocessing.get_context("fork").Pool(len(shards)) as pool:
+            paths = []
+            for outcome in pool.imap(_render_shard, range(len(shards))):
+                if not isinstance(outcome, str):
+                    raise _rebuild_error(*outcome)
+                paths.append(outcome)
+    finally:
+        _shard_job = None
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
+
+
+def _render_shard(index: int) -> str | tuple:
+    """Worker: render shard `index` into its own Arrow file; its path, or the error as plain values."""
+    data, function, shards, batch_size, directory, fingerprint = _shard_job
+    start, stop = shards[index]
+    path = os.path.join(directory, f"prefill-kit-{fingerprint}-{index:05d}.arrow")
+    renderer = BatchRenderer(function.renderer.options, function.renderer.fmt)  # no thread from the parent
+    shard_function = _MapRenderer(renderer, function.columns, function.out_columns, offset=start)
+    try:
+        data.select(range(start, stop)).map(shard_function, batched=True, batch_size=batch_size, with_indices=True,
+                                            remove_columns=function.columns, cache_file_name=path,
+                                            new_fingerprint=f"{fingerprint}-{index}")
+    except DataError as exc:
+        return DataError, str(exc), {"source": exc.source, "line": exc.line, "field": exc.field, "reason": exc.reason}
+    except PrefillKitError as exc:
+        return type(exc), str(exc), None
+    return path
+
+
+def _rebuild_error(kind: type, message: str, located: dict | None) -> PrefillKitError:
+    """A worker's error as raised there: DataError keeps its location fields (pickling would drop them)."""
+    if located is not None:
+        return DataError(located.pop("reason"), **located)
+    return kind(message)

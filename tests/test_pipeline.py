@@ -90,6 +90,22 @@ def test_bad_dataset_row_raises_or_is_dropped_and_logged(chatml, caplog):
     assert "skipped dataset row 2" in caplog.text and "unknown role" in caplog.text
 
 
+def test_num_proc_renders_shards_in_processes_with_the_same_output_and_row_numbers(chatml, tiny_tokenizer):
+    import datasets
+
+    rows = [{**r, "id": 10 * k + r["id"]} for k in range(3) for r in ROWS]  # 21 rows: 3 shards of batch 7
+    data = datasets.Dataset.from_list(rows)
+    one = render_dataset(data, tokenizer=tiny_tokenizer, prefix=PREFIX, batch_size=7)
+    three = render_dataset(data, tokenizer=tiny_tokenizer, prefix=PREFIX, batch_size=7, num_proc=3)
+    assert three.to_list() == one.to_list() and three.features == one.features
+    bad = datasets.Dataset.from_list([*rows[:16], {**rows[16], "messages": []}, *rows[17:]])
+    with pytest.raises(DataError, match=r"dataset row 16: field 'messages': missing or empty") as caught:
+        render_dataset(bad, prefix=PREFIX, batch_size=7, num_proc=3)
+    assert caught.value.field == "messages" and caught.value.reason == "missing or empty conversation"
+    kept = render_dataset(bad, prefix=PREFIX, batch_size=7, num_proc=3, on_error="skip")
+    assert kept["id"][:] == [r["id"] for i, r in enumerate(rows) if i != 16]
+
+
 def test_rendered_dataset_is_used_by_trl_as_it_is(tiny_tokenizer):
     """TRL leaves a string prompt alone (no second chat template) and passes the other columns to rewards."""
     import datasets
