@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,7 +92,9 @@ def check_backend_options(config: TrainingConfig, backend: str) -> None:
     from trl import GRPOConfig
 
     try:  # TRL's own checks of the combination (batch sizes, generation settings, ...)
-        GRPOConfig(**grpo_config_kwargs(config), **extra)
+        with warnings.catch_warnings():  # transformers' deprecation notes about its own defaults
+            warnings.simplefilter("ignore", FutureWarning)
+            GRPOConfig(**grpo_config_kwargs(config), **extra)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"backend trl: TRL's GRPOConfig rejects this config: {exc}") from None
 
