@@ -165,3 +165,20 @@ def test_prefix_tokens_are_the_prompt_tail_that_holds_the_prefix(tiny_model_dir)
     pieces = prefix_tokens(tokenizer, ids, PREFIX)
     assert "".join(pieces) == PREFIX and len(pieces) == 4
     assert prefix_tokens(tokenizer, ids, "") == []
+
+
+def test_a_prefix_that_merges_with_the_header_is_reported(tiny_model_dir, tmp_path):
+    # The header ends in a space and the prefix starts a word: the tiny BPE writes " answer" as one token
+    # (Ġanswer), so the prompt's tokens differ from header tokens + prefix tokens at the boundary.
+    template = tmp_path / "space_header.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}", encoding="utf-8")
+    config = config_from_dict(raw_config(tiny_model_dir, data={"template": str(template), "prefix": "answer is"}))
+    report = run_preflight(config, num_prompts=1, progress=False, reward_funcs=[Reward("variety", character_variety)])
+    assert len(report.boundary_merges) == report.boundary_rows_checked == 32
+    assert report.prefix_tokens[0] == " answer"  # the model sees the header's space fused with the prefix
+    assert any(p.message.startswith("the prefix merges with the text before it in 32 of 32 rows")
+               for p in report.problems)
+    clean = run_preflight(config_from_dict(raw_config(tiny_model_dir)), num_prompts=1, progress=False,
+                          reward_funcs=[Reward("variety", character_variety)])
+    assert clean.boundary_merges == [] and not any("merges" in p.message for p in clean.problems)
