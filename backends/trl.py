@@ -29,6 +29,7 @@ from typing import Any
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError, PrefillKitError
+from prefill_kit.io import keep_rows_through_step
 
 # TRL log key -> the metric name both backends write to metrics.jsonl.
 METRIC_NAMES = {
@@ -311,8 +312,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     resume = _resume_checkpoint(config.output.resume_from)
-    if resume is None:
-        metrics_path.unlink(missing_ok=True)
+    keep_rows_through_step(metrics_path, _resume_step(resume))
     recorder = CompletionRecorder()
     o = config.output
     completion_log = CompletionLog(out_dir, every=o.log_completions_steps, max_rows=o.log_completions_max,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefill_kit.errors import ConfigError
+from prefill_kit.io import keep_rows_through_step
 
 COMPLETIONS_FILE = "completions.jsonl"
 LEADING_COLUMNS = ("step", "prompt_index", "prefix", "completion", "completion_length", "truncated")
@@ -108,7 +109,7 @@ class CompletionLog:
         self.path = Path(run_dir) / COMPLETIONS_FILE
         self.every, self.max_rows, self.is_main = every, max_rows, is_main
         if is_main:
-            _drop_rows_after(self.path, resume_step)
+            keep_rows_through_step(self.path, resume_step)
 
     def due(self, step: int, span: int = 1) -> bool:
         return is_due(step, self.every, span)
@@ -122,20 +123,6 @@ class CompletionLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(text)  # one write per step: a crash leaves whole steps
-
-
-def _drop_rows_after(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    if not step:
-        path.unlink()
-        return
-    from prefill_kit.io import atomic_output
-
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    with atomic_output(path) as f:
-        f.writelines(line + "\n" for line in keep)
 
 
 def _number(value: Any) -> float | None:

@@ -89,3 +89,21 @@ def _umask() -> int:
 def dump_json_line(row: dict[str, Any]) -> str:
     """One JSON Lines row; values JSON has no type for (dates, decimals, bytes) are written as text."""
     return json.dumps(row, ensure_ascii=False, default=str) + "\n"
+
+
+def keep_rows_through_step(path: str | Path, step: int) -> None:
+    """Cut a per-step JSON Lines log (metrics, completions) back to `step`, for a run resumed there.
+
+    `step=0` (a fresh run) removes the file. Rows after `step` belong to the stopped run's future and
+    would be written again.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not step:
+        path.unlink()
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    with atomic_output(path) as f:
+        f.writelines(line + "\n" for line in keep)

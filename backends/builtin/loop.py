@@ -34,6 +34,7 @@ from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, gene
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
 from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
 from prefill_kit.config import GRPOSection, TrainingConfig
+from prefill_kit.io import keep_rows_through_step
 from prefill_kit.run_health import HealthMonitor
 
 METRICS_FILE = "metrics.jsonl"
@@ -182,7 +183,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir, config)
-        _truncate_metrics(run_dir / METRICS_FILE, state.step)
+        keep_rows_through_step(run_dir / METRICS_FILE, state.step)
     completion_log = CompletionLog(run_dir, every=out.log_completions_steps, max_rows=out.log_completions_max,
                                    reward_names=[r.name for r in rewards], resume_step=state.step,
                                    is_main=accelerator.is_main_process)
@@ -354,15 +355,3 @@ def _write_config(run_dir: Path, config: TrainingConfig) -> None:
 
     with atomic_output(run_dir / "config.yaml") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after `step` (a resumed run rewrites them), or start afresh when step is 0."""
-    if not path.exists():
-        return
-    from prefill_kit.io import atomic_output
-
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and step and json.loads(line).get("step", 0) <= step]
-    with atomic_output(path) as f:
-        f.writelines(line + "\n" for line in keep)
