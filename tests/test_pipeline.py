@@ -9,7 +9,7 @@ import pytest
 
 from prefill_kit.errors import ConfigError, DataError
 from prefill_kit.pipeline import BatchRenderer, RenderOptions, render_dataset
-from prefill_kit.prompt_tokens import PromptTokenizer
+from prefill_kit.prompt_tokens import _GPT2_SPLIT, _PLAIN_TEXT, PromptTokenizer, ascii_pattern
 from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
 from prefill_kit.templates import ChatTemplate, load_template
@@ -158,6 +158,29 @@ def test_word_memo_ids_equal_whole_text_ids_on_random_text(tiny_tokenizer):
     got = [ids for i in range(0, len(texts), 200) for ids in encoder.encode(texts[i:i + 200])]
     assert got == tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert encoder._split is not None and encoder._word_memo  # no fallback happened, and words were memoised
+
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("pattern", [QWEN_SPLIT, _GPT2_SPLIT])
+def test_ascii_split_pattern_splits_plain_text_as_the_unicode_one(pattern):
+    import re
+
+    import regex
+
+    plain = ascii_pattern(pattern)
+    assert plain is not None and r"\p" not in plain
+    texts = [t for t in random_texts(2000, seed=1) if _PLAIN_TEXT.fullmatch(t)]
+    assert len(texts) > 200  # enough plain texts survive the filter to mean something
+    assert [re.findall(plain, t, re.ASCII) for t in texts] == [regex.findall(pattern, t) for t in texts]
+
+
+def test_ascii_split_pattern_keeps_what_it_cannot_translate():
+    assert ascii_pattern(r"\p{Lu}+|\s+") is None  # another Unicode property
+    assert ascii_pattern(r"[[:alpha:]]+") is None  # a nested class
+    assert ascii_pattern(r"[^\p{L}]x") == "[^A-Za-z]x"  # inside a class: the range, outside: a class
 
 
 def test_piecewise_ids_equal_whole_text_ids_on_qwen(qwen_tokenizer):
