@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,17 +127,34 @@ def test_trl_rejects_bad_extra_options_before_loading(extra, message, tmp_path):
         trl.train(config)
 
 
-def test_trl_backend_under_accelerate_with_two_processes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accelerate_launch_cpu_with_two_processes(backend, tiny_model_dir, tmp_path):
     raw = tiny_raw(tiny_model_dir, tmp_path / "run", rewards=[{"name": "format"}])
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # accelerate 1.15's `--cpu` launcher starts several processes only through mpirun; `--multi_gpu` starts
-    # them with torchrun, and without a GPU the backend joins them over gloo.
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "-m", "prefill_kit", "train", str(tmp_path / "cfg.yaml"), "--backend", "trl"],
+                           "-m", "prefill_kit", "train", str(tmp_path / "cfg.yaml"), "--backend", backend],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]  # one writer: the processes trained together
-    assert "trl backend: 2 steps" in proc.stderr
+    assert [r["step"] for r in rows] == [1, 2]  # one writer: the two processes trained together
+    assert f"{backend} backend: 2 steps" in proc.stderr
+    assert "started one process of 2; relaunching" in proc.stderr
+
+
+def test_launcher_num_processes_reads_the_accelerate_command_line():
+    from prefill_kit.cli.train import launcher_num_processes
+
+    for args, expected in ((["launch", "--num_processes", "3", "--cpu"], 3), (["launch", "--num_processes=4"], 4),
+                           (["launch", "--num_processes", "1"], None), (["run", "--num_processes", "2"], None),
+                           (["accelerate.commands.launch", "--num_processes", "2"], 2)):
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", *args])
+        try:
+            deadline = time.monotonic() + 10
+            while not Path(f"/proc/{sleeper.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the new process's command line appears once it has started
+            assert launcher_num_processes(sleeper.pid) == expected, args
+        finally:
+            sleeper.kill()
+            sleeper.wait()

@@ -45,6 +45,17 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     backend = load_backend(config.backend)
     if lone_cpu_launch(os.environ):
+        wanted = launcher_num_processes(os.getppid())
+        if wanted:
+            # accelerate's CPU launcher starts N processes only through mpirun; start the other N-1 the way
+            # `accelerate launch --multi_gpu` would (torchrun), and they join over gloo.
+            print(f"prefill-kit train: `accelerate launch --cpu` started one process of {wanted}; "
+                  f"relaunching with torch.distributed.run --nproc_per_node {wanted}", file=sys.stderr)
+            import subprocess
+
+            return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(wanted),
+                                    "--master_port", os.environ.get("MASTER_PORT", "29500"),
+                                    "-m", "prefill_kit", *sys.argv[1:]])
         print("prefill-kit train: warning: `accelerate launch --cpu` started only this one process (without MPI, "
               "accelerate's CPU launcher cannot start more); for N processes on CPU use "
               "`accelerate launch --multi_gpu --num_processes N ...`, which joins them over gloo", file=sys.stderr)
@@ -64,6 +75,23 @@ def lone_cpu_launch(env) -> bool:
     """True when `accelerate launch --cpu --num_processes N>1` ran us alone: it sets MASTER_ADDR for N > 1
     but, lacking mpirun, starts a single process with no WORLD_SIZE."""
     return env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+
+
+def launcher_num_processes(pid: int) -> int | None:
+    """The `--num_processes N` (N > 1) on the launching `accelerate launch` command line, if it is readable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(arg == "launch" or arg.endswith(("accelerate.commands.launch", "accelerate-launch")) for arg in argv):
+        return None
+    for i, arg in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = argv[i + 1] if arg == flag and i + 1 < len(argv) else arg.removeprefix(flag + "=")
+            if (arg == flag or arg.startswith(flag + "=")) and value.isdigit() and int(value) > 1:
+                return int(value)
+    return None
 
 
 def run_summary(config) -> str:
