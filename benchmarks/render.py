@@ -130,7 +130,8 @@ def main() -> None:
     gsm8k = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [{"messages": [{"role": "user", "content": r["question"]}], "solution": r["answer"]} for r in gsm8k]
     dataset = datasets.Dataset.from_list([rows[i % len(rows)] for i in range(args.rows)])
-    print(f"{args.rows:,} rows, GSM8K questions, Qwen2.5 tokenizer, prefix {PREFIX!r}, {os.cpu_count()} CPUs")
+    print(f"{args.rows:,} rows, GSM8K questions, Qwen2.5 tokenizer, prefix {PREFIX!r}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews the process figures)")
 
     results: dict[str, float] = {}
     base = timed("baseline: datasets.map per example", lambda: baseline_per_example(dataset, tokenizer),
@@ -162,6 +163,7 @@ def main() -> None:
               f" num_proc={args.num_proc} {results[label] / b:.2f}x")
     floor = results["floor: tokenizer(rendered texts) alone"]
     print(f"vs the floor (tokenizing rendered texts): {results['prefill-kit render_dataset, 1 process'] / floor:.2f}x")
+    print(f"load average after the timed runs: {os.getloadavg()[0]:.1f}")
     cold_memo(tokenizer)
     print(f"peak RSS of this process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
     if args.rss_rows:

@@ -331,30 +331,35 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
     the data instead, and each writes its own Arrow file (in datasets' temporary cache directory, removed
     at exit), so only file names cross the process boundary.
     """
-    global _shard_job
     import datasets
     from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 
     fingerprint = generate_random_fingerprint()
     directory = get_temporary_cache_files_directory()
-    _shard_job = (data, function, shards, batch_size, directory, fingerprint)
+    job = (data, function, shards, batch_size, directory, fingerprint)
     # Workers run one per core: tokenizers' own thread pool would oversubscribe (and warn about the fork).
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        with multiprocessing.get_context("fork").Pool(len(shards)) as pool:
+        # Forked workers get `job` as it is in memory: fork passes initializer arguments without pickling.
+        with multiprocessing.get_context("fork").Pool(len(shards), initializer=_init_shard_worker,
+                                                      initargs=(job,)) as pool:
             paths = []
             for outcome in pool.imap(_render_shard, range(len(shards))):
                 if not isinstance(outcome, str):
                     raise _rebuild_error(*outcome)
                 paths.append(outcome)
     finally:
-        _shard_job = None
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
     return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
+
+
+def _init_shard_worker(job: tuple) -> None:
+    global _shard_job
+    _shard_job = job
 
 
 def _render_shard(index: int) -> str | tuple:
