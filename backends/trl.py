@@ -285,8 +285,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from prefill_kit.backends.builtin.data import load_training_data
-    from prefill_kit.backends.builtin.loop import eos_token_ids
+    from prefill_kit.backends.common import eos_token_ids, load_training_data
     from prefill_kit.completion_log import CompletionLog, check_reward_names
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.run_health import HealthMonitor

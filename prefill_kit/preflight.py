@@ -111,9 +111,10 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages
-    from prefill_kit.backends.builtin.data import load_training_data, prompt_indices
-    from prefill_kit.backends.builtin.loop import DTYPES, eos_token_ids, make_generation_config, resolve_rewards
+    from prefill_kit.backends.builtin.data import prompt_indices
+    from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config, resolve_rewards
     from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
+    from prefill_kit.backends.common import eos_token_ids, load_training_data
     from prefill_kit.completion_log import check_reward_names, completion_rows
 
     backend = backend or config.backend

@@ -16,7 +16,7 @@ import torch
 
 from prefill_kit.backends.builtin import completion_logps, completion_mask_from_eos, generate, grpo_loss
 from prefill_kit.backends.builtin import loop as loop_module
-from prefill_kit.backends.builtin.data import load_training_data
+from prefill_kit.backends.common import load_training_data
 from prefill_kit.config import DataSection, config_from_dict
 
 PREFIX = "<think>\n"

@@ -105,7 +105,7 @@ def test_over_long_prompts_are_reported(tiny_model_dir):
 def _prompt_lengths(model_dir):
     from transformers import AutoTokenizer
 
-    from prefill_kit.backends.builtin.data import load_training_data
+    from prefill_kit.backends.common import load_training_data
     from prefill_kit.config import DataSection
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -28,10 +28,11 @@ import torch
 
 from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages, nanstd
 from prefill_kit.backends.builtin.checkpoint import LoopState, find_checkpoint, save_checkpoint
-from prefill_kit.backends.builtin.data import load_training_data, prompt_indices
+from prefill_kit.backends.builtin.data import prompt_indices
 from prefill_kit.backends.builtin.loss import grpo_loss
 from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
+from prefill_kit.backends.common import eos_token_ids, load_training_data
 from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
 from prefill_kit.config import GRPOSection, TrainingConfig
 from prefill_kit.io import keep_rows_through_step
@@ -104,13 +105,6 @@ def load_models(config: TrainingConfig):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return tokenizer, model, ref_model
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted({*ids, tokenizer.eos_token_id} - {None})
 
 
 def make_generation_config(grpo: GRPOSection, tokenizer, eos_ids: list[int]):
