@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.pipeline import BatchRenderer, RenderOptions, render_dataset
+from prefill_kit.pipeline import BatchRenderer, RenderOptions, render_dataset, shard_bounds
 from prefill_kit.prompt_tokens import _GPT2_SPLIT, _PLAIN_TEXT, PromptTokenizer, ascii_pattern
 from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
@@ -104,6 +104,15 @@ def test_num_proc_renders_shards_in_processes_with_the_same_output_and_row_numbe
     assert caught.value.field == "messages" and caught.value.reason == "missing or empty conversation"
     kept = render_dataset(bad, prefix=PREFIX, batch_size=7, num_proc=3, on_error="skip")
     assert kept["id"][:] == [r["id"] for i, r in enumerate(rows) if i != 16]
+
+
+@pytest.mark.parametrize(("rows", "num_proc", "batch_size", "shards"), [
+    (21, 3, 7, [(0, 7), (7, 14), (14, 21)]),
+    (10, 4, 7, [(0, 5), (5, 10)]),  # two batches of work: two processes, not four
+    (5, 2, 1000, [(0, 5)]),  # less than a batch: one process
+])
+def test_shards_are_contiguous_cover_every_row_and_hold_about_a_batch(rows, num_proc, batch_size, shards):
+    assert shard_bounds(rows, num_proc, batch_size) == shards
 
 
 def test_rendered_dataset_is_used_by_trl_as_it_is(tiny_tokenizer):
