@@ -22,6 +22,21 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def chatml():
+    from prefill_kit.templates import load_template
+
+    return load_template("chatml")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(chatml):
+    """The tiny BPE tokenizer with the chatml template (no BOS)."""
+    from prefill_kit.tiny_model import build_tokenizer
+
+    return build_tokenizer(chat_template=chatml.source)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 model with the chatml template (tokenizer adds no BOS)."""
     from prefill_kit.tiny_model import make_tiny_model

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from prefill_kit.backends.builtin import completion_logps, completion_mask_from_
 from prefill_kit.backends.builtin import loop as loop_module
 from prefill_kit.backends.common import load_training_data
 from prefill_kit.config import DataSection, config_from_dict
+from prefill_kit.rewards import WeightedReward
 
 PREFIX = "<think>\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +35,6 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-@dataclass
-class Reward:
-    name: str
-    fn: object
-    weight: float = 1.0
 
 
 def brevity(completions, completion_ids, **kwargs):
@@ -130,7 +125,7 @@ def test_rewards_get_trls_call_and_none_rows_get_no_advantage(tiny_model_dir, da
 
     config = make_config(tiny_model_dir, data_file, tmp_path / "run", grpo={"max_completion_length": 8},
                          train={"max_steps": 1})
-    result = loop_module.train(config, reward_funcs=[Reward("recorder", recorder)], progress=False,
+    result = loop_module.train(config, reward_funcs=[WeightedReward("recorder", recorder, 1.0)], progress=False,
                                on_rollout=records.append)
     call, record = calls[0], records[0]
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -156,7 +151,7 @@ def test_rewards_get_trls_call_and_none_rows_get_no_advantage(tiny_model_dir, da
 
 def test_it_learns_and_a_flipped_advantage_does_not(tiny_model_dir, data_file, tmp_path, monkeypatch):
     config = make_config(tiny_model_dir, data_file, tmp_path / "good")
-    good = loop_module.train(config, reward_funcs=[Reward("brevity", brevity)], progress=False).history
+    good = loop_module.train(config, reward_funcs=[WeightedReward("brevity", brevity, 1.0)], progress=False).history
     rewards = [row["reward"] for row in good]
     assert rewards[0] < 0.3
     assert sum(rewards[-3:]) / 3 > 0.8
@@ -164,7 +159,7 @@ def test_it_learns_and_a_flipped_advantage_does_not(tiny_model_dir, data_file, t
     original = loop_module.compute_advantages
     monkeypatch.setattr(loop_module, "compute_advantages", lambda *a, **k: -original(*a, **k))
     config = make_config(tiny_model_dir, data_file, tmp_path / "flipped", train={"max_steps": 15})
-    flipped = loop_module.train(config, reward_funcs=[Reward("brevity", brevity)], progress=False).history
+    flipped = loop_module.train(config, reward_funcs=[WeightedReward("brevity", brevity, 1.0)], progress=False).history
     assert max(row["reward"] for row in flipped[-5:]) < 0.3
 
 
@@ -181,7 +176,7 @@ def test_resume_gives_the_same_weights(tiny_model_dir, data_file, tmp_path):
                 "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 4,
                           "lr_scheduler_type": "linear", "warmup_steps": 1}}
     full = make_config(tiny_model_dir, data_file, tmp_path / "full", output={"save_steps": 3}, **sections)
-    loop_module.train(full, reward_funcs=[Reward("brevity", brevity)], progress=False)
+    loop_module.train(full, reward_funcs=[WeightedReward("brevity", brevity, 1.0)], progress=False)
     assert (tmp_path / "full" / "checkpoint-3" / "checkpoint.json").exists()
     assert not (tmp_path / "full" / "checkpoint-4").exists()  # the final model is saved, not a checkpoint
 
@@ -189,7 +184,7 @@ def test_resume_gives_the_same_weights(tiny_model_dir, data_file, tmp_path):
     (tmp_path / "resumed" / "model.safetensors").unlink()  # the final model must come from the resumed run
     resumed = make_config(tiny_model_dir, data_file, tmp_path / "resumed",
                           output={"resume_from": str(tmp_path / "resumed")}, **sections)
-    result = loop_module.train(resumed, reward_funcs=[Reward("brevity", brevity)], progress=False)
+    result = loop_module.train(resumed, reward_funcs=[WeightedReward("brevity", brevity, 1.0)], progress=False)
     assert [row["step"] for row in result.history] == [4]
 
     a = load_file(tmp_path / "full" / "model.safetensors")
@@ -208,22 +203,16 @@ def test_resume_gives_the_same_weights(tiny_model_dir, data_file, tmp_path):
 
 DRIVER = """
 import json, sys, torch
-from dataclasses import dataclass
 from accelerate import PartialState
 from prefill_kit.backends.builtin import train
 from prefill_kit.config import load_config
-
-@dataclass
-class Reward:
-    name: str
-    fn: object
-    weight: float = 1.0
+from prefill_kit.rewards import WeightedReward
 
 def brevity(completions, completion_ids, **kwargs):
     return [1.0 - len(ids) / 32 for ids in completion_ids]
 
 torch.set_num_threads(1)
-result = train(load_config(sys.argv[1]), reward_funcs=[Reward("brevity", brevity)], progress=False)
+result = train(load_config(sys.argv[1]), reward_funcs=[WeightedReward("brevity", brevity, 1.0)], progress=False)
 rank = PartialState().process_index
 with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
     json.dump({"loss": [r["loss"] for r in result.history], "reward": [r["reward"] for r in result.history]}, f)
@@ -305,7 +294,7 @@ def test_bf16_and_gradient_checkpointing_run(tiny_model_dir, data_file, tmp_path
     config = make_config(tiny_model_dir, data_file, tmp_path / "run",
                          grpo={"max_completion_length": 8, "loss_type": "bnpo", "top_k": 20, "top_p": 0.9},
                          train={"max_steps": 1, "bf16": True, "gradient_checkpointing": True})
-    spread = Reward("spread", lambda completions, **kw: [float(i % 4) for i in range(len(completions))])
+    spread = WeightedReward("spread", lambda completions, **kw: [float(i % 4) for i in range(len(completions))], 1.0)
     row = loop_module.train(config, reward_funcs=[spread], progress=False).history[0]
     assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
 

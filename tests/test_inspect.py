@@ -5,24 +5,19 @@ from __future__ import annotations
 import html
 import json
 import re
-from dataclasses import dataclass
 
 import pytest
 
 from prefill_kit.cli import main
 from prefill_kit.config import config_from_dict
 from prefill_kit.inspect_view import load_completions, render_html, select, show
+from prefill_kit.rewards import WeightedReward
 from tests.conftest import REPO
 
 PREFIX = "<think>\n"
 HEADER = re.compile(r"^step (\d+) · prompt (\d+) · reward (\S+)", re.M)
 
 
-@dataclass
-class Reward:
-    name: str
-    fn: object
-    weight: float = 1.0
 
 
 def character_variety(completions, **kwargs):
@@ -42,7 +37,7 @@ def logged_run(tiny_model_dir, tmp_path_factory, one_torch_thread):
         "grpo": {"num_generations": 2, "max_completion_length": 8},
         "train": {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "max_steps": 2, "seed": 0},
         "output": {"dir": str(run_dir), "save_steps": 0, "log_completions_steps": 1}})
-    builtin.train(config, reward_funcs=[Reward("variety", character_variety)], progress=False)
+    builtin.train(config, reward_funcs=[WeightedReward("variety", character_variety, 1.0)], progress=False)
     return run_dir
 
 

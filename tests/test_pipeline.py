@@ -12,25 +12,13 @@ from prefill_kit.pipeline import BatchRenderer, RenderOptions, render_dataset, s
 from prefill_kit.prompt_tokens import _GPT2_SPLIT, _PLAIN_TEXT, PromptTokenizer, ascii_pattern
 from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
-from prefill_kit.templates import ChatTemplate, load_template
+from prefill_kit.templates import ChatTemplate
 from tests.conftest import SHARED_REFERENCE
 
 PREFIX = "<think>\n"
 ROWS = [{"messages": [{"role": "user", "content": f"What is {i} times {i}?"}], "solution": str(i * i), "id": i}
         for i in range(7)]
 QWEN = SHARED_REFERENCE / "tokenizers" / "qwen2.5-instruct-DERIVED"
-
-
-@pytest.fixture(scope="module")
-def chatml() -> ChatTemplate:
-    return load_template("chatml")
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(chatml):
-    from prefill_kit.tiny_model import build_tokenizer
-
-    return build_tokenizer(chat_template=chatml.source)
 
 
 @pytest.fixture(scope="module")

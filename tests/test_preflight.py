@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import yaml
 
@@ -11,17 +9,13 @@ from prefill_kit.cli import main
 from prefill_kit.config import config_from_dict
 from prefill_kit.errors import ConfigError
 from prefill_kit.preflight import prefix_tokens, run_preflight
+from prefill_kit.rewards import WeightedReward
 from tests.conftest import REPO
 
 PREFIX = "<think>\n"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@dataclass
-class Reward:
-    name: str
-    fn: object
-    weight: float = 1.0
 
 
 def always_zero(completions, **kwargs):
@@ -67,7 +61,7 @@ def test_short_completions_give_a_truncation_warning_and_fail_strict(tiny_model_
 
 def test_a_constant_reward_gives_the_zero_spread_warning(tiny_model_dir):
     config = config_from_dict(raw_config(tiny_model_dir))
-    flat = run_preflight(config, num_prompts=4, progress=False, reward_funcs=[Reward("flat", always_zero)])
+    flat = run_preflight(config, num_prompts=4, progress=False, reward_funcs=[WeightedReward("flat", always_zero, 1.0)])
     assert flat.zero_spread_share == 1.0
     messages = [p.message for p in flat.blocking]
     assert any(m.startswith("100% of prompt groups have zero reward spread") for m in messages), messages
@@ -75,7 +69,7 @@ def test_a_constant_reward_gives_the_zero_spread_warning(tiny_model_dir):
     assert any(p.message.startswith("flat is 0.0 on every completion") for p in flat.problems)
 
     varied = run_preflight(config, num_prompts=4, progress=False,
-                           reward_funcs=[Reward("variety", character_variety)])
+                           reward_funcs=[WeightedReward("variety", character_variety, 1.0)])
     assert varied.zero_spread_share == 0.0
     assert not any("zero reward spread" in p.message for p in varied.problems)
     assert varied.rewards[0].std > 0
@@ -95,7 +89,7 @@ def test_over_long_prompts_are_reported(tiny_model_dir):
     # the tiny model's context is 512 tokens and its prompts are 112-174 tokens long
     config = config_from_dict(raw_config(tiny_model_dir, grpo={"max_completion_length": 400}))
     report = run_preflight(config, num_prompts=1, progress=False,
-                           reward_funcs=[Reward("variety", character_variety)])
+                           reward_funcs=[WeightedReward("variety", character_variety, 1.0)])
     over = [i for i, n in enumerate(_prompt_lengths(tiny_model_dir)) if n + 400 > 512]
     assert over and report.over_long == over
     assert any(p.severity == "blocking" and "exceed the model's context of 512 tokens" in p.message
@@ -145,7 +139,7 @@ def test_options_the_backend_does_not_support_are_errors(tmp_path, no_model_load
 def test_trl_backend_preflight_checks_the_prompt_ids_trl_will_make(bos_tokenizer_dir, tiny_model_dir, monkeypatch):
     # the tiny model with a tokenizer that adds BOS and a template that writes it: TRL's path must stay exact
     config = config_from_dict(raw_config(tiny_model_dir, model={"tokenizer": str(bos_tokenizer_dir)}))
-    reward = [Reward("variety", character_variety)]
+    reward = [WeightedReward("variety", character_variety, 1.0)]
     report = run_preflight(config, backend="trl", num_prompts=1, progress=False, reward_funcs=reward)
     assert report.backend == "trl" and not any("TRL backend" in p.message for p in report.problems)
 
@@ -174,11 +168,12 @@ def test_a_prefix_that_merges_with_the_header_is_reported(tiny_model_dir, tmp_pa
     template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                         "{% if add_generation_prompt %}assistant: {% endif %}", encoding="utf-8")
     config = config_from_dict(raw_config(tiny_model_dir, data={"template": str(template), "prefix": "answer is"}))
-    report = run_preflight(config, num_prompts=1, progress=False, reward_funcs=[Reward("variety", character_variety)])
+    report = run_preflight(config, num_prompts=1, progress=False,
+                           reward_funcs=[WeightedReward("variety", character_variety, 1.0)])
     assert len(report.boundary_merges) == report.boundary_rows_checked == 32
     assert report.prefix_tokens[0] == " answer"  # the model sees the header's space fused with the prefix
     assert any(p.message.startswith("the prefix merges with the text before it in 32 of 32 rows")
                for p in report.problems)
     clean = run_preflight(config_from_dict(raw_config(tiny_model_dir)), num_prompts=1, progress=False,
-                          reward_funcs=[Reward("variety", character_variety)])
+                          reward_funcs=[WeightedReward("variety", character_variety, 1.0)])
     assert clean.boundary_merges == [] and not any("merges" in p.message for p in clean.problems)

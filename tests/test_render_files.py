@@ -14,24 +14,12 @@ from prefill_kit.pipeline import RenderOptions
 from prefill_kit.readers import Chunk
 from prefill_kit.render import render_prompt
 from prefill_kit.render_file import render_file
-from prefill_kit.templates import ChatTemplate, load_template
+from prefill_kit.templates import ChatTemplate
 
 PREFIX = "<think>\n"
 QUESTIONS = [f"What is {i} + {i}?" for i in range(6)]
 ROWS = [{"id": i, "messages": [{"role": "user", "content": q}], "solution": str(2 * i)}
         for i, q in enumerate(QUESTIONS)]
-
-
-@pytest.fixture(scope="module")
-def chatml() -> ChatTemplate:
-    return load_template("chatml")
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(chatml):
-    from prefill_kit.tiny_model import build_tokenizer
-
-    return build_tokenizer(chat_template=chatml.source)
 
 
 def expected_prompt(template: ChatTemplate, question: str) -> str:

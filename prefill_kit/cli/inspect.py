@@ -11,12 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+from prefill_kit.cli.args import positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -25,8 +20,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its completions.jsonl)")
     p.add_argument("--step", type=int, help="only this step's completions (default: every logged step)")
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--worst", type=_positive, metavar="K", help="the K lowest-scoring completions")
-    rank.add_argument("--best", type=_positive, metavar="K", help="the K highest-scoring completions")
+    rank.add_argument("--worst", type=positive_int, metavar="K", help="the K lowest-scoring completions")
+    rank.add_argument("--best", type=positive_int, metavar="K", help="the K highest-scoring completions")
     p.add_argument("--reward", metavar="NAME",
                    help="rank or sort by this reward's score instead of the total reward")
     p.add_argument("--html", metavar="FILE", help="also write the table as one self-contained HTML page")

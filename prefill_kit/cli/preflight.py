@@ -13,12 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+from prefill_kit.cli.args import positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -26,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML training config (as for `prefill-kit train`)")
     p.add_argument("--backend", choices=("builtin", "trl"), help="the backend to check for (default: the config's)")
-    p.add_argument("--prompts", type=_positive, default=8, metavar="N", help="prompts to sample (default: 8)")
+    p.add_argument("--prompts", type=positive_int, default=8, metavar="N", help="prompts to sample (default: 8)")
     p.add_argument("--samples", type=int, default=4, metavar="K", help="sample completions to show (default: 4)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a blocking problem is found")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
