@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
+import datasets
 
 
 def test_grpo_trainer_runs_one_step_with_our_rewards(tiny_model_dir, tmp_path):
-    datasets = pytest.importorskip("datasets")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
