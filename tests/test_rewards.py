@@ -104,6 +104,7 @@ def test_tag_count_gives_a_quarter_per_tag_line():
     ("<answer> 12 </answer>", "12"),
     (r"\frac{14}{3}", r"\frac{14}{3}"),
     ("   ", None),
+    (r"the result is \boxed{12", None),  # a box that never closes: malformed gold, not a plain value
 ])
 def test_extract_gold(solution, gold):
     assert extract_gold(solution) == gold
@@ -151,6 +152,7 @@ def test_accuracy_on_hand_cases(accuracy):
     ]
     solutions = ["#### 72", r"\frac{\sqrt3}{2}", r"\frac{1}{\sqrt{3}}", "#### 72", None]
     assert accuracy(completions, solution=solutions, prefix=[THINK] * 5) == [1.0, 1.0, 1.0, 0.0, None]
+    assert accuracy(completions[:1], solution=[r"\boxed{72"]) == [None]  # unparseable gold: TRL skips the row
 
 
 def test_accuracy_reads_the_answer_column_too(accuracy):

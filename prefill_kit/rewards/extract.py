@@ -113,7 +113,7 @@ def extract_prediction(response: str, answer_tag: str = "answer", think_tag: str
 
 def extract_gold(solution: str, answer_tag: str = "answer") -> str | None:
     """The reference answer: after GSM8K's `####`, else the last `\\boxed{}`, else `<answer>` content, else the
-    whole (plain) value. None when nothing is left."""
+    whole (plain) value. None when nothing is left, or when the only box never closes."""
     if _GSM8K_MARK in solution:
         answer = solution[solution.rfind(_GSM8K_MARK) + len(_GSM8K_MARK):]
     else:
@@ -121,6 +121,8 @@ def extract_gold(solution: str, answer_tag: str = "answer") -> str | None:
         if answer is None:
             answer = _tag_content(solution, answer_tag)
         if answer is None:
+            if any(command in solution for command in _BOX_COMMANDS):
+                return None  # a box that never closes: the gold is malformed, not a plain value
             answer = solution
     answer = _strip_math_delimiters(answer)
     return answer or None
