@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from prefill_kit.config import DataSection
@@ -48,3 +49,32 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     return sorted({*ids, tokenizer.eos_token_id} - {None})
+
+
+@contextlib.contextmanager
+def final_model_dir(run_dir: str | Path, *, is_main: bool):
+    """A fresh directory to save the final model into; its files move into `run_dir` only when saving finished.
+
+    Each file lands by `os.replace`, so an interrupted save leaves no half-written weights in the run
+    directory. Only the main process moves files; the others may write to the directory too (distributed
+    saves) but leave the moving to it.
+    """
+    import os
+    import shutil
+
+    run_dir = Path(run_dir)
+    staging = run_dir / ".final-model.tmp"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    try:
+        yield staging
+        if is_main:
+            for item in staging.iterdir():
+                target = run_dir / item.name
+                if item.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                os.replace(item, target)
+    finally:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)

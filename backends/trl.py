@@ -285,7 +285,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from prefill_kit.backends.common import eos_token_ids, load_training_data
+    from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_training_data
     from prefill_kit.completion_log import CompletionLog, check_reward_names
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.run_health import HealthMonitor
@@ -326,8 +326,12 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out_dir))
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(out_dir)
+    is_main = trainer.accelerator.is_main_process
+    with final_model_dir(out_dir, is_main=is_main) as staging:
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(staging))  # every process: DeepSpeed/FSDP gather the weights here
+        if is_main:
+            tokenizer.save_pretrained(staging)  # the original tokenizer, not the exact-ids copy
+        trainer.accelerator.wait_for_everyone()
     return {"backend": "trl", "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "seconds": time.perf_counter() - start, "output_dir": str(out_dir), "metrics": str(metrics_path)}

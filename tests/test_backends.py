@@ -105,6 +105,7 @@ def test_both_backends_write_the_same_metric_keys(tiny_model_dir, tmp_path):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
         assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+        assert not (out / ".final-model.tmp").exists()  # saved in a staging dir, moved in when complete
         keys[backend] = set(rows[0])
     assert keys["builtin"] == keys["trl"]
     assert {"step", "loss", "reward", "reward_std", "rewards/format", "rewards/tests.recording_reward:record",

@@ -32,7 +32,7 @@ from prefill_kit.backends.builtin.data import prompt_indices
 from prefill_kit.backends.builtin.loss import grpo_loss
 from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
-from prefill_kit.backends.common import eos_token_ids, load_training_data
+from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_training_data
 from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
 from prefill_kit.config import GRPOSection, TrainingConfig
 from prefill_kit.io import keep_rows_through_step
@@ -299,8 +299,9 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     # ---- final model
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(run_dir)
-        tokenizer.save_pretrained(run_dir)
+        with final_model_dir(run_dir, is_main=True) as staging:
+            accelerator.unwrap_model(model).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, history)
 
