@@ -85,6 +85,7 @@ def test_question_rows_and_per_row_prefix(tmp_path):
 @pytest.mark.parametrize(("template", "message"), [
     ("{{ raise_exception('no system role allowed') }}", "no system role allowed"),
     ("{% for m in messages %}", "syntax error"),
+    ("{{ no_such_variable.content }}", "'no_such_variable' is undefined"),
     ("{{ ''.__class__.__mro__ }}", "blocked by the sandbox"),
 ])
 def test_failing_template_exits_nonzero_and_writes_nothing(example, tmp_path, template, message):
