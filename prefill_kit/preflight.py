@@ -152,7 +152,8 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     eos_ids = eos_token_ids(tokenizer, model)
     completion_ids, truncated = _generate(
         model, rows["prompt_ids"], g, make_generation_config(g, tokenizer, eos_ids), eos_ids, tokenizer.pad_token_id,
-        chunk=max(1, config.train.per_device_train_batch_size // g.num_generations), progress=progress)
+        chunk=max(1, config.train.per_device_train_batch_size // g.num_generations), progress=progress,
+        bf16=config.train.bf16)
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     columns = {k: [v for v in values for _ in range(g.num_generations)] for k, values in rows.items()}
     prompts = columns.pop("prompt")
@@ -187,8 +188,13 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
         problems=problems)
 
 
-def _generate(model, prompt_ids, g, generation_config, eos_ids, pad_token_id, *, chunk: int, progress: bool):
-    """Completion ids (cut after EOS) and truncation flags, `chunk` prompts at a time with a progress bar."""
+def _generate(model, prompt_ids, g, generation_config, eos_ids, pad_token_id, *, chunk: int, progress: bool,
+              bf16: bool = False):
+    """Completion ids (cut after EOS) and truncation flags, `chunk` prompts at a time with a progress bar.
+
+    Samples under the same bf16 autocast as the built-in training loop when `train.bf16` is set.
+    """
+    import torch
     from tqdm.auto import tqdm
 
     from prefill_kit.backends.builtin.rollout import completion_mask_from_eos, generate
@@ -199,8 +205,9 @@ def _generate(model, prompt_ids, g, generation_config, eos_ids, pad_token_id, *,
               disable=not progress) as bar:
         for start in range(0, len(prompt_ids), chunk):
             part = prompt_ids[start:start + chunk]
-            batch = generate(model, part, num_generations=g.num_generations, generation_config=generation_config,
-                             eos_token_ids=eos_ids, pad_token_id=pad_token_id)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                batch = generate(model, part, num_generations=g.num_generations,
+                                 generation_config=generation_config, eos_token_ids=eos_ids, pad_token_id=pad_token_id)
             lengths = completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).tolist()
             ids_out += [ids[:n].tolist() for ids, n in zip(batch.completion_ids, lengths, strict=True)]
             truncated += batch.is_truncated.tolist()
