@@ -16,7 +16,7 @@ from typing import Any
 from prefill_kit.errors import ConfigError
 from prefill_kit.rewards.extract import extract_gold, extract_prediction
 from prefill_kit.rewards.numeric import fast_equal
-from prefill_kit.rewards.response import column, completion_text, responses
+from prefill_kit.rewards.response import completion_text, gold_column, responses
 from prefill_kit.rewards.verify_pool import shared_pool
 
 _WARM_MODULES = ("prefill_kit.rewards.symbolic:warm_up",)
@@ -82,10 +82,7 @@ class AccuracyReward:
     def correctness(self, completions: list[Any], **kwargs: Any) -> list[bool | None]:
         """Per completion: True/False, or None when its gold answer cannot be extracted."""
         n = len(completions)
-        if "solution" not in kwargs and "answer" not in kwargs:
-            raise ConfigError("accuracy reward needs a `solution` (or `answer`) column with the gold answers")
-        solutions = [s if s is not None else a
-                     for s, a in zip(column(kwargs, "solution", n), column(kwargs, "answer", n), strict=True)]
+        solutions = gold_column(kwargs, n, "accuracy")
         gold_cache: dict[str, str | None] = {}
         golds = []
         for solution in solutions:

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefill_kit.errors import ConfigError
 from prefill_kit.rewards.extract import last_boxed
-from prefill_kit.rewards.response import column, completion_text, responses
+from prefill_kit.rewards.response import completion_text, gold_column, responses
 
 
 def _letter_pattern(choices: str) -> re.Pattern[str]:
@@ -57,10 +57,7 @@ class ChoiceAccuracyReward:
 
     def __call__(self, completions: list[Any], **kwargs: Any) -> list[float | None]:
         n = len(completions)
-        if "solution" not in kwargs and "answer" not in kwargs:
-            raise ConfigError("choice_accuracy reward needs a `solution` (or `answer`) column with the gold letter")
-        golds = [s if s is not None else a
-                 for s, a in zip(column(kwargs, "solution", n), column(kwargs, "answer", n), strict=True)]
+        golds = gold_column(kwargs, n, "choice_accuracy")
         rewards: list[float | None] = []
         for gold, text in zip(golds, responses(completions, **kwargs), strict=True):
             gold_letter = choice_letter(completion_text(gold).strip(), self.choices, self.answer_tag, self.think_tag)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from prefill_kit.errors import ConfigError
+
 
 def completion_text(completion: Any) -> str:
     """The generated text of one completion: a string, or the content of a conversational `[{"content": ...}]`.
@@ -61,3 +63,12 @@ def responses(completions: Sequence[Any], **kwargs: Any) -> list[str]:
     n = len(completions)
     prefixes = column(kwargs, "prefix", n)
     return [join_prefix(prefix, completion_text(c)) for prefix, c in zip(prefixes, completions, strict=True)]
+
+
+def gold_column(kwargs: dict[str, Any], n: int, reward: str) -> list[Any]:
+    """The gold answer of each completion: `solution`, else `answer`. A reward that needs gold answers and
+    gets neither column is misconfigured, which is an error rather than a silent 0."""
+    if "solution" not in kwargs and "answer" not in kwargs:
+        raise ConfigError(f"{reward} reward needs a `solution` (or `answer`) column with the gold answers")
+    return [s if s is not None else a
+            for s, a in zip(column(kwargs, "solution", n), column(kwargs, "answer", n), strict=True)]
