@@ -199,10 +199,13 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of `raw` with each `key.sub=value` set; the value is parsed as YAML (`0.5`, `true`, `null`, `[..]`)."""
+    """A copy of `raw` with each `key.sub=value` set; the value is parsed as YAML (`0.5`, `true`, `null`, `[..]`),
+    except `data.prefix`, which is decoded as `--prefix` is (`decode_escapes`)."""
     import copy
 
     import yaml
+
+    from prefill_kit.render import decode_escapes
 
     out = copy.deepcopy(raw)
     for item in overrides:
@@ -214,6 +217,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
+        if key == "data.prefix":  # typed like --prefix on the command line: the same escapes, nothing else
+            parsed = decode_escapes(value)
         node = out
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):

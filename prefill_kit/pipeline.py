@@ -6,6 +6,7 @@ the file pipeline (`prefill_kit.render_file`) and `render_dataset` (HF datasets)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ from prefill_kit.errors import ConfigError, DataError, PrefillKitError, Template
 from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
 from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.readers import Record
-from prefill_kit.render import render_prompt
+from prefill_kit.render import assistant_opening, render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
 
 ON_ERROR = ("fail", "skip")
@@ -30,7 +31,9 @@ class RenderOptions:
     """Everything that decides how a row renders. `tokenizer` (optional) adds `prompt_ids`.
 
     `columns` renames input columns before detection; `on_error="skip"` turns bad rows into rejects;
-    `max_prompt_tokens` rejects longer prompts; `check_tokens` audits the prefix boundary.
+    `max_prompt_tokens` rejects longer prompts; `check_tokens` audits the prefix boundary. A `prompt` string
+    that is already rendered (it holds the template's assistant opening) is an error, or with `pass_rendered`
+    is copied unchanged.
     """
 
     template: ChatTemplate
@@ -43,6 +46,7 @@ class RenderOptions:
     on_error: str = "fail"
     max_prompt_tokens: int | None = None
     check_tokens: bool = False
+    pass_rendered: bool = False
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -72,10 +76,11 @@ def load_tokenizer(spec: Any):
 def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplate:
     """The template to render with: `template` (a ChatTemplate or spec), else the tokenizer's own,
     with the tokenizer's special tokens; `chatml` when neither is given."""
+    added = _added_tokens(tokenizer)
     if isinstance(template, ChatTemplate):
-        return template
+        return _with_added(template, added)
     if template is not None:
-        return load_template(template)
+        return _with_added(load_template(template), added)
     if tokenizer is None:
         return load_template("chatml")
     source = getattr(tokenizer, "chat_template", None)
@@ -83,11 +88,29 @@ def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplat
         raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                             "pass --template")
     special = {k: v for k in SPECIAL_TOKEN_KEYS if isinstance(v := getattr(tokenizer, k, None), str)}
-    return ChatTemplate(source, f"{getattr(tokenizer, 'name_or_path', 'tokenizer')} (chat_template)", special)
+    return ChatTemplate(source, f"{getattr(tokenizer, 'name_or_path', 'tokenizer')} (chat_template)", special, added)
 
 
-def render_row(row: dict[str, Any], options: RenderOptions, fmt: str) -> dict[str, Any]:
-    """Render one (already renamed) row; raises DataError (with the field) or TemplateError."""
+def _added_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The contents of the tokenizer's added tokens (special or not): text it never cuts into."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return tuple(str(getattr(t, "content", t)) for t in decoder.values())
+
+
+def _with_added(template: ChatTemplate, added: tuple[str, ...]) -> ChatTemplate:
+    if not added:
+        return template
+    return dataclasses.replace(template, added_tokens=tuple(dict.fromkeys((*template.added_tokens, *added))))
+
+
+def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, opening: str | None = None) -> dict[str, Any]:
+    """Render one (already renamed) row; raises DataError (with the field) or TemplateError.
+
+    `opening` is the template's assistant opening (`render.assistant_opening`): a `prompt` string holding it is
+    already rendered and is never wrapped again.
+    """
+    if opening is not None and fmt == "prompt" and isinstance(row.get("prompt"), str) and opening in row["prompt"]:
+        return _rendered_row(row, options, opening)
     conversation = to_conversation(row, fmt)
     prefix = row.get("prefix")
     if prefix is None:
@@ -102,6 +125,24 @@ def render_row(row: dict[str, Any], options: RenderOptions, fmt: str) -> dict[st
     if reference is not None and out.get("solution") is None:
         out["solution"] = reference
     return out
+
+
+def _rendered_row(row: dict[str, Any], options: RenderOptions, opening: str) -> dict[str, Any]:
+    """A row whose prompt is already rendered: copied unchanged with `pass_rendered`, else an error.
+
+    Its effective prefix is what follows the last assistant opening; a `prefix` column must say the same.
+    """
+    prompt = row["prompt"]
+    if not options.pass_rendered:
+        raise DataError(f"already rendered: it holds the template's assistant opening {opening!r}. Rendering it "
+                        "again would wrap one conversation in another. Train on the file as it is, or pass "
+                        "--pass-rendered to copy such rows unchanged", field="prompt")
+    after = prompt[prompt.rfind(opening) + len(opening):]
+    prefix = row.get("prefix")
+    if prefix is not None and prefix != after:
+        raise DataError(f"the rendered prompt ends with {after!r} after the assistant opening, not with the "
+                        f"row's prefix {prefix!r}", field="prefix")
+    return {**row, "prompt": prompt, "prefix": after}
 
 
 def add_prompt_ids(rows: list[dict[str, Any]], tokenizer) -> None:
@@ -161,6 +202,7 @@ class BatchRenderer:
         self.fmt = fmt
         self.encoder = PromptTokenizer(options.tokenizer) if options.tokenizer is not None else None
         self._thread: ThreadPoolExecutor | None = None
+        self._opening = assistant_opening(options.template, options.template_kwargs) if fmt == "prompt" else None
 
     def __getstate__(self) -> dict:
         return {"options": self.options, "fmt": self.fmt}
@@ -191,10 +233,12 @@ class BatchRenderer:
                 continue
             try:
                 result.rows.append(render_row(rename_columns(record.row, self.options.columns), self.options,
-                                              self.fmt))
+                                              self.fmt, self._opening))
                 kept.append(record)
             except DataError as exc:
                 self._bad(result, record, exc.reason, exc.field)
+            except ConfigError as exc:  # the options conflict (e.g. two reasoning openers): fatal, with the row
+                raise ConfigError(f"{record.where}: {exc}") from None
             except TemplateSecurityError as exc:  # the template, not the row, is at fault: always fatal
                 raise TemplateSecurityError(f"{record.where}: {exc}") from None
             except TemplateError as exc:
@@ -294,7 +338,8 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
 
     Returns a `Dataset` (an `IterableDataset` for an iterable input) with `prompt`, `prefix`, every
     non-conversation column, `solution` and, with a tokenizer, `prompt_ids` and `num_prompt_tokens`;
-    it plugs into `GRPOTrainer(train_dataset=...)` as it is. Bad rows raise DataError naming the row,
+    for `GRPOTrainer(train_dataset=...)` pass `prefill_kit.exact_ids_tokenizer(tokenizer)` as its
+    `processing_class`, or TRL adds a second BOS on BOS-adding tokenizers. Bad rows raise DataError naming the row,
     or with `on_error="skip"` are dropped and logged (logger `prefill_kit.pipeline`).
     """
     import datasets

@@ -191,6 +191,28 @@ class PromptTokenizer:
         return {piece: list(chain.from_iterable(map(get, words))) for piece, words in words_of.items()}
 
 
+def exact_ids_tokenizer(tokenizer):
+    """A copy of `tokenizer` whose plain call adds no special tokens: `tok(text)` == the rendered ids.
+
+    Rendered prompts already hold what the template writes, BOS included. TRL (and any plain `GRPOTrainer`)
+    calls `processing_class(text=prompts)` with the default `add_special_tokens=True`, which would add a second
+    BOS. Emptying the fast tokenizer's post-processor (the step that inserts BOS/EOS) makes that call exact,
+    without patching TRL. Save the original tokenizer with the model, not this copy.
+    """
+    import copy
+
+    from tokenizers import processors
+
+    from prefill_kit.errors import ConfigError
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("model.tokenizer: the TRL backend needs a fast tokenizer (tokenizer.json) so that "
+                          "prompts are not given a second BOS")
+    exact = copy.deepcopy(tokenizer)
+    exact.backend_tokenizer.post_processor = processors.Sequence([])
+    return exact
+
+
 @dataclass(frozen=True)
 class BoundaryMerge:
     """A row whose prompt tokenizes differently whole than as (prompt without prefix) + (prefix)."""

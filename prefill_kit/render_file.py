@@ -158,6 +158,8 @@ def render_file(source: str | Path, output: str, options: RenderOptions, *, outp
             _tally(summary, result, sample)
             if progress is not None:
                 progress(result.rows_in)
+    if rejects is None:  # this run rejected nothing: a rejects file from an earlier run would mislead
+        Path(reject_file).unlink(missing_ok=True)
     return summary
 
 

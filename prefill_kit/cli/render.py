@@ -37,6 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="reject prompts longer than N tokens (needs --tokenizer)")
     p.add_argument("--check-tokens", action="store_true",
                    help="count rows whose prefix tokenizes differently alone than in the prompt (needs --tokenizer)")
+    p.add_argument("--pass-rendered", action="store_true",
+                   help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
     p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,7 +79,7 @@ def _options(args: argparse.Namespace):
     tokenizer = load_tokenizer(args.tokenizer)
     return RenderOptions(resolve_template(args.template, tokenizer), prefix, args.continue_final,
                          template_kwargs, args.format, tokenizer, columns, args.on_error,
-                         args.max_prompt_tokens, args.check_tokens)
+                         args.max_prompt_tokens, args.check_tokens, args.pass_rendered)
 
 
 def default_output(source: str, output_format: str | None) -> str:
