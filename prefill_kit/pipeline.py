@@ -11,7 +11,7 @@ import multiprocessing
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
@@ -19,6 +19,9 @@ from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_m
 from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
+
+if TYPE_CHECKING:
+    from prefill_kit.few_shot import FewShot
 
 ON_ERROR = ("fail", "skip")
 ID_COLUMNS = ("prompt_ids", "num_prompt_tokens")
@@ -30,7 +33,8 @@ class RenderOptions:
     """Everything that decides how a row renders. `tokenizer` (optional) adds `prompt_ids`.
 
     `columns` renames input columns before detection; `on_error="skip"` turns bad rows into rejects;
-    `max_prompt_tokens` rejects longer prompts; `check_tokens` audits the prefix boundary.
+    `max_prompt_tokens` rejects longer prompts (after giving them fewer few-shot examples);
+    `check_tokens` audits the prefix boundary; `few_shot` puts worked examples before each row.
     """
 
     template: ChatTemplate
@@ -43,6 +47,7 @@ class RenderOptions:
     on_error: str = "fail"
     max_prompt_tokens: int | None = None
     check_tokens: bool = False
+    few_shot: FewShot | None = None
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -86,17 +91,33 @@ def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplat
     return ChatTemplate(source, f"{getattr(tokenizer, 'name_or_path', 'tokenizer')} (chat_template)", special)
 
 
-def render_row(row: dict[str, Any], options: RenderOptions, fmt: str) -> dict[str, Any]:
-    """Render one (already renamed) row; raises DataError (with the field) or TemplateError."""
+def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int | None = None,
+               shots: int | None = None) -> dict[str, Any]:
+    """Render one (already renamed) row; raises DataError (with the field) or TemplateError.
+
+    With few-shot examples, `index` (the row's position in the input) picks them and `shots` caps their number.
+    """
     conversation = to_conversation(row, fmt)
     prefix = row.get("prefix")
     if prefix is None:
         prefix = options.prefix
     elif not isinstance(prefix, str):
         raise DataError(f"expected a string, got {type(prefix).__name__}", field="prefix")
-    rendered = render_prompt(conversation.messages, options.template, prefix,
+    messages, examples, chosen = conversation.messages, [], None
+    if options.few_shot is not None:
+        from prefill_kit import few_shot
+
+        if index is None:
+            raise ConfigError("few-shot examples are chosen by row index, and this row has none")
+        chosen = few_shot.choose_examples(options.few_shot, index, few_shot.row_question(messages))[:shots]
+        examples = [options.few_shot.examples[i] for i in chosen]
+        messages = few_shot.with_examples(messages, examples, options.few_shot.mode)
+    rendered = render_prompt(messages, options.template, prefix,
                              continue_final=options.continue_final, template_kwargs=options.template_kwargs)
     out = {"prompt": rendered.prompt, "prefix": rendered.prefix}
+    if chosen is not None:
+        few_shot.check_verbatim(rendered.prompt, examples, options.template.name, options.few_shot.mode)
+        out["few_shot_indices"] = chosen
     out.update((k, v) for k, v in row.items() if k not in conversation.consumed and k not in out)
     reference = rendered.solution if rendered.solution is not None else conversation.reference
     if reference is not None and out.get("solution") is None:
@@ -126,17 +147,22 @@ def output_columns(columns: list[str], fmt: str, options: RenderOptions) -> list
     out = ["prompt", "prefix", *(c for c in renamed if c not in consumed and c not in ("prompt", "prefix"))]
     if "solution" not in out:
         out.append("solution")
+    if options.few_shot is not None and "few_shot_indices" not in out:
+        out.append("few_shot_indices")
     return out + list(ID_COLUMNS) * (options.tokenizer is not None)
 
 
 @dataclass
 class BatchResult:
-    """Output rows of one batch, its rejects (JSON-ready), and the boundary-merge audit."""
+    """Output rows of one batch, its rejects (JSON-ready), the boundary-merge audit, and the rows that got
+    fewer few-shot examples: `shots_trimmed` to fit max_prompt_tokens, `shots_short` for want of other questions."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     merges: int = 0
     merge_example: BoundaryMerge | None = None
+    shots_trimmed: int = 0
+    shots_short: int = 0
 
 
 def reject_entry(record: Record, reason: str, field_name: str | None) -> dict[str, Any]:
@@ -190,13 +216,18 @@ class BatchRenderer:
                 self._bad(result, record, record.error.reason, record.error.field)
                 continue
             try:
-                result.rows.append(render_row(rename_columns(record.row, self.options.columns), self.options,
-                                              self.fmt))
+                row = render_row(rename_columns(record.row, self.options.columns), self.options, self.fmt,
+                                 record.index)
+                result.rows.append(row)
                 kept.append(record)
+                if self.options.few_shot is not None:
+                    result.shots_short += len(row["few_shot_indices"]) < self.options.few_shot.shots
             except DataError as exc:
                 self._bad(result, record, exc.reason, exc.field)
             except TemplateSecurityError as exc:  # the template, not the row, is at fault: always fatal
                 raise TemplateSecurityError(f"{record.where}: {exc}") from None
+            except ConfigError as exc:  # e.g. the template rewrote a few-shot example: fatal, named at its row
+                raise ConfigError(f"{record.where}: {exc}") from None
             except TemplateError as exc:
                 if self.options.on_error == "fail":
                     raise TemplateError(f"{record.where}: {exc}") from None
@@ -209,12 +240,26 @@ class BatchRenderer:
             raise DataError(reason, source=record.where, field=field_name)
         result.rejects.append(reject_entry(record, reason, field_name))
 
+    def _fewer_shots(self, row: dict[str, Any], ids: list[int], record: Record, limit: int):
+        """The row rendered with the most of its few-shot examples that fit `limit` tokens (down to none);
+        the zero-shot row when even that is over, so that it is rejected with its own length."""
+        renamed = rename_columns(record.row, self.options.columns)
+        for shots in range(len(row["few_shot_indices"]) - 1, -1, -1):
+            row = render_row(renamed, self.options, self.fmt, record.index, shots)
+            ids = self.encoder.encode([row["prompt"]])[0]
+            if len(ids) <= limit:
+                break
+        return row, ids
+
     def _add_ids(self, result: BatchResult, kept: list[Record], ids: list[list[int]]) -> None:
         rows = result.rows
         limit = self.options.max_prompt_tokens
         if limit is not None and any(len(i) > limit for i in ids):
             fits = []
             for row, row_ids, record in zip(rows, ids, kept, strict=True):
+                if len(row_ids) > limit and row.get("few_shot_indices"):
+                    row, row_ids = self._fewer_shots(row, row_ids, record, limit)
+                    result.shots_trimmed += len(row_ids) <= limit
                 if len(row_ids) <= limit:
                     fits.append((row, row_ids, record))
                 else:
@@ -254,7 +299,7 @@ class _MapRenderer:
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         values = [batch[c] for c in self.columns]
         offset = self.offset
-        records = [Record("dataset", "row", i + offset, dict(zip(self.columns, row, strict=True)))
+        records = [Record("dataset", "row", i + offset, dict(zip(self.columns, row, strict=True)), index=i + offset)
                    for i, row in zip(indices, zip(*values, strict=True), strict=True)]
         result = self.renderer(records)
         for reject in result.rejects:
@@ -289,13 +334,14 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
                    template_kwargs: dict[str, Any] | None = None, format: str = "auto",
                    columns: dict[str, str] | None = None, on_error: str = "fail",
                    max_prompt_tokens: int | None = None, num_proc: int | None = None,
-                   batch_size: int = 1000):
+                   batch_size: int = 1000, few_shot: FewShot | None = None):
     """Render a `datasets.Dataset` / `IterableDataset`, or a path to data (any type `prefill-kit render` reads).
 
     Returns a `Dataset` (an `IterableDataset` for an iterable input) with `prompt`, `prefix`, every
     non-conversation column, `solution` and, with a tokenizer, `prompt_ids` and `num_prompt_tokens`;
     it plugs into `GRPOTrainer(train_dataset=...)` as it is. Bad rows raise DataError naming the row,
-    or with `on_error="skip"` are dropped and logged (logger `prefill_kit.pipeline`).
+    or with `on_error="skip"` are dropped and logged (logger `prefill_kit.pipeline`). `few_shot`
+    (`prefill_kit.few_shot.load_few_shot`) puts worked examples before each row and adds `few_shot_indices`.
     """
     import datasets
 
@@ -303,7 +349,7 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
     tokenizer = load_tokenizer(tokenizer)
     options = RenderOptions(resolve_template(template, tokenizer), prefix, continue_final,
                             dict(template_kwargs or {}), format, tokenizer, dict(columns or {}), on_error,
-                            max_prompt_tokens)
+                            max_prompt_tokens, few_shot=few_shot)
     in_columns = data.column_names or list(next(iter(data)).keys())
     fmt = detect(in_columns, options)
     function = _MapRenderer(BatchRenderer(options, fmt), in_columns, output_columns(in_columns, fmt, options))
