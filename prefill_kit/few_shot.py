@@ -29,11 +29,13 @@ _OPEN_TAG = re.compile(r"<([A-Za-z_][\w-]*)>")
 
 @dataclass(frozen=True)
 class Example:
-    """One worked example: the user's `question`, the assistant's `answer`, and where it came from."""
+    """One worked example: the user's `question`, the assistant's `answer`, where it came from, and `index`,
+    its 0-based row in the examples file (what output rows record in `few_shot_indices`)."""
 
     question: str
     answer: str
     where: str
+    index: int
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,8 @@ def row_question(messages: list[dict[str, Any]]) -> str:
 
 
 def choose_examples(few_shot: FewShot, index: int, question: str) -> list[int]:
-    """The indices of the examples row `index` gets, in prompt order: `shots` of them, or fewer when not enough
-    examples ask another question than `question`.
+    """The positions in `few_shot.examples` of the examples row `index` gets, in prompt order: `shots` of them,
+    or fewer when not enough examples ask another question than `question`.
 
     Depends only on the seed, the row index and the question, so any sharding over processes picks the same.
     Fewer shots (to fit a token budget) are the first ones of this list.
@@ -148,7 +150,7 @@ def check_verbatim(prompt: str, examples: list[Example], template_name: str, mod
                               f"it teaches; {advice}")
 
 
-def _example(row: dict[str, Any], fmt: str, where: str) -> Example:
+def _example(row: dict[str, Any], fmt: str, where: str, index: int) -> Example:
     """A question and its answer from one example row; DataError naming the field otherwise."""
     from prefill_kit.formats import to_conversation
     from prefill_kit.render import message_text
@@ -171,7 +173,7 @@ def _example(row: dict[str, Any], fmt: str, where: str) -> Example:
     question = message_text(messages[0].get("content"))
     if not question.strip():
         raise DataError("empty question", field="messages")
-    return Example(question, answer, where)
+    return Example(question, answer, where, index)
 
 
 def load_few_shot(path: str | Path, *, shots: int, seed: int = 0, mode: str = "turns", prefix: str = "",
@@ -198,7 +200,7 @@ def load_few_shot(path: str | Path, *, shots: int, seed: int = 0, mode: str = "t
             try:
                 if record.error is not None:
                     raise record.error
-                example = _example(record.row, fmt, record.where)
+                example = _example(record.row, fmt, record.where, record.index)
                 problem = answer_format_problem(example.answer, prefix)
                 if problem is not None:
                     raise DataError(problem, field="answer")

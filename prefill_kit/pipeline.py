@@ -117,7 +117,7 @@ def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int
     out = {"prompt": rendered.prompt, "prefix": rendered.prefix}
     if chosen is not None:
         few_shot.check_verbatim(rendered.prompt, examples, options.template.name, options.few_shot.mode)
-        out["few_shot_indices"] = chosen
+        out["few_shot_indices"] = [e.index for e in examples]
     out.update((k, v) for k, v in row.items() if k not in conversation.consumed and k not in out)
     reference = rendered.solution if rendered.solution is not None else conversation.reference
     if reference is not None and out.get("solution") is None:

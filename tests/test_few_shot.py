@@ -122,7 +122,7 @@ def test_the_shipped_examples_score_1_on_the_format_rewards():
 # --- choosing ---------------------------------------------------------------------------------------------------
 
 def few_shot(n=6, shots=3, seed=0, mode="turns"):
-    return FewShot(tuple(Example(f"Q{i}?", answer(i), f"f:{i + 1}") for i in range(n)), shots, seed, mode)
+    return FewShot(tuple(Example(f"Q{i}?", answer(i), f"f:{i + 1}", i) for i in range(n)), shots, seed, mode)
 
 
 def test_choice_depends_on_seed_and_row_index_only():
@@ -143,7 +143,7 @@ def test_an_example_asking_the_rows_own_question_is_never_used():
 
 
 def test_turns_go_after_the_system_message_and_system_mode_appends_to_it():
-    examples = [Example("Q1?", "A1", "f:1"), Example("Q2?", "A2", "f:2")]
+    examples = [Example("Q1?", "A1", "f:1", 0), Example("Q2?", "A2", "f:2", 1)]
     system = {"role": "system", "content": "Be brief."}
     user = {"role": "user", "content": "Row?"}
     assert with_examples([system, user], examples, "turns") == [
@@ -279,7 +279,8 @@ def test_cli_renders_the_shipped_examples_in_one_command(tmp_path):
 
 def test_cli_few_shot_errors_and_skipped_examples(tmp_path, data_file):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q0?", "answer": answer(0)},
-                                               {"question": "Q1?", "answer": "7"}])
+                                               {"question": "Q1?", "answer": "7"},
+                                               {"question": "Q2?", "answer": answer(2)}])
     result = run_cli("render", data_file, "-o", str(tmp_path / "o.jsonl"), "--prefix", r"<think>\n", "--few-shot", bad,
                      "--shots", "1")
     assert result.returncode == 2 and "bad.jsonl:2: field 'answer'" in result.stderr
@@ -287,7 +288,8 @@ def test_cli_few_shot_errors_and_skipped_examples(tmp_path, data_file):
     result = run_cli("render", data_file, "-o", str(tmp_path / "o.jsonl"), "--prefix", r"<think>\n", "--few-shot", bad,
                      "--shots", "1", "--on-error", "skip")
     assert result.returncode == 0 and "warning: skipped" in result.stderr and "bad.jsonl:2" in result.stderr
-    assert {tuple(r["few_shot_indices"]) for r in read_jsonl(tmp_path / "o.jsonl")} == {(0,)}
+    # indices are rows of the examples file, whatever was left out before them
+    assert {tuple(r["few_shot_indices"]) for r in read_jsonl(tmp_path / "o.jsonl")} == {(0,), (2,)}
     result = run_cli("render", data_file, "--shots", "2")
     assert result.returncode == 2 and "--shots: give the examples with --few-shot FILE" in result.stderr
 
