@@ -145,9 +145,9 @@ def check_verbatim(prompt: str, examples: list[Example], template_name: str, mod
                       "message, or a template option that keeps earlier reasoning where the model family has one"
                       if mode == "turns" else "check the template's handling of the system message")
             raise ConfigError(f"template {template_name} rewrote the answer of few-shot example {example.where}: "
-                              "it changes earlier assistant turns (Qwen3-style templates drop the <think> block of "
-                              "every turn before the last user message), so the example no longer shows the format "
-                              f"it teaches; {advice}")
+                              "it changes earlier assistant turns (Qwen3 and DeepSeek-R1 templates drop the <think> "
+                              "block of assistant turns before the last user message), so the example no longer "
+                              f"shows the format it teaches; {advice}")
 
 
 def _example(row: dict[str, Any], fmt: str, where: str, index: int) -> Example:

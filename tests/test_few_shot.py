@@ -171,21 +171,22 @@ def test_turns_mode_on_a_shipped_template_renders_the_examples_before_the_row(tm
         assert row["prefix"] == PREFIX and row["solution"] == str(i)
 
 
-@pytest.mark.parametrize("which", ["shipped", "reference"])
-def test_qwen3_drops_earlier_reasoning_so_turns_mode_stops_and_system_mode_works(tmp_path, shots_file, data_file,
-                                                                                  which, request):
-    template = load_template("qwen3") if which == "shipped" else request.getfixturevalue("qwen3_reference")
+@pytest.mark.parametrize("which", ["qwen3", "qwen3 (reference)", "deepseek-r1"])
+def test_templates_that_drop_earlier_reasoning_stop_turns_mode_and_system_mode_works(tmp_path, shots_file, data_file,
+                                                                                      which, request):
+    template = request.getfixturevalue("qwen3_reference") if "reference" in which else load_template(which)
     few = load_few_shot(shots_file, shots=2, prefix=PREFIX)
-    with pytest.raises(ConfigError, match=r"data\.jsonl:1: template qwen3.* rewrote the answer of few-shot example "
+    with pytest.raises(ConfigError, match=r"data\.jsonl:1: template .* rewrote the answer of few-shot example "
                                           r".*shots\.jsonl:\d: .*drop the <think> block.*--few-shot-mode system"):
         render(tmp_path, data_file, RenderOptions(template, PREFIX, few_shot=few, on_error="skip"))
     system = load_few_shot(shots_file, shots=2, mode="system", prefix=PREFIX)
     _, rows = render(tmp_path, data_file, RenderOptions(template, PREFIX, few_shot=system))
     for row in rows:
-        assert row["prompt"].startswith("<|im_start|>system\nWorked examples of the expected response format:")
+        system = "<|im_start|>system\n" if "qwen3" in which else "<｜begin▁of▁sentence｜>"
+        assert row["prompt"].startswith(system + "Worked examples of the expected response format:\n\nQuestion: Q")
         assert all(answer(k) in row["prompt"] for k in row["few_shot_indices"])
-        assert row["prompt"].endswith("<|im_start|>user\n" + f"Row {row['id']}?<|im_end|>\n<|im_start|>assistant\n"
-                                      "<think>\n")
+        assert row["prompt"].endswith(f"Row {row['id']}?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+                                      if "qwen3" in which else f"Row {row['id']}?<｜Assistant｜><think>\n")
 
 
 def test_qwen3_keeps_answers_without_reasoning_so_turns_mode_works_there(tmp_path, data_file, qwen3_reference):
