@@ -195,7 +195,10 @@ def load_few_shot(path: str | Path, *, shots: int, seed: int = 0, mode: str = "t
     fmt = None
     for chunk in iter_chunks(path):
         if fmt is None and (columns := chunk_columns(chunk)) is not None:
-            fmt = detect_format(columns)
+            try:
+                fmt = detect_format(columns)
+            except DataError as exc:
+                raise exc.located(source=source) from None
         for record in chunk_records(chunk):
             try:
                 if record.error is not None:

@@ -60,6 +60,12 @@ class RenderOptions:
             raise ConfigError("max_prompt_tokens and check_tokens count tokens: they need a tokenizer")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"max_prompt_tokens: expected a positive integer, got {self.max_prompt_tokens}")
+        if self.few_shot is not None:
+            from prefill_kit.few_shot import FewShot
+
+            if not isinstance(self.few_shot, FewShot):
+                raise ConfigError("few_shot: expected prefill_kit.few_shot.load_few_shot(...), got "
+                                  f"{type(self.few_shot).__name__}")
 
 
 def load_tokenizer(spec: Any):

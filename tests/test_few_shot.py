@@ -108,6 +108,14 @@ def test_bad_example_files_are_clear_errors(tmp_path):
         load_few_shot(two_turns, shots=1)
     with pytest.raises(ConfigError, match="few_shot.shots: 3 examples per row, but .* has 1 usable"):
         load_few_shot(write_jsonl(tmp_path / "c.jsonl", [{"question": "Q?", "answer": "A"}]), shots=3)
+    with pytest.raises(DataError, match=r"d\.jsonl: cannot detect the data format from columns \['text'\]"):
+        load_few_shot(write_jsonl(tmp_path / "d.jsonl", [{"text": "Q?"}]), shots=1)
+    broken = tmp_path / "e.jsonl"
+    broken.write_text('{"question": "Q?", "answer": "A"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"e\.jsonl:2: few-shot example: invalid JSON"):
+        load_few_shot(broken, shots=1)
+    with pytest.raises(ConfigError, match="few_shot: expected prefill_kit.few_shot.load_few_shot"):
+        RenderOptions(load_template("chatml"), few_shot=str(tmp_path / "c.jsonl"))
 
 
 def test_the_shipped_examples_score_1_on_the_format_rewards():
@@ -153,6 +161,10 @@ def test_turns_go_after_the_system_message_and_system_mode_appends_to_it():
     assert with_examples([system, user], examples, "system") == [
         {"role": "system", "content": "Be brief.\n\n" + text}, user]
     assert with_examples([user], examples, "system") == [{"role": "system", "content": text}, user]
+    parts = {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert with_examples([parts, user], examples, "system") == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "\n\n" + text}]},
+        user]
     assert with_examples([user], [], "system") == [user]
 
 
