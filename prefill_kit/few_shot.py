@@ -48,6 +48,7 @@ class FewShot:
     mode: str = "turns"
     source: str = ""
     skipped: tuple[str, ...] = field(default=())  # examples left out under on_error=skip, each with why
+    by_question: dict[str, list[int]] = field(init=False, repr=False, compare=False)  # the leak check's index
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,6 +60,10 @@ class FewShot:
         if self.shots > len(self.examples):
             raise ConfigError(f"few_shot.shots: {self.shots} examples per row, but {self.source or 'the file'} "
                               f"has {len(self.examples)} usable example(s)")
+        by_question: dict[str, list[int]] = {}
+        for i, example in enumerate(self.examples):
+            by_question.setdefault(normalized_question(example.question), []).append(i)
+        object.__setattr__(self, "by_question", by_question)  # built once instead of per row
 
 
 def opened_block(prefix: str) -> str | None:
@@ -102,8 +107,10 @@ def choose_examples(few_shot: FewShot, index: int, question: str) -> list[int]:
     Depends only on the seed, the row index and the question, so any sharding over processes picks the same.
     Fewer shots (to fit a token budget) are the first ones of this list.
     """
-    own = normalized_question(question)
-    candidates = [i for i, e in enumerate(few_shot.examples) if normalized_question(e.question) != own]
+    own = few_shot.by_question.get(normalized_question(question), ())
+    # sample(range(n)) picks exactly as sample(list(range(n))) does, without building the list for every row
+    candidates = range(len(few_shot.examples)) if not own else [i for i in range(len(few_shot.examples))
+                                                                 if i not in own]
     rng = random.Random(f"prefill-kit few-shot {few_shot.seed} {index}")  # str seeds hash with SHA-512: stable
     return rng.sample(candidates, min(few_shot.shots, len(candidates)))
 
