@@ -3,6 +3,7 @@ check, the token budget, and the CLI and training-config paths."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -201,12 +202,23 @@ def test_templates_that_drop_earlier_reasoning_stop_turns_mode_and_system_mode_w
                                       if "qwen3" in which else f"Row {row['id']}?<｜Assistant｜><think>\n")
 
 
-def test_qwen3_keeps_answers_without_reasoning_so_turns_mode_works_there(tmp_path, data_file, qwen3_reference):
+@pytest.mark.parametrize("mode", ["turns", "system"])
+def test_the_reference_qwen3_template_through_transformers_gives_the_same_prompts(tmp_path, data_file, mode,
+                                                                                   qwen3_reference, tiny_tokenizer):
+    """Answers without reasoning survive Qwen3's history rewrite, so turns mode works there too; each prompt is
+    what transformers' apply_chat_template makes of the conversation with the examples, plus the prefix."""
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"question": f"Q{i}?", "answer": f"It is {i}."} for i in range(3)])
-    few = load_few_shot(plain, shots=2)
-    _, rows = render(tmp_path, data_file, RenderOptions(qwen3_reference, few_shot=few))
-    assert all(f"<|im_start|>assistant\nIt is {k}.<|im_end|>" in r["prompt"] for r in rows
-               for k in r["few_shot_indices"])
+    few = load_few_shot(plain, shots=2, mode=mode)
+    _, rows = render(tmp_path, data_file, RenderOptions(qwen3_reference, "Let me see.", few_shot=few))
+    hf = copy.copy(tiny_tokenizer)
+    hf.chat_template = qwen3_reference.source
+    for i, row in enumerate(rows):
+        examples = [Example(f"Q{k}?", f"It is {k}.", "", k) for k in row["few_shot_indices"]]
+        messages = with_examples([{"role": "user", "content": f"Row {i}?"}], examples, mode)
+        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "Let me see."
+        assert row["prompt"] == expected
+        assert (f"<|im_start|>assistant\nIt is {row['few_shot_indices'][0]}.<|im_end|>" in row["prompt"]) == (
+            mode == "turns")
 
 
 def test_the_same_examples_with_any_num_proc_and_batch_size(tmp_path, shots_file, data_file, chatml):
