@@ -317,6 +317,8 @@ def test_cli_few_shot_errors_and_skipped_examples(tmp_path, data_file):
     assert {tuple(r["few_shot_indices"]) for r in read_jsonl(tmp_path / "o.jsonl")} == {(0,), (2,)}
     result = run_cli("render", data_file, "--shots", "2")
     assert result.returncode == 2 and "--shots: give the examples with --few-shot FILE" in result.stderr
+    result = run_cli("render", data_file, "--few-shot-mode", "system")
+    assert result.returncode == 2 and "--few-shot-mode: give the examples with --few-shot FILE" in result.stderr
 
 
 def test_training_config_renders_with_few_shot(tmp_path, shots_file, data_file, tiny_tokenizer):

@@ -45,9 +45,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "before each row")
     p.add_argument("--shots", type=positive_int, default=None, metavar="K",
                    help="examples per row (needs --few-shot; default: 4)")
-    p.add_argument("--few-shot-seed", type=int, default=0, metavar="S",
+    p.add_argument("--few-shot-seed", type=int, default=None, metavar="S",
                    help="seed of the per-row choice of examples (default: 0)")
-    p.add_argument("--few-shot-mode", choices=("turns", "system"), default="turns",
+    p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
                    help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
@@ -86,14 +86,17 @@ def _options(args: argparse.Namespace):
         raise ConfigError("--max-prompt-tokens and --check-tokens count tokens: they need --tokenizer")
     if args.num_proc < 1 or args.batch_size < 1:
         raise ConfigError("--num-proc and --batch-size: expected positive integers")
-    if args.few_shot is None and args.shots is not None:
-        raise ConfigError("--shots: give the examples with --few-shot FILE")
+    if args.few_shot is None:
+        given = [flag for flag, value in (("--shots", args.shots), ("--few-shot-seed", args.few_shot_seed),
+                                          ("--few-shot-mode", args.few_shot_mode)) if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: give the examples with --few-shot FILE")
     few_shot = None
     if args.few_shot is not None:
         from prefill_kit.few_shot import load_few_shot
 
-        few_shot = load_few_shot(args.few_shot, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed,
-                                 mode=args.few_shot_mode, prefix=prefix, on_error=args.on_error)
+        few_shot = load_few_shot(args.few_shot, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
+                                 mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
         for skipped in few_shot.skipped:
             print(f"warning: skipped {skipped}", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)
