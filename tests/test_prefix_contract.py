@@ -114,9 +114,9 @@ def test_pass_rendered_checks_the_prefix_column(chatml):
     options = RenderOptions(chatml, pass_rendered=True)
     opening = assistant_opening(chatml)
     prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
-    assert render_row({"prompt": prompt}, options, "prompt", opening)["prefix"] == "<think>\n"
+    assert render_row({"prompt": prompt}, options, "prompt", opening=opening)["prefix"] == "<think>\n"
     with pytest.raises(DataError, match="prefix"):
-        render_row({"prompt": prompt, "prefix": "<answer>"}, options, "prompt", opening)
+        render_row({"prompt": prompt, "prefix": "<answer>"}, options, "prompt", opening=opening)
 
 
 def test_a_raw_trl_prompt_with_a_prefix_column_still_renders(tmp_path):
