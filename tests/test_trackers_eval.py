@@ -274,3 +274,32 @@ def test_builtin_evaluation_leaves_training_exactly_as_without_it(runs, tiny_mod
     assert [r["loss"] for r in plain.history] == [r["loss"] for r in with_eval.history]
     assert [r["reward"] for r in plain.history] == [r["reward"] for r in with_eval.history]
     assert [r["step"] for r in with_eval.eval_history] == [2, 3]
+
+
+def test_builtin_resume_with_eval_and_tensorboard_stays_exact(tiny_model_dir, eval_file, tmp_path):
+    """A resumed run rewrites the same rows, eval included, and TensorBoard shows each step once."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def config(run: str, **output):
+        raw = raw_config(tiny_model_dir, tmp_path / run, **eval_sections(eval_file))
+        raw["output"].update(save_steps=2, report_to=["tensorboard"], **output)
+        return config_from_dict(raw)
+
+    builtin.train(config("full"), progress=False)
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    builtin.train(config("resumed", resume_from=str(tmp_path / "resumed" / "checkpoint-2")), progress=False)
+
+    def rows(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in lines]
+
+    assert rows("resumed") == rows("full")
+    assert [r["step"] for r in rows("full") if "eval/reward" in r] == [2, 3]
+    events = EventAccumulator(str(tmp_path / "resumed" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]  # the stopped run's step 3 is purged
+    assert [e.step for e in events.Scalars("eval/reward")] == [2, 3]
+    assert tensorboard_scalars(tmp_path / "resumed" / "tensorboard")["eval/reward"] == pytest.approx(
+        {r["step"]: r["eval/reward"] for r in rows("full") if "eval/reward" in r}, rel=1e-6)
