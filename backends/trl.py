@@ -115,6 +115,12 @@ def _eval_kwargs(config: TrainingConfig) -> dict[str, Any]:
             "per_device_eval_batch_size": prompts_per_batch * g.eval_num_generations}
 
 
+def _eval_temperature(config: TrainingConfig) -> float | None:
+    """The temperature eval sampling must switch to, or None when it is the training one."""
+    g = config.grpo
+    return g.eval_temperature if g.eval_temperature not in (None, g.temperature) else None
+
+
 def _has_accelerator() -> bool:
     import torch
 
@@ -140,7 +146,7 @@ def trl_extra_kwargs(config: TrainingConfig) -> dict[str, Any]:
             raise ConfigError(f"trl.{key}: prefill-kit sets this from its own config; set {instead[key]} instead")
         if key in mapped or key in owned:
             raise ConfigError(f"trl.{key}: prefill-kit sets this from its own config; set it there instead")
-    if config.trl.get("use_vllm") and config.grpo.eval_temperature not in (None, config.grpo.temperature):
+    if config.trl.get("use_vllm") and _eval_temperature(config) is not None:
         raise ConfigError("grpo.eval_temperature: with trl.use_vllm the TRL backend samples eval completions at "
                           "grpo.temperature; remove grpo.eval_temperature or set it equal")
     return dict(config.trl)
@@ -286,12 +292,18 @@ def _trainer_class():
 
         @contextlib.contextmanager
         def _eval_sampling(self):
-            """TRL samples eval completions with the training temperature; swap in `eval_temperature`."""
+            """TRL samples eval completions with the training temperature; swap in `eval_temperature`.
+
+            Only transformers' sampling reads these two (`trl_extra_kwargs` refuses a differing eval
+            temperature with vLLM, where neither exists).
+            """
+            if self.eval_temperature is None:
+                yield
+                return
             saved = self.generation_config, self.generation_kwargs
-            if self.eval_temperature is not None:
-                self.generation_config = copy.deepcopy(self.generation_config)
-                self.generation_config.temperature = self.eval_temperature
-                self.generation_kwargs = {**self.generation_kwargs, "temperature": self.eval_temperature}
+            self.generation_config = copy.deepcopy(self.generation_config)
+            self.generation_config.temperature = self.eval_temperature
+            self.generation_kwargs = {**self.generation_kwargs, "temperature": self.eval_temperature}
             try:
                 yield
             finally:
@@ -443,7 +455,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards], trackers,
                                      flat_config(config.to_dict())),
                    _final_eval_callback()],
-        eval_temperature=config.grpo.eval_temperature,
+        eval_temperature=_eval_temperature(config),
         recorder=recorder, completion_log=completion_log,
         health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)

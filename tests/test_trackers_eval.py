@@ -57,12 +57,14 @@ def eval_sections(eval_file) -> dict:
 def runs(tiny_model_dir, eval_file, tmp_path_factory):
     """Each backend trains 3 steps once, evaluating at steps 2 and 3, with TensorBoard and offline wandb.
 
-    Records every reward call and the prompts of every forward pass that computes gradients.
+    Records every reward call, the prompts of every forward pass that computes gradients, and the sampling
+    temperature of every `generate` call with whether its prompts were held out.
     """
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     out = {}
     for backend, train in BACKENDS.items():
         grad_prompts: list[str] = []
+        temperatures: list[tuple[bool, float]] = []  # (held-out prompts?, temperature) per generate call
 
         def hook(module, args, kwargs, _seen=grad_prompts):
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -71,9 +73,18 @@ def runs(tiny_model_dir, eval_file, tmp_path_factory):
 
         original = AutoModelForCausalLM.from_pretrained
 
-        def loading(*args, _original=original, **kwargs):
+        def loading(*args, _original=original, _temps=temperatures, **kwargs):
             model = _original(*args, **kwargs)
             model.register_forward_pre_hook(hook, with_kwargs=True)
+            plain_generate = model.generate
+
+            def generate(*a, **kw):
+                heldout = [HELDOUT in p for p in tokenizer.batch_decode(kw["input_ids"])]
+                assert len(set(heldout)) == 1, "a generate call mixes eval and training prompts"
+                _temps.append((heldout[0], kw["generation_config"].temperature))
+                return plain_generate(*a, **kw)
+
+            model.generate = generate
             return model
 
         run_dir = tmp_path_factory.mktemp(backend) / "run"
@@ -89,7 +100,7 @@ def runs(tiny_model_dir, eval_file, tmp_path_factory):
             result = train(config_from_dict(raw))
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         out[backend] = {"dir": run_dir, "rows": rows, "calls": list(recording_reward.CALLS),
-                        "grad_prompts": grad_prompts, "result": result}
+                        "grad_prompts": grad_prompts, "temperatures": temperatures, "result": result}
     return out
 
 
@@ -144,6 +155,16 @@ def test_trl_section_cannot_set_what_output_and_eval_options_set(tmp_path):
                                          trl={"report_to": ["wandb"]}))
     with pytest.raises(ConfigError, match=r"trl.report_to: .*set output.report_to instead"):
         trl.train(config)
+
+
+def test_trl_refuses_an_eval_temperature_vllm_would_not_use(eval_file, tmp_path):
+    from prefill_kit.backends.trl import trl_extra_kwargs
+
+    sections = eval_sections(eval_file)
+    with pytest.raises(ConfigError, match="grpo.eval_temperature: with trl.use_vllm"):
+        trl_extra_kwargs(config_from_dict(raw_config("m", tmp_path, trl={"use_vllm": True}, **sections)))
+    sections["grpo"]["eval_temperature"] = 1.0  # the training temperature: nothing to switch
+    assert trl_extra_kwargs(config_from_dict(raw_config("m", tmp_path, trl={"use_vllm": True}, **sections)))
 
 
 def test_trl_config_maps_eval_options(eval_file, tmp_path):
@@ -265,6 +286,13 @@ def test_an_eval_row_is_never_trained_on(runs, backend):
     grad_prompts = runs[backend]["grad_prompts"]
     assert grad_prompts, "no forward pass with gradients was seen"
     assert not [p for p in grad_prompts if HELDOUT in p]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_samples_at_eval_temperature_and_training_at_temperature(runs, backend):
+    temperatures = runs[backend]["temperatures"]
+    assert {t for heldout, t in temperatures if heldout} == {0.7}
+    assert {t for heldout, t in temperatures if not heldout} == {1.0}
 
 
 def test_builtin_evaluation_leaves_training_exactly_as_without_it(runs, tiny_model_dir, tmp_path):
