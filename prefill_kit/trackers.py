@@ -7,7 +7,8 @@ feeds them too, instead of transformers' `report_to` callbacks: those rename eve
 different curves per backend and per tracker.
 
 Where each writes: TensorBoard to `OUTPUT_DIR/tensorboard`; wandb to `OUTPUT_DIR/wandb` (online, or offline with
-`WANDB_MODE=offline`) in project `output.project`; MLflow to its tracking URI (`MLFLOW_TRACKING_URI`), experiment
+`WANDB_MODE=offline`) in project `output.project`; MLflow to its tracking URI (`MLFLOW_TRACKING_URI`, a database
+or server: the file store cannot hold both `clip_ratio` and `clip_ratio/low_mean`), experiment
 `output.project`; trackio to its local store, project `output.project`. `output.run_name` names the run in
 wandb, MLflow and trackio (default: the last part of `output.dir`).
 """
