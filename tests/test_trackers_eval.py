@@ -195,6 +195,15 @@ def test_one_record_set_drops_padding_repeats_and_refuses_missing_completions():
         one_record_set([(0, [1.0]), (0, [1.0]), (1, [0.0])], num_prompts=2, num_generations=2)
 
 
+def test_process_shards_cover_every_eval_row_exactly_once():
+    from prefill_kit.backends.builtin.evaluation import process_shard
+
+    for num_rows in range(12):
+        for world in range(1, 5):
+            rows = [i for rank in range(world) for i in process_shard(num_rows, rank, world)]
+            assert rows == list(range(num_rows)), (num_rows, world)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
