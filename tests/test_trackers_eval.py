@@ -175,6 +175,16 @@ def test_trl_config_maps_eval_options(eval_file, tmp_path):
     assert grpo_config_kwargs(config_from_dict(raw_config("m", tmp_path)))["eval_strategy"] == "no"
 
 
+def test_the_run_summary_reads_the_last_training_row_and_the_last_eval(tmp_path):
+    from prefill_kit.cli.train import run_summary
+
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 3, "loss": 0.25, "reward": 0.5, "completion_length": 7.0}) + "\n"
+        + json.dumps({"step": 3, "eval/reward": 0.75, "eval/rewards/format": 0.75}) + "\n", encoding="utf-8")
+    summary = run_summary(config_from_dict(raw_config("m", tmp_path)))
+    assert summary.startswith("builtin backend: 3 steps; reward 0.5; loss 0.25; completion_length 7; eval/reward 0.75")
+
+
 # ------------------------------------------------------------------------------------------ pure functions
 
 
