@@ -15,6 +15,7 @@ from typing import Any
 
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
+from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
 from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
@@ -342,8 +343,10 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         # Forked workers get `job` as it is in memory: fork passes initializer arguments without pickling.
-        with multiprocessing.get_context("fork").Pool(len(shards), initializer=_init_shard_worker,
-                                                      initargs=(job,)) as pool:
+        with interrupts_ignored_by_new_processes():  # Ctrl-C is the parent's to handle (see prefill_kit.interrupts)
+            pool = multiprocessing.get_context("fork").Pool(len(shards), initializer=_init_shard_worker,
+                                                            initargs=(job,))
+        with pool:
             paths = []
             for outcome in pool.imap(_render_shard, range(len(shards))):
                 if not isinstance(outcome, str):
@@ -359,6 +362,7 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
 
 def _init_shard_worker(job: tuple) -> None:
     global _shard_job
+    ignore_interrupts()
     _shard_job = job
 
 
