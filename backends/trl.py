@@ -140,7 +140,7 @@ def check_prompt_ids(tokenizer, dataset, *, rows: int = 16) -> None:
     made = tokenizer(text=list(sample["prompt"]))["input_ids"]
     for i, (ids, expected) in enumerate(zip(made, sample["prompt_ids"], strict=True)):
         if list(ids) != list(expected):
-            raise PrefillKitError(f"row {i}: TRL would feed the model {len(ids)} prompt tokens {list(ids)[:8]}..., "
+            raise PrefillKitError(f"row {i + 1}: TRL would feed the model {len(ids)} prompt tokens {list(ids)[:8]}..., "
                                   f"not the {len(expected)} rendered ones {list(expected)[:8]}...")
 
 

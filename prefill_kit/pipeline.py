@@ -255,7 +255,7 @@ class _MapRenderer:
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         values = [batch[c] for c in self.columns]
         offset = self.offset
-        records = [Record("dataset", "row", i + offset, dict(zip(self.columns, row, strict=True)))
+        records = [Record("dataset", "row", i + offset + 1, dict(zip(self.columns, row, strict=True)))  # 1-based
                    for i, row in zip(indices, zip(*values, strict=True), strict=True)]
         result = self.renderer(records)
         for reject in result.rejects:
@@ -283,6 +283,12 @@ def as_dataset(data):
     try:
         return datasets.load_dataset(builder, data_files=[str(p) for p, _ in inputs], split="train")
     except Exception as exc:  # datasets wraps parser errors in many types; name the input
+        if builder == "json" and kinds == {"jsonl"}:
+            from prefill_kit.readers import first_unreadable_line
+
+            for path, _ in inputs:  # the located error (line, column in the line), not pyarrow's "row 1"
+                if (located := first_unreadable_line(path)) is not None:
+                    raise located from None
         raise DataError(f"cannot load as {builder}: {exc}", source=str(data)) from None
 
 

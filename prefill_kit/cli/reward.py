@@ -22,22 +22,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of INPUT; a row without a usable `completion` is an error naming its line."""
+def read_rows(path: str) -> tuple[list[int], list[dict[str, Any]]]:
+    """The 1-based line of each row of INPUT, and the rows; a row without a usable `completion` is an error
+    naming its line. Lines, not row counts, name rows here as in `render`, so blank lines do not shift them."""
     from prefill_kit.errors import DataError
     from prefill_kit.io import iter_jsonl
 
-    rows = []
+    lines, rows = [], []
     for line, row in iter_jsonl(path):
         completion = row.get("completion")
         if not isinstance(completion, str | list):
             got = "missing" if completion is None else f"a {type(completion).__name__}"
             raise DataError(f"expected a string or a list of messages, got {got}", source=path, line=line,
                             field="completion")
+        lines.append(line)
         rows.append(row)
     if not rows:
         raise DataError("no rows", source=path)
-    return rows
+    return lines, rows
 
 
 def score_rows(rows: list[dict[str, Any]], rewards, prefix: str | None) -> dict[str, list[float | None]]:
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.rewards.response import completion_text
 
     rewards = parse_reward_spec(args.rewards)
-    rows = read_rows(args.input)
+    lines, rows = read_rows(args.input)
     scores = score_rows(rows, rewards, args.prefix)
 
     print(f"{len(rows)} rows from {args.input}")
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         text = completion_text(rows[i]["completion"]).replace("\n", " ")
         shown = text if len(text) <= 160 else text[:60] + " ... " + text[-95:]
         per = ", ".join(f"{w.name}={scores[w.name][i]}" for w in rewards)
-        print(f"  row {i + 1}: reward={scores['reward'][i]:.4f} ({per})\n    {shown}")
+        print(f"  {args.input}:{lines[i]}: reward={scores['reward'][i]:.4f} ({per})\n    {shown}")
 
     if args.output:
         names = [w.name for w in rewards] + ["reward"]
