@@ -21,7 +21,10 @@ SUBCOMMANDS = ("render", "templates", "reward", "train", "plot", "preflight", "i
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prefill_kit import __version__
+
     parser = argparse.ArgumentParser(prog="prefill-kit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prefill-kit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         try:
