@@ -44,6 +44,16 @@ def load_training_data(section: DataSection, tokenizer):
     return dataset.map(tokenize, batched=True)
 
 
+def write_run_config(run_dir: str | Path, config) -> None:
+    """`RUN_DIR/config.yaml`: the config the run used, so a run can be read later (`plot` shows reward weights)."""
+    import yaml
+
+    from prefill_kit.io import atomic_output
+
+    with atomic_output(Path(run_dir) / "config.yaml") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
+
+
 def eos_token_ids(tokenizer, model) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
     ids = model.generation_config.eos_token_id

@@ -285,7 +285,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_training_data
+    from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_training_data, write_run_config
     from prefill_kit.completion_log import CompletionLog, check_reward_names
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.run_health import HealthMonitor
@@ -309,6 +309,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                       reward_weights=[r.weight for r in rewards])
     out_dir = Path(config.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.process_index == 0:
+        write_run_config(out_dir, config)
     metrics_path = out_dir / "metrics.jsonl"
     resume = _resume_checkpoint(config.output.resume_from)
     keep_rows_through_step(metrics_path, _resume_step(resume))

@@ -66,7 +66,13 @@ def _summary(name: str, values: list[float | None], timeouts: int | None) -> str
     return f"{name:<28} {mean:>8.4f} {std:>8.4f} {none_share:>7.1%} {'-' if timeouts is None else timeouts:>9}"
 
 
-def _plot(scores: dict[str, list[float | None]], path: str) -> None:
+def histogram_title(label: str, values: list[float | None]) -> str:
+    """A histogram's title: what it shows and how many rows it leaves out because their score is None."""
+    missing = sum(v is None for v in values)
+    return f"{label}\n{missing} of {len(values)} None (not drawn)" if missing else f"{label}\nall {len(values)} scored"
+
+
+def _plot(scores: dict[str, list[float | None]], labels: dict[str, str], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,13 +80,17 @@ def _plot(scores: dict[str, list[float | None]], path: str) -> None:
 
     from prefill_kit.io import atomic_output
 
-    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.2), squeeze=False, constrained_layout=True)
     for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
-        ax.hist([v for v in values if v is not None], bins=20)
-        ax.set_title(name)
+        present = [v for v in values if v is not None]
+        if present:
+            ax.hist(present, bins=20)
+        else:
+            ax.text(0.5, 0.5, "no scores: every row is None", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(histogram_title(labels[name], values), fontsize=9)
         ax.set_xlabel("score")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # row counts
     axes[0][0].set_ylabel("rows")
-    fig.tight_layout()
     with atomic_output(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
@@ -122,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")
         print(f"\nwrote {len(rows)} rows to {args.output}", file=sys.stderr)
     if args.plot:
-        _plot(scores, args.plot)
+        labels = {w.name: f"{w.name} (x{w.weight:g})" for w in rewards} | {"reward": "reward (weighted total)"}
+        _plot(scores, labels, args.plot)
         print(f"wrote histograms to {args.plot}", file=sys.stderr)
     return 0
