@@ -24,6 +24,7 @@ import copy
 import functools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "seed": t.seed,
         "data_seed": t.seed,
         "bf16": t.bf16,
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        "activation_checkpointing": t.gradient_checkpointing,  # transformers 5.24's name; the old one warns
         "shuffle_dataset": config.data.shuffle,
         "logging_steps": o.logging_steps,
         "save_strategy": "steps" if o.save_steps else "no",
@@ -195,15 +196,25 @@ class CompletionRecorder:
 
 def _trainer_class():
     """TRL's GRPOTrainer, plus completions.jsonl and run-health warnings after each rollout."""
+    from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
     from prefill_kit.completion_log import gather_rows
     from prefill_kit.run_health import zero_spread_share
 
+    class _BarOnly(ProgressCallback):
+        """TRL's progress bar without its `on_log`, which prints every step's metrics dict on stdout; they are in
+        metrics.jsonl, and run-health warnings print above the bar."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
     class PrefillKitGRPOTrainer(GRPOTrainer):
         def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
                      eos_ids: list[int], **kwargs):
             super().__init__(*args, **kwargs)
+            if self.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
+                self.add_callback(_BarOnly)
             self.recorder, self.completion_log, self.health = recorder, completion_log, health
             self.weights, self.eos_ids = weights, set(eos_ids)
             # optimizer steps one rollout serves: TRL generates every steps_per_generation * num_iterations
@@ -327,7 +338,13 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model))
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with warnings.catch_warnings():
+        # TRL 1.16 toggles checkpointing around generation under the names transformers 5.24 deprecated
+        # (13 FutureWarnings in a short run); the renamed methods do the same. Only those messages are hidden.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.modeling_utils",
+                                message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|"
+                                        r"gradient_checkpointing_disable)` is deprecated")
+        result = trainer.train(resume_from_checkpoint=resume)
     is_main = trainer.accelerator.is_main_process
     with final_model_dir(out_dir, is_main=is_main) as staging:
         trainer.accelerator.wait_for_everyone()

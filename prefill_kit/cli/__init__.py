@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = f"prefill-kit {args.command}"
-        return int(args.func(args) or 0)
+        with _warnings_above_progress_bars():
+            return int(args.func(args) or 0)
     except PrefillKitError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
@@ -58,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 141
+
+
+def _warnings_above_progress_bars():
+    """The library's warnings (run health, skipped rows) as lines on stderr printed with `tqdm.write`, so that
+    they appear above a progress bar instead of inside it."""
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger("prefill_kit")])
 
 
 def _silence_stdout() -> None:

@@ -18,5 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.plotting import plot_runs
 
     out = plot_runs(args.run_dirs, args.output)
-    print(f"wrote {out} ({len(args.run_dirs)} run(s))", file=sys.stderr)
+    from prefill_kit.wording import count
+
+    print(f"wrote {out} ({count(len(args.run_dirs), 'run')})", file=sys.stderr)
     return 0
