@@ -13,7 +13,7 @@ from prefill_kit.prompt_tokens import _GPT2_SPLIT, _PLAIN_TEXT, PromptTokenizer,
 from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
 from prefill_kit.templates import ChatTemplate
-from tests.conftest import SHARED_REFERENCE
+from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 
 PREFIX = "<think>\n"
 ROWS = [{"messages": [{"role": "user", "content": f"What is {i} times {i}?"}], "solution": str(i * i), "id": i}
@@ -24,7 +24,7 @@ QWEN = SHARED_REFERENCE / "tokenizers" / "qwen2.5-instruct-DERIVED"
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
     if not QWEN.is_dir():
-        pytest.skip(f"reference tokenizer {QWEN} is absent (../shared/reference)")
+        pytest.skip(f"reference tokenizer not available: {QWEN} ({REFERENCE_ABSENT})")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(QWEN))
