@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from prefill_kit.errors import DataError
+from prefill_kit.io import iter_jsonl
 
 PANELS = (("reward", "reward: total (solid) = sum of weight x score of each reward (broken lines)"), ("loss", "loss"),
           ("kl", "KL"),
@@ -25,14 +25,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError("no metrics.jsonl here: is it a prefill-kit run directory?", source=str(run_dir))
     rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg}", source=str(path), line=line_no) from None
-        if not isinstance(row, dict) or "step" not in row:
+    for line_no, row in iter_jsonl(path):  # a bad line is named with its column, as everywhere
+        if "step" not in row:
             raise DataError("expected an object with a `step`", source=str(path), line=line_no)
         rows.append(row)
     return rows
