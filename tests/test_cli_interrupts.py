@@ -79,3 +79,18 @@ def test_processes_started_in_the_block_ignore_sigint_and_the_parent_keeps_its_h
                                   "sys.exit(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"])
     assert child.wait(timeout=60) == 1
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_verify_workers_leave_ctrl_c_to_their_parent():
+    from prefill_kit.rewards.verify_pool import VerifyPool
+
+    pool = VerifyPool(1)
+    try:
+        pool.start()
+        worker = pool._workers[0].process
+        os.kill(worker.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+        time.sleep(0.5)
+        assert worker.poll() is None  # still alive: the parent stops it on its way out
+        assert pool.map(abs, [(-3,)], timeout=30)[0].value == 3
+    finally:
+        pool.close()
