@@ -11,6 +11,7 @@ text, so one bad line costs one row, not the job.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 from collections.abc import Iterator
@@ -33,7 +34,8 @@ class Chunk:
 
     Rows of a JSON Lines or CSV file are located by the 1-based line of the file where they start
     (`kind="line"`; a CSV batch carries them in `line_numbers`); all other rows by their 1-based row
-    within their file (`kind="row"`), the first of the chunk being row `start + 1`.
+    within their file (`kind="row"`), the first of the chunk being row `start + 1`. `index` is the 0-based
+    position of the chunk's first row among all input rows (set by `iter_chunks`).
     """
 
     source: str
@@ -43,11 +45,21 @@ class Chunk:
     batch: Any = None
     rows: list[Any] | None = None
     line_numbers: list[int] | None = None
+    index: int | None = None
+
+    def num_rows(self) -> int:
+        if self.lines is not None:
+            return len(self.lines)
+        return self.batch.num_rows if self.batch is not None else len(self.rows or ())
 
 
 @dataclass
 class Record:
-    """One input row where it came from; `row` is None when it could not be read (`error` says why)."""
+    """One input row where it came from; `row` is None when it could not be read (`error` says why).
+
+    `index` is its 0-based position among all input rows, whatever the chunking or number of processes
+    (None when unknown): what seeds per-row choices such as few-shot examples.
+    """
 
     source: str
     kind: str
@@ -55,6 +67,7 @@ class Record:
     row: dict[str, Any] | None
     raw: str | None = None
     error: DataError | None = None
+    index: int | None = None
 
     @property
     def where(self) -> str:
@@ -102,9 +115,13 @@ def resolve_inputs(spec: str | Path) -> list[tuple[Path, str]]:
 
 
 def iter_chunks(spec: str | Path, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Chunk]:
-    """Slice every input named by `spec` into chunks of at most `batch_size` rows, lazily."""
+    """Slice every input named by `spec` into chunks of at most `batch_size` rows, lazily, each with the
+    index of its first row among all inputs."""
+    index = 0
     for path, kind in resolve_inputs(spec):
-        yield from _READERS[kind](path, batch_size)
+        for chunk in _READERS[kind](path, batch_size):
+            yield dataclasses.replace(chunk, index=index)
+            index += chunk.num_rows()
 
 
 def count_rows(spec: str | Path) -> int | None:
@@ -255,24 +272,30 @@ _READERS = {"jsonl": _jsonl_chunks, "json": _json_array_chunks, "parquet": _parq
 
 def chunk_records(chunk: Chunk) -> list[Record]:
     """Parse a chunk into located records; unreadable rows carry their error instead of failing."""
+    first = chunk.index
     if chunk.lines is not None:
         records = []
-        for line, raw in chunk.lines:
+        for k, (line, raw) in enumerate(chunk.lines):
+            index = None if first is None else first + k
             try:
-                records.append(Record(chunk.source, "line", line, parse_json_line(raw, source=chunk.source, line=line)))
+                row = parse_json_line(raw, source=chunk.source, line=line)
+                records.append(Record(chunk.source, "line", line, row, index=index))
             except DataError as exc:
                 text = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
-                records.append(Record(chunk.source, "line", line, None, raw=text, error=DataError(exc.reason)))
+                records.append(Record(chunk.source, "line", line, None, raw=text, error=DataError(exc.reason),
+                                      index=index))
         return records
     rows = chunk.rows if chunk.rows is not None else chunk.batch.to_pylist()
     locs = chunk.line_numbers or range(chunk.start + 1, chunk.start + 1 + len(rows))
     records = []
-    for loc, row in zip(locs, rows, strict=True):
+    for k, (loc, row) in enumerate(zip(locs, rows, strict=True)):
+        index = None if first is None else first + k
         if isinstance(row, dict):
-            records.append(Record(chunk.source, chunk.kind, loc, row))
+            records.append(Record(chunk.source, chunk.kind, loc, row, index=index))
         else:
             error = DataError(f"expected a JSON object, got {type(row).__name__}")
-            records.append(Record(chunk.source, chunk.kind, loc, None, raw=json.dumps(row, default=str), error=error))
+            records.append(Record(chunk.source, chunk.kind, loc, None, raw=json.dumps(row, default=str), error=error,
+                                  index=index))
     return records
 
 

@@ -35,8 +35,11 @@ def test_version_flag_prints_the_installed_version():
 
 
 def test_readme_python_examples_run():
-    """Every ```python block of the README runs as written (they use only shipped names and no files)."""
+    """The README's ```python blocks that check themselves (they hold `assert`s) run as written; the others
+    sketch a training script with the user's own model and data."""
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
     assert any("from prefill_kit.rewards import accuracy_reward, format_reward" in b for b in blocks)
-    for block in blocks:
+    runnable = [b for b in blocks if "\nassert " in b]
+    assert runnable
+    for block in runnable:
         exec(compile(block, "README.md", "exec"), {})
