@@ -48,6 +48,16 @@ def load_training_data(section: DataSection, tokenizer):
     return dataset.map(tokenize, batched=True)
 
 
+def write_run_config(run_dir: str | Path, config) -> None:
+    """`RUN_DIR/config.yaml`: the config the run used, so a run can be read later (`plot` shows reward weights)."""
+    import yaml
+
+    from prefill_kit.io import atomic_output
+
+    with atomic_output(Path(run_dir) / "config.yaml") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
+
+
 def few_shot_examples(section: DataSection):
     """The `data.few_shot` examples, loaded and checked against `data.prefix`; None when not configured."""
     if section.few_shot is None:

@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "seed": t.seed,
         "data_seed": t.seed,
         "bf16": t.bf16,
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        "activation_checkpointing": t.gradient_checkpointing,  # transformers 5.24's name; the old one warns
         "shuffle_dataset": config.data.shuffle,
         "logging_steps": o.logging_steps,
         "save_strategy": "steps" if o.save_steps else "no",
@@ -158,7 +159,7 @@ def check_prompt_ids(tokenizer, dataset, *, rows: int = 16) -> None:
     made = tokenizer(text=list(sample["prompt"]))["input_ids"]
     for i, (ids, expected) in enumerate(zip(made, sample["prompt_ids"], strict=True)):
         if list(ids) != list(expected):
-            raise PrefillKitError(f"row {i}: TRL would feed the model {len(ids)} prompt tokens {list(ids)[:8]}..., "
+            raise PrefillKitError(f"row {i + 1}: TRL would feed the model {len(ids)} prompt tokens {list(ids)[:8]}..., "
                                   f"not the {len(expected)} rendered ones {list(expected)[:8]}...")
 
 
@@ -245,16 +246,26 @@ def one_record_set(records: list[tuple[int, list[float | None]]], *, num_prompts
 def _trainer_class():
     """TRL's GRPOTrainer, plus completions.jsonl and run-health warnings after each rollout."""
     from accelerate.utils import gather_object
+    from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
     from prefill_kit.backends.common import eval_metrics
     from prefill_kit.completion_log import gather_rows
     from prefill_kit.run_health import zero_spread_share
 
+    class _BarOnly(ProgressCallback):
+        """TRL's progress bar without its `on_log`, which prints every step's metrics dict on stdout; they are in
+        metrics.jsonl, and run-health warnings print above the bar."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
     class PrefillKitGRPOTrainer(GRPOTrainer):
         def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
                      eos_ids: list[int], user_tokenizer, eval_temperature: float | None = None, **kwargs):
             super().__init__(*args, **kwargs)
+            if self.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
+                self.add_callback(_BarOnly)
             self.recorder, self.completion_log, self.health = recorder, completion_log, health
             self.user_tokenizer = user_tokenizer
             self.weights, self.eos_ids = weights, set(eos_ids)
@@ -410,7 +421,13 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_eval_data, load_training_data
+    from prefill_kit.backends.common import (
+        eos_token_ids,
+        final_model_dir,
+        load_eval_data,
+        load_training_data,
+        write_run_config,
+    )
     from prefill_kit.completion_log import CompletionLog, check_reward_names
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.run_health import HealthMonitor
@@ -440,6 +457,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                       reward_weights=[r.weight for r in rewards])
     out_dir = Path(config.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.process_index == 0:
+        write_run_config(out_dir, config)
     metrics_path = out_dir / "metrics.jsonl"
     resume = _resume_checkpoint(config.output.resume_from)
     keep_rows_through_step(metrics_path, _resume_step(resume))
@@ -460,7 +479,13 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with warnings.catch_warnings():
+        # TRL 1.16 toggles checkpointing around generation under the names transformers 5.24 deprecated
+        # (13 FutureWarnings in a short run); the renamed methods do the same. Only those messages are hidden.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.modeling_utils",
+                                message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|"
+                                        r"gradient_checkpointing_disable)` is deprecated")
+        result = trainer.train(resume_from_checkpoint=resume)
     is_main = trainer.accelerator.is_main_process
     with final_model_dir(out_dir, is_main=is_main) as staging:
         trainer.accelerator.wait_for_everyone()

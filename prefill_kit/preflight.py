@@ -279,7 +279,7 @@ def _boundary_merges(tokenizer, dataset):
     if not merged:
         return [], None
     row, whole, split = merged[0]
-    return [i for i, _, _ in merged], describe_merge(tokenizer, f"row {row}", whole, split)
+    return [i for i, _, _ in merged], describe_merge(tokenizer, f"row {row + 1}", whole, split)  # 1-based
 
 
 def _trl_prompt_problems(tokenizer, dataset) -> list[Problem]:

@@ -136,6 +136,27 @@ MUTATIONS = [
     Mutation("TRL samples eval completions at the training temperature", "backends/trl.py",
              "if self.eval_temperature is None:", "if True:",
              ("tests/test_trackers_eval.py", "-k", "eval_temperature and trl")),
+    Mutation("worker processes take Ctrl-C themselves", "prefill_kit/interrupts.py",
+             '"""For a worker\'s initializer or entry point: SIGINT does nothing in this process."""\n'
+             "    signal.signal(signal.SIGINT, signal.SIG_IGN)",
+             '"""For a worker\'s initializer or entry point: SIGINT does nothing in this process."""\n'
+             "    signal.signal(signal.SIGINT, signal.default_int_handler)",
+             ("tests/test_cli_interrupts.py", "-k", "ctrl_c or verify_workers")),
+    Mutation("a closed stdout ends in a BrokenPipeError traceback", "prefill_kit/cli/__init__.py",
+             "    except BrokenPipeError:\n", "    except ():\n",
+             ("tests/test_cli_interrupts.py", "-k", "closed_stdout")),
+    Mutation("template loops are not counted", "prefill_kit/sandbox.py",
+             "loop.iter = jinja2.nodes.Filter(loop.iter, _LOOP_GUARD, [], [], None, None).set_lineno(loop.iter.lineno)",
+             "pass", ("tests/test_sandbox_limits.py", "-k", "each_limit")),
+    Mutation("CSV rows are named by their data row, not their line", "prefill_kit/readers.py",
+             "            yield before + 1\n", "            yield before\n",
+             ("tests/test_row_locations.py", "-k", "csv")),
+    Mutation("plot legends sit over the curves", "prefill_kit/plotting.py",
+             'ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)',
+             "ax.legend(fontsize=7)", ("tests/test_plot.py", "-k", "legends")),
+    Mutation("the TRL backend prints a metrics dict per step", "backends/trl.py",
+             "if self.pop_callback(ProgressCallback) is not None:", "if False:",
+             ("tests/test_backends.py", "-k", "metric_keys")),
 ]
 
 

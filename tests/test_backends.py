@@ -97,11 +97,13 @@ def test_backend_feeds_one_bos_and_gives_rewards_the_prefix(backend, bos_model_d
     assert format_reward([closing]) == [0.0]  # without the prefix it would look malformed
 
 
-def test_both_backends_write_the_same_metric_keys(tiny_model_dir, tmp_path):
+def test_both_backends_write_the_same_metric_keys(tiny_model_dir, tmp_path, recwarn, capsys):
     keys = {}
     for backend, train in BACKENDS.items():
         out = tmp_path / backend
         train(config_from_dict(tiny_raw(tiny_model_dir, out, backend=backend)))
+        assert capsys.readouterr().out == "", backend  # no metrics dict per step: those go to metrics.jsonl
+        assert [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)] == [], backend
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
         assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()

@@ -35,7 +35,13 @@ from prefill_kit.backends.builtin.evaluation import eval_seed, evaluate
 from prefill_kit.backends.builtin.loss import grpo_loss
 from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
-from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_eval_data, load_training_data
+from prefill_kit.backends.common import (
+    eos_token_ids,
+    final_model_dir,
+    load_eval_data,
+    load_training_data,
+    write_run_config,
+)
 from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
 from prefill_kit.config import GRPOSection, TrainingConfig
 from prefill_kit.io import keep_rows_through_step
@@ -186,7 +192,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         accelerator.load_state(str(checkpoint))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, config)
+        write_run_config(run_dir, config)
         keep_rows_through_step(run_dir / METRICS_FILE, state.step)
     accelerator.init_trackers(out.project, config=flat_config(config.to_dict()))  # main process only
     completion_log = CompletionLog(run_dir, every=out.log_completions_steps, max_rows=out.log_completions_max,
@@ -373,12 +379,3 @@ def _nan_to_none(x: float) -> float | None:
 
 def _nullable(values: torch.Tensor) -> list[float | None]:
     return [_nan_to_none(v) for v in values.tolist()]
-
-
-def _write_config(run_dir: Path, config: TrainingConfig) -> None:
-    import yaml
-
-    from prefill_kit.io import atomic_output
-
-    with atomic_output(run_dir / "config.yaml") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
