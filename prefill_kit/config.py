@@ -56,7 +56,8 @@ output:
 trl: {}                         # trl backend only: extra GRPOConfig options, e.g. {use_vllm: true}
 ```
 
-Relative paths are relative to the working directory, as on the command line.
+Relative paths are relative to the working directory, as on the command line. Numbers read as YAML 1.2 reads
+them: `1e-5`, `1E-5`, `.5` and `5.` are floats, in the file and in `--set` (PyYAML alone reads `1e-5` as a string).
 Every option is a plain value so that the TRL backend can map it to its `GRPOConfig` name; an option a
 backend does not support is that backend's error, not a silent no-op.
 """
@@ -183,7 +184,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -196,6 +197,24 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
         return config_from_dict(apply_overrides(raw, overrides))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# YAML 1.2's float spellings that YAML 1.1 (PyYAML) does not resolve: an exponent without a dot (`1e-5`,
+# `3E+2`), and a mantissa with nothing after the dot (`5.e-3`). PyYAML's own resolver still takes the rest.
+_YAML12_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load`, but every float spelling is a float: `learning_rate: 1e-5` must not be a string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML12_FLOAT), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -211,7 +230,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected key.sub=value")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
+            parsed = parse_yaml(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
         node = out
