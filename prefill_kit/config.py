@@ -51,6 +51,8 @@ output:
   logging_steps: 1
   save_steps: 500               # 0 disables intermediate checkpoints
   resume_from: null             # a checkpoint directory, or a run directory (its latest checkpoint)
+  overwrite: false              # delete an earlier run in `dir` first (`train --overwrite`); else a fresh run
+                                #   refuses a directory that holds another run's files
   log_completions_steps: 10     # completions.jsonl gets step 1 and every N-th step's completions; 0: none
   log_completions_max: 64       # at most this many completions per logged step (whole prompt groups first)
 trl: {}                         # trl backend only: extra GRPOConfig options, e.g. {use_vllm: true}
@@ -142,6 +144,7 @@ class OutputSection:
     logging_steps: int = _field(1, min=1)
     save_steps: int = _field(500, min=0)
     resume_from: str | None = None
+    overwrite: bool = False
     log_completions_steps: int = _field(10, min=0)
     log_completions_max: int = _field(64, min=1)
 

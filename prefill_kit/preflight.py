@@ -112,13 +112,15 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
 
     from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages
     from prefill_kit.backends.builtin.data import prompt_indices
-    from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config, resolve_rewards
+    from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config
     from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
     from prefill_kit.backends.common import eos_token_ids, load_training_data
     from prefill_kit.completion_log import check_reward_names, completion_rows
+    from prefill_kit.run_checks import check_paths, resolve_rewards
 
     backend = backend or config.backend
     check_backend_options(config, backend)
+    check_paths(config)
     if num_prompts < 1:
         raise ConfigError(f"prompts: expected a positive number, got {num_prompts}")
     rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
