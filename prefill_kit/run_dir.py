@@ -46,9 +46,9 @@ def check_run_dir(config: TrainingConfig) -> bool:
         return False  # nothing there, or the run that is there continues
     shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
     if not out.overwrite:
-        raise ConfigError(f"output.dir: {out.dir} already holds a run ({shown}); give this run its own directory, "
-                          f"or use --overwrite (output.overwrite: true) to delete the old run first, or "
-                          f"output.resume_from: {out.dir} to continue it")
+        raise ConfigError(f"output.dir: {out.dir} already holds a run ({shown}); give this run its own output.dir, "
+                          "delete the old run first with --overwrite (output.overwrite: true), or continue it with "
+                          f"--set output.resume_from={out.dir}")
     for key, value in (("model.path", config.model.path), ("model.tokenizer", config.model.tokenizer),
                        ("data.path", config.data.path), ("the working directory", ".")):
         if value and _inside(Path(value), run_dir):
