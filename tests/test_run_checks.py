@@ -60,6 +60,7 @@ def no_hub(monkeypatch, tmp_path):
     ({"model": {"tokenizer": "/no/such/tokenizer"}}, "model.tokenizer: /no/such/tokenizer: no such directory"),
     ({"data": {"path": "no-such-data.jsonl"}}, "data.path: no-such-data.jsonl: no such file or directory"),
     ({"data": {"path": "no-such-shards/*.parquet"}}, "data.path: no-such-shards/*.parquet: no file matches"),
+    ({"data": {"few_shot": {"path": "no-shots.jsonl"}}}, "data.few_shot.path: no-shots.jsonl: no such file or"),
     ({"rewards": [{"name": "format"}, {"name": "fromat"}]}, "rewards[1]: unknown reward 'fromat'"),
     ({"rewards": "format:2,fromat"}, "rewards: unknown reward 'fromat'"),
     ({"rewards": [{"name": "no_such_module_xyz:reward"}]},
