@@ -9,7 +9,7 @@ from typing import Any
 
 from prefill_kit.errors import DataError
 
-PANELS = (("reward", "reward (total and per reward)"), ("loss", "loss"), ("kl", "KL"),
+PANELS = (("reward", "reward (total, per reward, eval)"), ("loss", "loss"), ("kl", "KL"),
           ("completion_length", "completion length (tokens)"))
 
 
@@ -43,7 +43,7 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
 
 
 def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
-    """Draw reward, per-reward scores, loss, KL and completion length over steps, one line per run."""
+    """Draw reward, per-reward and eval scores, loss, KL and completion length over steps, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,6 +61,9 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
                 for name, style in zip(names, _STYLES * len(names), strict=False):
                     ax.plot(*_series(rows, name), linestyle=style, color=line.get_color(), alpha=0.6,
                             label=f"{label}: {name.removeprefix('rewards/')}")
+                if any("eval/reward" in r for r in rows):  # held-out prompts (data.eval_path): one dot per eval
+                    ax.plot(*_series(rows, "eval/reward"), marker="o", linestyle="-", color=line.get_color(),
+                            linewidth=0.8, label=f"{label}: eval")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

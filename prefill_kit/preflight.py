@@ -82,6 +82,9 @@ class PreflightReport:
 
 def check_backend_options(config: TrainingConfig, backend: str) -> None:
     """Raise ConfigError for an option `backend` does not support, as training would, before any model loads."""
+    from prefill_kit.trackers import check_trackers
+
+    check_trackers(config.output.report_to)
     if backend == "builtin":
         if config.trl:
             raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend "

@@ -24,12 +24,13 @@ _MARKER = {"model.path": "config.json", "model.tokenizer": "tokenizer_config.jso
 
 
 def check_paths(config: TrainingConfig) -> None:
-    """`model.path`, `model.tokenizer`, `data.path` and `data.few_shot.path` exist (locally, or on the Hub where
-    that is meant)."""
+    """The model, tokenizer and data paths of the config exist (locally, or on the Hub where that is meant)."""
     check_model_source("model.path", config.model.path)
     if config.model.tokenizer:
         check_model_source("model.tokenizer", config.model.tokenizer)
     check_data_path("data.path", config.data.path)
+    if config.data.eval_path:
+        check_data_path("data.eval_path", config.data.eval_path)
     if config.data.few_shot is not None:
         check_data_path("data.few_shot.path", config.data.few_shot.path)
 

@@ -129,6 +129,26 @@ MUTATIONS = [
     Mutation("completion logs drop the question", "prefill_kit/completion_log.py",
              'row["question"] = questions[i]', "pass",
              ("tests/test_completion_log.py", "-k", "question_and_solution_are_logged")),
+    # trackers and evaluation during training (issue 12)
+    Mutation("trackers get their own metric names", "backends/builtin/loop.py",
+             'accelerator.log(tracker_values(row), step=row["step"])',
+             'accelerator.log({"train/" + k: v for k, v in tracker_values(row).items()}, step=row["step"])',
+             ("tests/test_trackers_eval.py", "-k", "tensorboard_holds and builtin")),
+    Mutation("a resumed run keeps the stopped run's later TensorBoard points", "prefill_kit/trackers.py",
+             "purge_step=resume_step + 1)", ")",
+             ("tests/test_trackers_eval.py", "-k", "resume_with_eval")),
+    Mutation("a missing tracker package goes unnoticed", "prefill_kit/trackers.py",
+             "importlib.import_module(package)", 'importlib.import_module("json")',
+             ("tests/test_trackers_eval.py", "-k", "missing_tracker and builtin")),
+    Mutation("eval sampling draws from the training random state", "backends/builtin/evaluation.py",
+             "with forked_rng(accelerator.device, seed):", "with contextlib.nullcontext():",
+             ("tests/test_trackers_eval.py", "-k", "exactly_as_without")),
+    Mutation("TRL's padding repeats count in the eval means", "backends/trl.py",
+             "if seen[index] < num_generations:", "if True:",
+             ("tests/test_trackers_eval.py", "-k", "one_record_set")),
+    Mutation("TRL samples eval completions at the training temperature", "backends/trl.py",
+             "if self.eval_temperature is None:", "if True:",
+             ("tests/test_trackers_eval.py", "-k", "eval_temperature and trl")),
 ]
 
 

@@ -45,3 +45,20 @@ def test_bad_metrics_line_is_named(tmp_path):
         read_metrics(run)
     with pytest.raises(DataError, match="no metrics.jsonl"):
         read_metrics(tmp_path)
+
+
+def test_eval_rows_draw_an_eval_reward_line_and_leave_the_training_lines_alone(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *a, **kw: drawn.append((kw.get("label"), list(a[0]), list(a[1]))) or
+                        original(ax, *a, **kw))
+    evals = [{"step": 2, "eval/reward": 0.5, "eval/rewards/format": 0.25}, {"step": 4, "eval/reward": 0.75,
+                                                                               "eval/rewards/format": 0.5}]
+    run = write_run(tmp_path / "run", sorted(rows(0.0) + evals, key=lambda r: r["step"]))
+    assert main(["plot", str(run), "-o", str(tmp_path / "curves.png")]) == 0
+    lines = {label: (steps, values) for label, steps, values in drawn}
+    assert lines["run: eval"] == ([2, 4], [0.5, 0.75])
+    assert lines["run: total"][0] == [1, 2, 3, 4, 5]  # eval rows add no points to the training curves

@@ -61,6 +61,8 @@ def no_hub(monkeypatch, tmp_path):
     ({"data": {"path": "no-such-data.jsonl"}}, "data.path: no-such-data.jsonl: no such file or directory"),
     ({"data": {"path": "no-such-shards/*.parquet"}}, "data.path: no-such-shards/*.parquet: no file matches"),
     ({"data": {"few_shot": {"path": "no-shots.jsonl"}}}, "data.few_shot.path: no-shots.jsonl: no such file or"),
+    ({"data": {"eval_path": "no-eval.jsonl"}, "train": {"eval_steps": 1}},
+     "data.eval_path: no-eval.jsonl: no such file or directory"),
     ({"rewards": [{"name": "format"}, {"name": "fromat"}]}, "rewards[1]: unknown reward 'fromat'"),
     ({"rewards": "format:2,fromat"}, "rewards: unknown reward 'fromat'"),
     ({"rewards": [{"name": "no_such_module_xyz:reward"}]},
