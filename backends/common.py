@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from prefill_kit.config import DataSection
 from prefill_kit.errors import ConfigError, DataError
@@ -33,9 +34,10 @@ def load_training_data(section: DataSection, tokenizer):
     if len(dataset) == 0:
         raise DataError("no rows", source=str(path))
     if not is_rendered(dataset):
-        return render_dataset(dataset, template=section.template, tokenizer=tokenizer, prefix=section.prefix,
-                              continue_final=section.continue_final, template_kwargs=section.template_kwargs,
-                              format=section.format, few_shot=few_shot_examples(section))
+        rendered = render_dataset(dataset, template=section.template, tokenizer=tokenizer, prefix=section.prefix,
+                                  continue_final=section.continue_final, template_kwargs=section.template_kwargs,
+                                  format=section.format, few_shot=few_shot_examples(section))
+        return with_question_column(dataset, rendered, section.format)
     if section.few_shot is not None:
         raise ConfigError(f"data.few_shot: {path} is already rendered (it has `prompt` and `prefix` columns); "
                           "few-shot examples are added when rendering: render with --few-shot, or give raw data")
@@ -56,6 +58,32 @@ def write_run_config(run_dir: str | Path, config) -> None:
 
     with atomic_output(Path(run_dir) / "config.yaml") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str | None:
+    """The text of the last user message (its text parts joined), or None when no user spoke."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return "".join(p.get("text") or "" for p in content if p.get("type") == "text")
+            return content
+    return None
+
+
+def with_question_column(raw, rendered, fmt: str):
+    """`rendered` plus a `question` column: each row's last user message, which rendering folds into the prompt.
+
+    It lets a completion log show what was asked. A `question` column the data passes through is kept as is.
+    `rendered` must hold one row per `raw` row (rendering fails on a bad row rather than skip it).
+    """
+    from prefill_kit.formats import detect_format, to_conversation
+
+    if "question" in rendered.column_names:
+        return rendered
+    fmt = fmt if fmt != "auto" else detect_format(raw.column_names)
+    questions = [last_user_text(to_conversation(row, fmt).messages) for row in raw]
+    return rendered.add_column("question", questions)
 
 
 def few_shot_examples(section: DataSection):

@@ -215,7 +215,7 @@ class CompletionRecorder:
             completions=call["completions"], completion_lengths=[len(i) for i in ids],
             truncated=[not eos_ids.intersection(i) for i in ids], rewards=self.scores,
             reward=[weighted_total([self.scores[k][j] for k in names], weights) for j in range(n)],
-            advantages=advantages)
+            advantages=advantages, questions=call.get("question"), solutions=call.get("solution"))
 
 
 def _score(value) -> float | None:
@@ -418,6 +418,7 @@ def _resume_checkpoint(resume_from: str | None) -> str | None:
 def train(config: TrainingConfig) -> dict[str, Any]:
     """Run GRPO with TRL's `GRPOTrainer`; returns a summary of the run."""
     import torch
+    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
@@ -429,16 +430,22 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         write_run_config,
     )
     from prefill_kit.completion_log import CompletionLog, check_reward_names
-    from prefill_kit.rewards import parse_reward_spec
+    from prefill_kit.run_checks import check_paths, resolve_rewards
+    from prefill_kit.run_dir import claim_run_dir
     from prefill_kit.run_health import HealthMonitor
     from prefill_kit.trackers import check_trackers, flat_config, make_trackers
 
-    trl_extra_kwargs(config)  # fail on a bad `trl:` option before any model is loaded
-    check_trackers(config.output.report_to)  # a missing tracker package fails before any model is loaded
-    rewards = parse_reward_spec(config.rewards)
-    if not rewards:
-        raise ConfigError("rewards: at least one reward is needed")
+    # ---- fail on what can be checked before any model is loaded
+    trl_extra_kwargs(config)
+    check_trackers(config.output.report_to)  # a missing tracker package
+    check_paths(config)
+    rewards = resolve_rewards(config.rewards)
     check_reward_names([r.name for r in rewards])
+    args = GRPOConfig(**grpo_config_kwargs(config), **trl_extra_kwargs(config),
+                      reward_weights=[r.weight for r in rewards])
+    claim_run_dir(config, is_main=args.process_index == 0)
+    PartialState().wait_for_everyone()  # the old run is gone before any process writes
+
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -453,8 +460,6 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
     dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
     model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
-    args = GRPOConfig(**grpo_config_kwargs(config), **trl_extra_kwargs(config),
-                      reward_weights=[r.weight for r in rewards])
     out_dir = Path(config.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.process_index == 0:

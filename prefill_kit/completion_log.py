@@ -1,9 +1,12 @@
 """completions.jsonl: the completions a run generated, next to each reward's score. One schema, both backends.
 
 One JSON object per completion, keys in this order:
-    step, prompt_index, prefix, completion, completion_length, truncated, <one key per reward>, reward, advantage
+    step, prompt_index, [question], [solution], prefix, completion, completion_length, truncated,
+    <one key per reward>, reward, advantage
 - `step`: the optimizer step the rollout was generated for (1-based, as in metrics.jsonl);
 - `prompt_index`: the row of the training data (after rendering) the prompt came from;
+- `question`: the text of the row's last user message, when the data has one; `solution`: the row's reference
+  answer, when it has one (what `accuracy` compared against). Present only when the data has them;
 - `prefix`: the effective prefix the model continued from; `completion` holds only generated text, decoded
   without special tokens, so `prefix + completion` is what the rewards scored;
 - `completion_length`: generated tokens up to and including EOS; `truncated`: no EOS within
@@ -30,12 +33,13 @@ COMPLETIONS_FILE = "completions.jsonl"
 LEADING_COLUMNS = ("step", "prompt_index", "prefix", "completion", "completion_length", "truncated")
 TRAILING_COLUMNS = ("reward", "advantage")
 FIXED_COLUMNS = LEADING_COLUMNS + TRAILING_COLUMNS
+CONTEXT_COLUMNS = ("question", "solution")  # from the data row, when it has them
 
 
 def check_reward_names(names: Sequence[str]) -> None:
     """A reward's column must not shadow a fixed column of the log."""
     for name in names:
-        if name in FIXED_COLUMNS:
+        if name in FIXED_COLUMNS + CONTEXT_COLUMNS:
             raise ConfigError(f"rewards: a reward named {name!r} would clash with the {name!r} column of "
                               f"{COMPLETIONS_FILE}; give it another name")
 
@@ -50,13 +54,21 @@ def weighted_total(scores: Sequence[float | None], weights: Sequence[float]) -> 
 def completion_rows(*, step: int, prompt_indices: Sequence[int], prefixes: Sequence[str],
                     completions: Sequence[str], completion_lengths: Sequence[int], truncated: Sequence[bool],
                     rewards: dict[str, Sequence[float | None]], reward: Sequence[float | None],
-                    advantages: Sequence[float]) -> list[dict[str, Any]]:
-    """One log row per completion; every sequence holds one entry per completion, in the same order."""
+                    advantages: Sequence[float], questions: Sequence[str | None] | None = None,
+                    solutions: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    """One log row per completion; every sequence holds one entry per completion, in the same order.
+
+    `questions` and `solutions` are the data's columns (None when it has no such column).
+    """
     rows = []
     for i, completion in enumerate(completions):
-        row: dict[str, Any] = {"step": int(step), "prompt_index": int(prompt_indices[i]), "prefix": prefixes[i],
-                               "completion": completion, "completion_length": int(completion_lengths[i]),
-                               "truncated": bool(truncated[i])}
+        row: dict[str, Any] = {"step": int(step), "prompt_index": int(prompt_indices[i])}
+        if questions is not None:
+            row["question"] = questions[i]
+        if solutions is not None:
+            row["solution"] = None if solutions[i] is None else str(solutions[i])
+        row.update(prefix=prefixes[i], completion=completion, completion_length=int(completion_lengths[i]),
+                   truncated=bool(truncated[i]))
         row.update((name, _number(scores[i])) for name, scores in rewards.items())
         row["reward"] = _number(reward[i])
         row["advantage"] = _number(advantages[i])

@@ -57,6 +57,8 @@ output:
   logging_steps: 1
   save_steps: 500               # 0 disables intermediate checkpoints
   resume_from: null             # a checkpoint directory, or a run directory (its latest checkpoint)
+  overwrite: false              # delete an earlier run in `dir` first (`train --overwrite`); else a fresh run
+                                #   refuses a directory that holds another run's files
   log_completions_steps: 10     # completions.jsonl gets step 1 and every N-th step's completions; 0: none
   log_completions_max: 64       # at most this many completions per logged step (whole prompt groups first)
   report_to: []                 # trackers that get every metrics.jsonl row: tensorboard | wandb | mlflow | trackio
@@ -65,7 +67,8 @@ output:
 trl: {}                         # trl backend only: extra GRPOConfig options, e.g. {use_vllm: true}
 ```
 
-Relative paths are relative to the working directory, as on the command line.
+Relative paths are relative to the working directory, as on the command line. Numbers read as YAML 1.2 reads
+them: `1e-5`, `1E-5`, `.5` and `5.` are floats, in the file and in `--set` (PyYAML alone reads `1e-5` as a string).
 Every option is a plain value so that the TRL backend can map it to its `GRPOConfig` name; an option a
 backend does not support is that backend's error, not a silent no-op.
 """
@@ -164,6 +167,7 @@ class OutputSection:
     logging_steps: int = _field(1, min=1)
     save_steps: int = _field(500, min=0)
     resume_from: str | None = None
+    overwrite: bool = False
     log_completions_steps: int = _field(10, min=0)
     log_completions_max: int = _field(64, min=1)
     report_to: list = _field(list)
@@ -209,7 +213,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -222,6 +226,24 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
         return config_from_dict(apply_overrides(raw, overrides))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# YAML 1.2's float spellings that YAML 1.1 (PyYAML) does not resolve: an exponent without a dot (`1e-5`,
+# `3E+2`), and a mantissa with nothing after the dot (`5.e-3`). PyYAML's own resolver still takes the rest.
+_YAML12_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load`, but every float spelling is a float: `learning_rate: 1e-5` must not be a string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML12_FLOAT), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -240,7 +262,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected key.sub=value")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
+            parsed = parse_yaml(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
         if key == "data.prefix":  # typed like --prefix on the command line: the same escapes, nothing else

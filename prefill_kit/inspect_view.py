@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefill_kit.completion_log import COMPLETIONS_FILE, FIXED_COLUMNS
+from prefill_kit.completion_log import COMPLETIONS_FILE, CONTEXT_COLUMNS, FIXED_COLUMNS
 from prefill_kit.errors import DataError
 from prefill_kit.wording import count
 
@@ -46,8 +46,13 @@ def reward_names(rows: list[dict[str, Any]]) -> list[str]:
     """The per-reward columns, in the order they were logged."""
     names: dict[str, None] = {}
     for row in rows:
-        names.update((k, None) for k in row if k not in FIXED_COLUMNS)
+        names.update((k, None) for k in row if k not in FIXED_COLUMNS and k not in CONTEXT_COLUMNS)
     return list(names)
+
+
+def context_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The data columns the log carries (`question`, `solution`): what was asked and the reference answer."""
+    return [key for key in CONTEXT_COLUMNS if any(row.get(key) is not None for row in rows)]
 
 
 def select(rows: list[dict[str, Any]], *, step: int | None = None, worst: int | None = None,
@@ -94,15 +99,25 @@ def row_header(row: dict[str, Any], names: list[str]) -> str:
 
 def format_rows(rows: list[dict[str, Any]], names: list[str] | None = None, *, color: bool = False,
                 indent: str = "    ") -> str:
-    """Each row: a header with its scores, then prefix (highlighted) + completion, indented."""
+    """Each row: a header with its scores, the question and solution when logged, then prefix (highlighted) +
+    completion, indented."""
     names = reward_names(rows) if names is None else names
     start, end = HIGHLIGHT if color else MARKS
     blocks = []
     for row in rows:
         text = start + show(row["prefix"]) + end + show(row["completion"])
         body = "\n".join(indent + line for line in text.split("\n"))
-        blocks.append(row_header(row, names) + "\n" + body)
+        blocks.append("\n".join([row_header(row, names), *_context_lines(row), body]))
     return "\n\n".join(blocks)
+
+
+def _context_lines(row: dict[str, Any]) -> list[str]:
+    """`question: ...` and `solution: ...`, continuation lines aligned under the first."""
+    lines = []
+    for key in CONTEXT_COLUMNS:
+        if row.get(key) is not None:
+            lines.append(f"{key}: " + show(str(row[key])).replace("\n", "\n" + " " * (len(key) + 2)))
+    return lines
 
 
 _STYLE = """
@@ -112,6 +127,7 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-ali
 th { background: #f3f3f3; position: sticky; top: 0; }
 th:last-child { text-align: left; }
 td.text { text-align: left; white-space: pre-wrap; font-family: ui-monospace, monospace; max-width: 60em; }
+td.context { max-width: 25em; color: #444; }
 mark.prefix { background: #cfe8ff; color: #024; }
 tr.truncated td.tokens { color: #b00; }
 td.none { color: #999; }
@@ -121,12 +137,17 @@ td.none { color: #999; }
 def render_html(rows: list[dict[str, Any]], names: list[str] | None = None, *, title: str = "completions") -> str:
     """One self-contained page (inline CSS, no scripts, nothing fetched) with the rows as a table."""
     names = reward_names(rows) if names is None else names
+    context = context_columns(rows)
     esc = html.escape
-    columns = ["step", "prompt", *names, TOTAL, "advantage", "tokens", "prefix + completion"]
+    columns = ["step", "prompt", *context, *names, TOTAL, "advantage", "tokens", "prefix + completion"]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for row in rows:
         cells = [f"<td>{esc(str(row['step']))}</td>", f"<td>{esc(str(row['prompt_index']))}</td>"]
+        for key in context:
+            value = row.get(key)
+            cells.append('<td class="none">None</td>' if value is None else
+                         f'<td class="text context">{esc(show(str(value)))}</td>')
         for key in [*names, TOTAL, "advantage"]:
             value = row.get(key)
             cells.append('<td class="none">None</td>' if value is None else f"<td>{esc(_score(value))}</td>")

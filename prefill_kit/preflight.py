@@ -25,6 +25,7 @@ from prefill_kit.run_health import THRESHOLD, percent, truncation_advice, zero_s
 BOUNDARY_ROWS = 1000  # rows whose prefix boundary is audited (a template merges the same way on every row)
 TRUNCATION_NOTICE = 0.25  # a truncation rate worth a (non-blocking) warning
 THINK_REWARDS = ("format", "think_format", "tag_count")  # rewards that need the reasoning block closed
+LENGTH_REWARDS = ("soft_overlong", "cosine_length")  # rewards that score length, so truncated completions too
 
 
 @dataclass
@@ -117,13 +118,15 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
 
     from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages
     from prefill_kit.backends.builtin.data import prompt_indices
-    from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config, resolve_rewards
+    from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config
     from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
     from prefill_kit.backends.common import eos_token_ids, few_shot_examples, load_training_data
     from prefill_kit.completion_log import check_reward_names, completion_rows
+    from prefill_kit.run_checks import check_paths, resolve_rewards
 
     backend = backend or config.backend
     check_backend_options(config, backend)
+    check_paths(config)
     if num_prompts < 1:
         raise ConfigError(f"prompts: expected a positive number, got {num_prompts}")
     rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
@@ -311,7 +314,12 @@ def _problems(*, g, num_rows, over_long, context, truncation_rate, summaries, ze
         out.append(Problem("blocking", f"{len(over_long)} of {num_rows} prompts plus grpo.max_completion_length "
                                        f"({g.max_completion_length}) exceed the model's context of {context} tokens "
                                        f"(rows {shown}): drop or shorten them, or lower grpo.max_completion_length"))
-    if truncation_rate > THRESHOLD:
+    length_scorers = [s.name for s in summaries if s.name in LENGTH_REWARDS and s.constant is None]
+    if truncation_rate > THRESHOLD and length_scorers:  # what the run can learn: to finish sooner
+        out.append(Problem("warning", truncation_advice(truncation_rate, g.max_completion_length)
+                           + f"; not blocking: {', '.join(length_scorers)} scores length and tells these "
+                             "completions apart, so the run can learn to finish sooner"))
+    elif truncation_rate > THRESHOLD:
         out.append(Problem("blocking", truncation_advice(truncation_rate, g.max_completion_length)))
     elif truncation_rate >= TRUNCATION_NOTICE:
         out.append(Problem("warning", truncation_advice(truncation_rate, g.max_completion_length)))

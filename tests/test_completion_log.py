@@ -152,10 +152,60 @@ class _Collect(logging.Handler):
 
 def test_both_backends_log_completions_with_the_same_keys(logged_runs):
     keys = {backend: [list(r) for r in rows] for backend, (rows, _) in logged_runs.items()}
-    expected = ["step", "prompt_index", "prefix", "completion", "completion_length", "truncated", "format",
-                "tests.recording_reward:record", "reward", "advantage"]
+    expected = ["step", "prompt_index", "question", "solution", "prefix", "completion", "completion_length",
+                "truncated", "format", "tests.recording_reward:record", "reward", "advantage"]
     for backend in keys:
         assert all(k == expected for k in keys[backend]), backend
+
+
+@pytest.mark.parametrize("backend", ["builtin", "trl"])
+def test_logged_rows_carry_the_question_and_solution_of_their_data_row(logged_runs, backend):
+    rows, _ = logged_runs[backend]
+    data = [json.loads(line) for line in (REPO / "examples" / "math_tiny.jsonl").read_text().splitlines()]
+    for row in rows:
+        source = data[row["prompt_index"]]
+        assert row["question"] == source["messages"][-1]["content"] and source["messages"][-1]["role"] == "user"
+        assert row["solution"] == source["solution"]
+
+
+def test_question_and_solution_are_logged_only_when_the_data_has_them():
+    common = dict(step=1, prompt_indices=[0], prefixes=[""], completions=["x"], completion_lengths=[1],
+                  truncated=[False], rewards={"r": [1.0]}, reward=[1.0], advantages=[0.0])
+    assert list(completion_rows(**common)[0]) == ["step", "prompt_index", "prefix", "completion",
+                                                  "completion_length", "truncated", "r", "reward", "advantage"]
+    row = completion_rows(**common, questions=["2+2?"], solutions=[4])[0]
+    assert list(row)[:4] == ["step", "prompt_index", "question", "solution"]
+    assert (row["question"], row["solution"]) == ("2+2?", "4")
+    for name in ("question", "solution"):
+        with pytest.raises(ConfigError, match=f"would clash with the '{name}' column"):
+            check_reward_names([name])
+
+
+def test_the_question_is_the_last_user_message_in_every_format():
+    from prefill_kit.backends.common import last_user_text
+
+    assert last_user_text([{"role": "system", "content": "s"}, {"role": "user", "content": "first"},
+                           {"role": "assistant", "content": "a"}, {"role": "user", "content": "second"},
+                           {"role": "assistant", "content": "reference"}]) == "second"
+    assert last_user_text([{"role": "user", "content": [{"type": "text", "text": "look: "},
+                                                         {"type": "image"}, {"type": "text", "text": "a cat"}]}]
+                          ) == "look: a cat"
+    assert last_user_text([{"role": "system", "content": "only a system prompt"}]) is None
+
+
+def test_training_data_gets_a_question_column_from_any_conversation_format(tmp_path, tiny_tokenizer):
+    from prefill_kit.backends.common import load_training_data
+    from prefill_kit.config import DataSection
+
+    rows = [{"query": "2+2?", "response": "4", "history": [["hi", "hello"]]},
+            {"query": "3+3?", "response": "6", "history": []}]
+    path = tmp_path / "swift.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_training_data(DataSection(path=str(path), prefix=PREFIX), tiny_tokenizer)
+    assert dataset["question"] == ["2+2?", "3+3?"] and dataset["solution"] == ["4", "6"]
+    kept = tmp_path / "own.jsonl"  # a `question` column of the data's own is kept as it is
+    kept.write_text(json.dumps({"messages": [{"role": "user", "content": "asked"}], "question": "mine"}) + "\n")
+    assert load_training_data(DataSection(path=str(kept)), tiny_tokenizer)["question"] == ["mine"]
 
 
 @pytest.mark.parametrize("backend", ["builtin", "trl"])

@@ -110,6 +110,24 @@ def test_invalid_yaml_names_the_line(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(("spelling", "value"), [
+    ("1e-5", 1e-5), ("1E-5", 1e-5), ("+1e-5", 1e-5), ("1.0e-5", 1e-5), ("5.e-3", 5e-3), (".5e-2", 5e-3),
+    ("3e2", 300.0), ("0.00001", 1e-5), (".5", 0.5), ("1", 1.0),
+])
+def test_every_float_spelling_is_a_number_in_the_file_and_in_set(tmp_path, spelling, value):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(ISSUE_EXAMPLE.replace("learning_rate: 0.01", f"learning_rate: {spelling}"))
+    assert load_config(path).train.learning_rate == value
+    assert load_config(path, [f"train.learning_rate={spelling}"]).train.learning_rate == value
+    assert load_config(path, [f"grpo.beta={spelling}"]).grpo.beta == value
+
+
+def test_text_that_only_resembles_a_float_stays_text(tmp_path):
+    config = config_from_dict(apply_overrides(MINIMAL, ["data.prefix=1e-5x", "model.path=e5", "output.dir=1e"]))
+    assert (config.data.prefix, config.model.path, config.output.dir) == ("1e-5x", "e5", "1e")
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected a positive integer, got 100000.0"):
+        config_from_dict(apply_overrides(MINIMAL, ["train.max_steps=1e5"]))
+
 
 def test_the_schema_docstring_lists_every_key_under_its_section():
     """The docstring of prefill_kit/config.py is the schema users read: no key may be missing from it."""

@@ -10,7 +10,7 @@ import pytest
 
 from prefill_kit.cli import main
 from prefill_kit.config import config_from_dict
-from prefill_kit.inspect_view import load_completions, render_html, select, show
+from prefill_kit.inspect_view import format_rows, load_completions, render_html, select, show
 from prefill_kit.rewards import WeightedReward
 from tests.conftest import REPO
 
@@ -132,3 +132,22 @@ def test_model_output_cannot_inject_markup_or_terminal_escapes(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "\x1b[2J" not in out and "\\x1b[2J" in out  # shown, not executed
     assert "\x1b[1;36m<b>\n    \x1b[0m<script>" in out  # the prefix highlighted, the completion after it
+
+
+def test_question_and_solution_show_with_each_completion_in_text_and_html(tmp_path, capsys):
+    traced = {**row(1, 0, "<answer>7</answer>", 0.0, 0.0), "question": "Tom has 12 apples\nand gives 5 away?",
+              "solution": "7 <b>"}
+    untraced = row(1, 1, "x", 1.0, 1.0)
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (traced, untraced)), encoding="utf-8")
+    assert main(["inspect", str(path), "--worst", "1", "--color", "never", "--html", str(tmp_path / "p.html")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("step 1 · prompt 0 · reward 0 · advantage 0 · format 1 · accuracy 0 · 18 tokens\n"
+                          "question: Tom has 12 apples\n          and gives 5 away?\n"
+                          "solution: 7 <b>\n    «<think>\n    »<answer>7</answer>")
+    assert "question" not in format_rows([untraced]) and "solution" not in format_rows([untraced])
+    page = (tmp_path / "p.html").read_text(encoding="utf-8")
+    assert "<th>prompt</th><th>question</th><th>solution</th><th>format</th>" in page  # not taken for rewards
+    assert ('<td class="text context">Tom has 12 apples\nand gives 5 away?</td>'
+            '<td class="text context">7 &lt;b&gt;</td>') in page
+    assert "question" not in render_html([untraced])  # a log without them has no such columns

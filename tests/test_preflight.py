@@ -177,3 +177,18 @@ def test_a_prefix_that_merges_with_the_header_is_reported(tiny_model_dir, tmp_pa
     clean = run_preflight(config_from_dict(raw_config(tiny_model_dir)), num_prompts=1, progress=False,
                           reward_funcs=[WeightedReward("variety", character_variety, 1.0)])
     assert clean.boundary_merges == [] and not any("merges" in p.message for p in clean.problems)
+
+
+def test_truncation_does_not_block_when_a_length_reward_tells_the_completions_apart(tiny_model_dir):
+    brevity = {"name": "soft_overlong", "max_completion_len": 64, "soft_punish_cache": 64, "unit": "chars"}
+    config = config_from_dict(raw_config(tiny_model_dir, rewards=[brevity], grpo={"max_completion_length": 4}))
+    report = run_preflight(config, num_prompts=2, progress=False)
+    assert report.truncation_rate > 0.5 and report.ready, [p.message for p in report.problems]
+    (warning,) = [p for p in report.problems if "of completions truncated" in p.message]
+    assert warning.severity == "warning"
+    assert warning.message.endswith("; not blocking: soft_overlong scores length and tells these completions "
+                                    "apart, so the run can learn to finish sooner")
+    # a length reward that scores every completion the same tells nothing apart: truncation blocks again
+    flat = run_preflight(config, num_prompts=2, progress=False,
+                         reward_funcs=[WeightedReward("soft_overlong", always_zero, 1.0)])
+    assert any("of completions truncated" in p.message for p in flat.blocking)

@@ -45,6 +45,8 @@ from prefill_kit.backends.common import (
 from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
 from prefill_kit.config import GRPOSection, TrainingConfig
 from prefill_kit.io import keep_rows_through_step
+from prefill_kit.run_checks import check_paths, resolve_rewards
+from prefill_kit.run_dir import claim_run_dir
 from prefill_kit.run_health import HealthMonitor
 from prefill_kit.trackers import flat_config, make_trackers, tracker_values
 
@@ -70,13 +72,15 @@ class RolloutRecord:
     rewards: dict[str, list[float | None]]
     reward: list[float | None]
     advantages: list[float]
+    questions: list[str | None] | None = None  # the data's `question` and `solution` columns, when it has them
+    solutions: list[Any] | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """The completions.jsonl rows of this rollout (see `prefill_kit.completion_log`)."""
         return completion_rows(step=self.step, prompt_indices=self.prompt_indices, prefixes=self.prefixes,
                                completions=self.completions, completion_lengths=self.completion_lengths,
                                truncated=self.truncated, rewards=self.rewards, reward=self.reward,
-                               advantages=self.advantages)
+                               advantages=self.advantages, questions=self.questions, solutions=self.solutions)
 
 
 @dataclass
@@ -85,12 +89,6 @@ class TrainResult:
     global_step: int
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics rows, on every process
     eval_history: list[dict[str, Any]] = field(default_factory=list)  # the eval rows (`eval/...`), on every process
-
-
-def resolve_rewards(spec: list | str) -> list[WeightedRewardLike]:
-    from prefill_kit.rewards import parse_reward_spec
-
-    return list(parse_reward_spec(spec))
 
 
 def load_models(config: TrainingConfig):
@@ -162,15 +160,18 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     set_seed(t.seed, device_specific=True)  # each process samples differently
     run_dir = Path(out.dir)
 
-    # ---- setup: models, data, rewards, optimizer
-    tokenizer, model, ref_model = load_models(config)
-    dataset = load_training_data(config.data, tokenizer)
-    eval_dataset = load_eval_data(config.data, tokenizer)
+    # ---- setup: check what can be checked before loading anything; then models, data, optimizer
+    check_paths(config)
     rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
     if not rewards:
         from prefill_kit.errors import ConfigError
 
         raise ConfigError("rewards: at least one reward is needed")
+    claim_run_dir(config, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    tokenizer, model, ref_model = load_models(config)
+    dataset = load_training_data(config.data, tokenizer)
+    eval_dataset = load_eval_data(config.data, tokenizer)
     weights = reward_weights(rewards)
     eos_ids = eos_token_ids(tokenizer, model)
     generation_config = make_generation_config(g, tokenizer, eos_ids)
@@ -253,7 +254,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                 prefixes=columns.get("prefix", [""] * len(completions)), completions=completions,
                 completion_lengths=lengths.tolist(), truncated=batch.is_truncated.tolist(),
                 rewards={r.name: _nullable(local_scores[:, k]) for k, r in enumerate(rewards)},
-                reward=_nullable(combine_rewards(local_scores, weights)), advantages=batch.advantages.tolist())
+                reward=_nullable(combine_rewards(local_scores, weights)), advantages=batch.advantages.tolist(),
+                questions=columns.get("question"), solutions=columns.get("solution"))
             if completion_log.due(record.step, span=g.num_iterations):  # the same answer on every process
                 completion_log.write(gather_rows(record.rows()))
             if on_rollout is not None:

@@ -18,6 +18,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_steps=10 --set grpo.beta=0.04 "
                         "(VALUE is parsed as YAML); repeatable")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run in output.dir first (output.overwrite: true); without it a new run "
+                        "refuses a directory that holds another run's files")
     p.set_defaults(func=run)
     return p
 
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.config import load_config
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
+    overrides += ["output.overwrite=true"] if args.overwrite else []
     config = load_config(args.config, overrides)
     backend = load_backend(config.backend)
     if lone_cpu_launch(os.environ):
@@ -62,13 +66,34 @@ def run(args: argparse.Namespace) -> int:
     # Like `python -m`, let `module:function` rewards and modules next to the config's user resolve.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    backend.train(config)
-
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        print(run_summary(config), file=sys.stderr)
-    return 0
+    try:
+        backend.train(config)
+    except KeyboardInterrupt:
+        pass
+    else:
+        if PartialState().is_main_process:
+            print(run_summary(config), file=sys.stderr)
+        return 0
+    # Out of the except block, the interrupted frames are released; collecting them closes their progress bars
+    # now, so the bars' last lines come before this one, not after it.
+    import gc
+
+    gc.collect()
+    if os.environ.get("RANK", "0") == "0":  # not PartialState(): no collective calls on the way out
+        print(f"prefill-kit train: interrupted; {resume_hint(config.output.dir)}", file=sys.stderr)
+    return 130
+
+
+def resume_hint(run_dir: str) -> str:
+    """Where an interrupted run can continue from: its last whole checkpoint, if it wrote one."""
+    from prefill_kit.run_dir import last_checkpoint
+
+    checkpoint = last_checkpoint(run_dir)
+    if checkpoint is None:
+        return f"no checkpoint was written in {run_dir} (one is written every output.save_steps steps)"
+    return f"the last checkpoint is {checkpoint}; continue with --set output.resume_from={run_dir}"
 
 
 def lone_cpu_launch(env) -> bool:

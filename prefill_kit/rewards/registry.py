@@ -42,8 +42,8 @@ def _import_reward(path: str) -> Callable:
     module_name, _, attr = path.partition(":")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"reward {path!r}: cannot import it ({exc})") from exc
+    except Exception as exc:  # importing runs the user's module: any error there means "cannot import it"
+        raise ConfigError(f"reward {path!r}: cannot import it ({type(exc).__name__}: {exc})") from exc
     if not callable(obj):
         raise ConfigError(f"reward {path!r} is not callable")
     return obj
