@@ -13,7 +13,7 @@ from tests.conftest import REPO
 def test_wheel_holds_one_top_level_package_with_backends_and_templates(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+        ".git", ".venv", ".ci", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                              "-w", str(tmp_path / "dist"), "-q"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.rewards.response import completion_text
 
+    if args.plot:
+        from prefill_kit.extras import require_train
+
+        require_train("prefill-kit reward --plot", ("matplotlib",))
     rewards = parse_reward_spec(args.rewards)
     rows = read_rows(args.input)
     scores = score_rows(rows, rewards, args.prefix)
