@@ -22,6 +22,7 @@ def test_wheel_holds_one_top_level_package_with_backends_and_templates(tmp_path)
     assert {n.split("/")[0] for n in names} == {"prefill_kit", wheel.name.split("-py")[0] + ".dist-info"}
     assert "prefill_kit/backends/trl.py" in names and "prefill_kit/backends/builtin/loop.py" in names
     assert "prefill_kit/templates/__init__.py" in names
+    assert "prefill_kit/integrations/swift_plugin.py" in names and "prefill_kit/integrations/verl.py" in names
     shipped = {n.rsplit("/", 1)[1] for n in names if n.endswith(".jinja")}
     assert {"chatml.jinja", "qwen3.jinja", "deepseek-r1.jinja", "llama3.jinja"} <= shipped
     entry_points = zipfile.ZipFile(wheel).read(wheel.name.split("-py")[0] + ".dist-info/entry_points.txt").decode()
