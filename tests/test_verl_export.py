@@ -176,3 +176,11 @@ def test_cli_prints_the_launch_line_and_a_bad_row_in_one_line(tmp_path):
                              "expected a string, got int\n")
     result = run_cli("export", "verl", str(EXAMPLE), "-o", str(tmp_path / "out3"), "--rewards", "nope")
     assert result.returncode == 2 and "unknown reward 'nope'" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_writes_the_model_path_absolute_for_verl(tmp_path, tok_dir):
+    result = run_cli("export", "verl", str(EXAMPLE), "-o", "out", "--tokenizer", "tok", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((tmp_path / "out" / "verl_overrides.yaml").read_text(encoding="utf-8"))
+    assert config["actor_rollout_ref"]["model"]["path"] == str(tok_dir.resolve())
+    assert "actor_rollout_ref.model.path" not in result.stdout  # the launch line needs no MODEL placeholder

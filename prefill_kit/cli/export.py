@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from prefill_kit.cli.render import INPUT_HELP, add_render_options
 
@@ -32,10 +33,13 @@ def run_verl(args: argparse.Namespace) -> int:
 
     parse_reward_spec(args.rewards)  # a bad spec fails here, not on verl's first reward call
     options = render_options(args)
+    # verl loads the model (and tokenizes) from this path, from wherever it is launched.
+    model_path = str(Path(args.tokenizer).resolve()) if args.tokenizer and Path(args.tokenizer).exists() \
+        else args.tokenizer
     bar = progress_bar(args)
     try:
         summary = export_verl(args.input, args.output, options, data_source=args.data_source, ability=args.ability,
-                              rewards=args.rewards, model_path=args.tokenizer, batch_size=args.batch_size,
+                              rewards=args.rewards, model_path=model_path, batch_size=args.batch_size,
                               progress=bar.update if bar else None)
     finally:
         if bar is not None:
@@ -50,5 +54,5 @@ def run_verl(args: argparse.Namespace) -> int:
               "accuracy cannot judge them", file=sys.stderr)
     if options.check_tokens:
         print(f"token audit: {summary.boundary_merges} of {summary.rows} rows have a boundary merge", file=sys.stderr)
-    print(launch_command(summary.directory, args.tokenizer))
+    print(launch_command(summary.directory, model_path))
     return 0
