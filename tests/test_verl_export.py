@@ -146,9 +146,11 @@ def test_a_column_named_like_an_extra_info_key_is_an_error(tmp_path):
         export_verl(data, tmp_path / "out", RenderOptions(load_template("chatml")))
 
 
-def test_continue_final_and_a_foreign_output_directory_are_refused(tmp_path):
+def test_continue_final_pass_rendered_and_a_foreign_output_directory_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="continue"):
         export_verl(EXAMPLE, tmp_path / "out", RenderOptions(load_template("chatml"), continue_final=True))
+    with pytest.raises(ConfigError, match="already-rendered"):
+        export_verl(EXAMPLE, tmp_path / "out", RenderOptions(load_template("chatml"), pass_rendered=True))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="holds other files"):

@@ -51,3 +51,8 @@ def test_verls_own_keywords_are_accepted_and_unknown_ones_are_a_config_error():
 def test_odd_model_output_scores_without_raising(solution_str):
     result = score(solution_str=solution_str)
     assert set(result) == {"score", "format", "accuracy"} and result["format"] == 0.0
+
+
+def test_a_completion_that_repeats_the_prefix_is_scored_with_it_twice():
+    # The adapter passes the prefix on and never guesses: "<think>\n<think>\n..." is not the format.
+    assert score(solution_str="<think>\n" + GENERATED)["format"] == 0.0

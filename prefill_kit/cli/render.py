@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from prefill_kit.cli.args import positive_int
+
+DEFAULT_SHOTS = 4
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "query", "prompt", "problem")
 
 
@@ -19,6 +22,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_render_options(p)
     p.add_argument("--continue-final", action="store_true",
                    help="continue a trailing assistant message instead of treating it as the reference answer")
+    p.add_argument("--pass-rendered", action="store_true",
+                   help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
+    p.add_argument("--few-shot", metavar="FILE",
+                   help="worked examples (question + answer in the target format, any input format) to put "
+                        "before each row")
+    p.add_argument("--shots", type=positive_int, default=None, metavar="K",
+                   help="examples per row (needs --few-shot; default: 4)")
+    p.add_argument("--few-shot-seed", type=int, default=None, metavar="S",
+                   help="seed of the per-row choice of examples (default: 0)")
+    p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
+                   help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered prompts, prefix highlighted")
     p.set_defaults(func=run)
@@ -82,10 +96,27 @@ def render_options(args: argparse.Namespace):
         raise ConfigError("--max-prompt-tokens and --check-tokens count tokens: they need --tokenizer")
     if getattr(args, "num_proc", 1) < 1 or args.batch_size < 1:
         raise ConfigError("--num-proc and --batch-size: expected positive integers")
+    few_shot_file = getattr(args, "few_shot", None)  # render's own options; `export` has none of them
+    if few_shot_file is None:
+        given = [flag for flag, value in (("--shots", getattr(args, "shots", None)),
+                                          ("--few-shot-seed", getattr(args, "few_shot_seed", None)),
+                                          ("--few-shot-mode", getattr(args, "few_shot_mode", None)))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: give the examples with --few-shot FILE")
+    few_shot = None
+    if few_shot_file is not None:
+        from prefill_kit.few_shot import load_few_shot
+
+        few_shot = load_few_shot(few_shot_file, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
+                                 mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
+        for skipped in few_shot.skipped:
+            print(f"warning: skipped {skipped}", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)
     return RenderOptions(resolve_template(args.template, tokenizer), prefix, getattr(args, "continue_final", False),
                          template_kwargs, args.format, tokenizer, columns, args.on_error,
-                         args.max_prompt_tokens, args.check_tokens)
+                         args.max_prompt_tokens, args.check_tokens, pass_rendered=getattr(args, "pass_rendered", False),
+                         few_shot=few_shot)
 
 
 def default_output(source: str, output_format: str | None) -> str:
@@ -146,9 +177,20 @@ def run(args: argparse.Namespace) -> int:
         where = f"line {first['line']}" if "line" in first else f"row {first['row']}"
         print(f"rejects: {summary.rejects_path} (first: {first['source']} {where}: {first['reason']})",
               file=sys.stderr)
+    if options.few_shot is not None:
+        _print_few_shot(options.few_shot, summary)
     if options.check_tokens:
         _print_audit(summary)
     return 0
+
+
+def _print_few_shot(few_shot, summary) -> None:
+    print(f"few-shot: {few_shot.shots} of {len(few_shot.examples)} examples from {few_shot.source} per row "
+          f"(mode {few_shot.mode}, seed {few_shot.seed}); {summary.shots_trimmed} rows got fewer to fit "
+          "--max-prompt-tokens", file=sys.stderr)
+    if summary.shots_short:
+        print(f"few-shot: {summary.shots_short} rows got fewer because the file has too few examples with "
+              "another question than the row's own", file=sys.stderr)
 
 
 def _print_audit(summary) -> None:

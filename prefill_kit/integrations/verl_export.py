@@ -147,6 +147,9 @@ def export_verl(source: str | Path, directory: str | Path, options: RenderOption
     if options.continue_final:
         raise ConfigError("--continue-final: verl renders prompts with add_generation_prompt=True, so a final "
                           "assistant message cannot be continued there")
+    if options.few_shot is not None or options.pass_rendered:
+        raise ConfigError("few-shot examples and already-rendered prompts are not exported to verl: verl renders "
+                          "each row's own messages with one chat template")
     directory = Path(directory)
     if directory.is_dir() and any(p.name not in (DATA_FILE, TEMPLATE_FILE, OVERRIDES_FILE, REJECTS_FILE)
                                   for p in directory.iterdir()):
