@@ -116,6 +116,19 @@ MUTATIONS = [
     Mutation("a clean run keeps a stale rejects file", "prefill_kit/render_file.py",
              "Path(reject_file).unlink(missing_ok=True)", "pass",
              ("tests/test_render_files.py", "-k", "stale")),
+    Mutation("verl's compute_score drops the response prefix", "prefill_kit/integrations/verl.py",
+             'columns["prefix"] = [info.get("response_prefix") or ""]', 'columns["prefix"] = [""]',
+             ("tests/test_verl_reward.py",)),
+    Mutation("the verl template keeps the newline Jinja drops", "prefill_kit/integrations/verl_export.py",
+             'body = source[:-2] if source.endswith("\\r\\n") else source[:-1] if source.endswith(("\\n", "\\r")) '
+             'else source', "body = source",
+             ("tests/test_verl_export.py", "-k", "suffix")),
+    Mutation("the verl export pairs rows with rejected records", "prefill_kit/integrations/verl_export.py",
+             "    if not rejects:\n        return records\n", "    return records\n",
+             ("tests/test_verl_export.py", "-k", "aligned")),
+    Mutation("train starts without checking the [train] extra", "prefill_kit/cli/train.py",
+             'require_train("prefill-kit train", ("torch", "accelerate", "trl"))', "pass",
+             ("tests/test_extras.py",)),
 ]
 
 
