@@ -48,6 +48,16 @@ def load_training_data(section: DataSection, tokenizer):
     return dataset.map(tokenize, batched=True)
 
 
+def write_run_config(run_dir: str | Path, config) -> None:
+    """`RUN_DIR/config.yaml`: the config the run used, so a run can be read later (`plot` shows reward weights)."""
+    import yaml
+
+    from prefill_kit.io import atomic_output
+
+    with atomic_output(Path(run_dir) / "config.yaml") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
+
+
 def few_shot_examples(section: DataSection):
     """The `data.few_shot` examples, loaded and checked against `data.prefix`; None when not configured."""
     if section.few_shot is None:
@@ -92,3 +102,34 @@ def final_model_dir(run_dir: str | Path, *, is_main: bool):
     finally:
         if is_main:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_eval_data(section: DataSection, tokenizer):
+    """The held-out prompts of `section.eval_path`, rendered exactly as the training data (None without one)."""
+    import dataclasses
+
+    from prefill_kit.errors import ConfigError
+
+    if not section.eval_path:
+        return None
+    if Path(section.eval_path).resolve() == Path(section.path).resolve():
+        raise ConfigError(f"data.eval_path: {section.eval_path} is the training data; eval rows must be held out")
+    return load_training_data(dataclasses.replace(section, path=section.eval_path), tokenizer)
+
+
+def eval_metrics(scores: list[list[float | None]], names: list[str], weights: list[float]) -> dict[str, float | None]:
+    """`eval/reward` and `eval/rewards/<name>` over every eval completion (one row of scores per completion).
+
+    None-aware as the training metrics are: a reward's mean skips its None scores, and the total of a
+    completion is the weighted sum of the scores it has (None, and skipped, when every reward returned None).
+    """
+    from prefill_kit.completion_log import weighted_total
+
+    def mean(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return sum(present) / len(present) if present else None
+
+    out = {"eval/reward": mean([weighted_total(row, weights) for row in scores])}
+    for k, name in enumerate(names):
+        out[f"eval/rewards/{name}"] = mean([row[k] for row in scores])
+    return out

@@ -15,14 +15,22 @@ The loss mask is TRL's completion mask: generated tokens only. The prefix is par
 never of `completion_ids`.
 
 Like the built-in backend, it writes completions.jsonl (`prefill_kit.completion_log`) and warns when truncation
-or zero reward spread persists (`prefill_kit.run_health`); see `CompletionRecorder` for how.
+or zero reward spread persists (`prefill_kit.run_health`); see `CompletionRecorder` for how. Metrics go to
+metrics.jsonl and to prefill-kit's trackers (`prefill_kit.trackers`) under the built-in backend's names, so
+TRL's own `report_to` stays "none". Evaluation is TRL's (`eval_dataset`, `eval_steps`, `num_generations_eval`);
+its logged means are per batch, so `eval/reward` and `eval/rewards/<name>` are computed here over every eval
+completion, from what the rewards returned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
+import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,7 @@ from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError, PrefillKitError
 from prefill_kit.io import keep_rows_through_step
 from prefill_kit.prompt_tokens import exact_ids_tokenizer
+from prefill_kit.trackers import run_name
 
 # TRL log key -> the metric name both backends write to metrics.jsonl.
 METRIC_NAMES = {
@@ -80,18 +89,37 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "seed": t.seed,
         "data_seed": t.seed,
         "bf16": t.bf16,
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        "activation_checkpointing": t.gradient_checkpointing,  # transformers 5.24's name; the old one warns
         "shuffle_dataset": config.data.shuffle,
         "logging_steps": o.logging_steps,
         "save_strategy": "steps" if o.save_steps else "no",
         "save_steps": o.save_steps or 500,
+        "run_name": run_name(o),
+        # prefill-kit's trackers get the metrics rows; transformers' callbacks would log them renamed (module doc)
         "report_to": "none",
+        **_eval_kwargs(config),
         # Without a GPU, say so: that is what makes the processes `accelerate launch` starts join over gloo
         # instead of each training alone.
         "use_cpu": not _has_accelerator(),
         "disable_tqdm": False,
         "remove_unused_columns": False,
     }
+
+
+def _eval_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    """TRL's evaluation settings: every `eval_steps` steps (and after the last, see `_final_eval_callback`)."""
+    g, t = config.grpo, config.train
+    if not config.data.eval_path:
+        return {"eval_strategy": "no"}
+    prompts_per_batch = max(1, t.per_device_train_batch_size // g.eval_num_generations)
+    return {"eval_strategy": "steps", "eval_steps": t.eval_steps, "num_generations_eval": g.eval_num_generations,
+            "per_device_eval_batch_size": prompts_per_batch * g.eval_num_generations}
+
+
+def _eval_temperature(config: TrainingConfig) -> float | None:
+    """The temperature eval sampling must switch to, or None when it is the training one."""
+    g = config.grpo
+    return g.eval_temperature if g.eval_temperature not in (None, g.temperature) else None
 
 
 def _has_accelerator() -> bool:
@@ -109,11 +137,19 @@ def trl_extra_kwargs(config: TrainingConfig) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(GRPOConfig)}
     mapped = grpo_config_kwargs(config)
     owned = {"reward_weights", "model_init_kwargs"}  # set from `rewards:` and `model:`
+    instead = {"report_to": "output.report_to", "run_name": "output.run_name", "eval_steps": "train.eval_steps",
+               "eval_strategy": "train.eval_steps", "num_generations_eval": "grpo.eval_num_generations",
+               "per_device_eval_batch_size": "train.per_device_train_batch_size"}
     for key in config.trl:
         if key not in known:
             raise ConfigError(f"trl.{key}: not an option of TRL's GRPOConfig")
+        if key in instead:
+            raise ConfigError(f"trl.{key}: prefill-kit sets this from its own config; set {instead[key]} instead")
         if key in mapped or key in owned:
             raise ConfigError(f"trl.{key}: prefill-kit sets this from its own config; set it there instead")
+    if config.trl.get("use_vllm") and _eval_temperature(config) is not None:
+        raise ConfigError("grpo.eval_temperature: with trl.use_vllm the TRL backend samples eval completions at "
+                          "grpo.temperature; remove grpo.eval_temperature or set it equal")
     return dict(config.trl)
 
 
@@ -123,7 +159,7 @@ def check_prompt_ids(tokenizer, dataset, *, rows: int = 16) -> None:
     made = tokenizer(text=list(sample["prompt"]))["input_ids"]
     for i, (ids, expected) in enumerate(zip(made, sample["prompt_ids"], strict=True)):
         if list(ids) != list(expected):
-            raise PrefillKitError(f"row {i}: TRL would feed the model {len(ids)} prompt tokens {list(ids)[:8]}..., "
+            raise PrefillKitError(f"row {i + 1}: TRL would feed the model {len(ids)} prompt tokens {list(ids)[:8]}..., "
                                   f"not the {len(expected)} rendered ones {list(expected)[:8]}...")
 
 
@@ -161,6 +197,12 @@ class CompletionRecorder:
         reward.__name__ = reward.__qualname__ = name
         return reward
 
+    def eval_records(self) -> list[tuple[int, list[float | None]]]:
+        """(prompt index, each reward's score) for every completion of the latest call."""
+        names = list(self.scores)
+        return [(int(index), [_score(self.scores[name][j]) for name in names])
+                for j, index in enumerate(self.call[PROMPT_INDEX_COLUMN])]
+
     def rows(self, *, step: int, advantages: list[float], weights: list[float], eos_ids: set[int]) -> list[dict]:
         """The completions.jsonl rows of the latest rollout on this process."""
         from prefill_kit.completion_log import completion_rows, weighted_total
@@ -176,20 +218,59 @@ class CompletionRecorder:
             advantages=advantages)
 
 
+def _score(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def one_record_set(records: list[tuple[int, list[float | None]]], *, num_prompts: int,
+                   num_generations: int) -> list[list[float | None]]:
+    """The scores of exactly `num_generations` completions of every eval prompt, from all processes' records.
+
+    Under several processes accelerate pads the last eval batches with repeats of the first prompts (so every
+    process gets a full batch); those extra completions are dropped, so each prompt counts equally. A
+    prompt with fewer completions than asked is an error, never a silently smaller eval set.
+    """
+    seen = [0] * num_prompts
+    kept = []
+    for index, scores in records:
+        if seen[index] < num_generations:
+            seen[index] += 1
+            kept.append(scores)
+    short = [i for i, n in enumerate(seen) if n < num_generations]
+    if short:
+        raise PrefillKitError(f"evaluation: eval row {short[0]} got {seen[short[0]]} completions, not "
+                              f"{num_generations} ({len(short)} rows short): TRL did not evaluate every row")
+    return kept
+
+
 def _trainer_class():
     """TRL's GRPOTrainer, plus completions.jsonl and run-health warnings after each rollout."""
+    from accelerate.utils import gather_object
+    from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
+    from prefill_kit.backends.common import eval_metrics
     from prefill_kit.completion_log import gather_rows
     from prefill_kit.run_health import zero_spread_share
 
+    class _BarOnly(ProgressCallback):
+        """TRL's progress bar without its `on_log`, which prints every step's metrics dict on stdout; they are in
+        metrics.jsonl, and run-health warnings print above the bar."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
     class PrefillKitGRPOTrainer(GRPOTrainer):
         def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
-                     eos_ids: list[int], user_tokenizer, **kwargs):
+                     eos_ids: list[int], user_tokenizer, eval_temperature: float | None = None, **kwargs):
             super().__init__(*args, **kwargs)
+            if self.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
+                self.add_callback(_BarOnly)
             self.recorder, self.completion_log, self.health = recorder, completion_log, health
             self.user_tokenizer = user_tokenizer
             self.weights, self.eos_ids = weights, set(eos_ids)
+            self.eval_temperature = eval_temperature
+            self.eval_records: list[tuple[int, list[float | None]]] = []  # (prompt index, scores) per completion
             # optimizer steps one rollout serves: TRL generates every steps_per_generation * num_iterations
             # micro-steps, and an optimizer step takes gradient_accumulation_steps of them
             self.steps_per_rollout = max(1, self.args.steps_per_generation * self.num_iterations
@@ -205,7 +286,39 @@ def _trainer_class():
             output = super()._generate_and_score_completions(inputs)
             if self.model.training:
                 self._after_rollout(output["advantages"].tolist())
+            else:
+                self.eval_records += self.recorder.eval_records()
             return output
+
+        def evaluation_loop(self, *args, **kwargs):
+            """TRL's evaluation, sampled at `eval_temperature`, plus the whole-set means (`eval/...` keys)."""
+            self.eval_records = []
+            with self._eval_sampling():
+                output = super().evaluation_loop(*args, **kwargs)
+            records = gather_object(self.eval_records) if self.accelerator.num_processes > 1 else self.eval_records
+            scores = one_record_set(records, num_prompts=len(self.eval_dataset),
+                                    num_generations=self.num_generations_eval)
+            output.metrics.update(eval_metrics(scores, list(self.recorder.scores), self.weights))
+            return output
+
+        @contextlib.contextmanager
+        def _eval_sampling(self):
+            """TRL samples eval completions with the training temperature; swap in `eval_temperature`.
+
+            Only transformers' sampling reads these two (`trl_extra_kwargs` refuses a differing eval
+            temperature with vLLM, where neither exists).
+            """
+            if self.eval_temperature is None:
+                yield
+                return
+            saved = self.generation_config, self.generation_kwargs
+            self.generation_config = copy.deepcopy(self.generation_config)
+            self.generation_config.temperature = self.eval_temperature
+            self.generation_kwargs = {**self.generation_kwargs, "temperature": self.eval_temperature}
+            try:
+                yield
+            finally:
+                self.generation_config, self.generation_kwargs = saved
 
         def _after_rollout(self, advantages: list[float]) -> None:
             step = self.state.global_step + 1  # the optimizer step this rollout is for
@@ -231,26 +344,59 @@ def _resume_step(checkpoint: str | None) -> int:
     return int(json.loads(state.read_text(encoding="utf-8")).get("global_step", 0)) if state.is_file() else 0
 
 
-def _metrics_callback(path: Path, reward_names: list[str]):
+def _metrics_callback(path: Path, reward_names: list[str], trackers: list, tracker_config: dict[str, Any]):
     from transformers import TrainerCallback
 
+    from prefill_kit.trackers import tracker_values
+
     class MetricsWriter(TrainerCallback):
-        """Appends TRL's logs to metrics.jsonl under the names the built-in backend uses."""
+        """Appends TRL's logs to metrics.jsonl under the names the built-in backend uses, and sends the same
+        rows to the trackers (main process only)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                for tracker in trackers:
+                    tracker.start()
+                    tracker.store_init_configuration(tracker_config)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not state.is_world_process_zero or not logs:
                 return
             row: dict[str, Any] = {"step": state.global_step}
-            for trl_key, name in METRIC_NAMES.items():
-                value = logs.get(trl_key)
-                row[name] = float(value) if value is not None else None  # e.g. no KL is computed when beta == 0
-            for name in reward_names:
-                value = logs.get(f"rewards/{name}/mean")
-                row[f"rewards/{name}"] = float(value) if value is not None else None
+            if "loss" in logs:
+                for trl_key, name in METRIC_NAMES.items():
+                    value = logs.get(trl_key)
+                    row[name] = float(value) if value is not None else None  # e.g. no KL is computed when beta == 0
+                for name in reward_names:
+                    value = logs.get(f"rewards/{name}/mean")
+                    row[f"rewards/{name}"] = float(value) if value is not None else None
+            elif "eval/reward" in logs:  # added by PrefillKitGRPOTrainer.evaluation_loop
+                row.update((k, v) for k, v in logs.items() if k.startswith("eval/"))
+            else:
+                return
             with path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            for tracker in trackers:
+                tracker.log(tracker_values(row), step=row["step"])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                for tracker in trackers:
+                    tracker.finish()
 
     return MetricsWriter()
+
+
+def _final_eval_callback():
+    """Evaluate after the last step too, as the built-in backend does (Trainer evaluates only every eval_steps)."""
+    from transformers import TrainerCallback
+
+    class FinalEval(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.eval_strategy != "no" and state.global_step >= state.max_steps:
+                control.should_evaluate = True
+
+    return FinalEval()
 
 
 def _resume_checkpoint(resume_from: str | None) -> str | None:
@@ -275,12 +421,20 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_training_data
+    from prefill_kit.backends.common import (
+        eos_token_ids,
+        final_model_dir,
+        load_eval_data,
+        load_training_data,
+        write_run_config,
+    )
     from prefill_kit.completion_log import CompletionLog, check_reward_names
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.run_health import HealthMonitor
+    from prefill_kit.trackers import check_trackers, flat_config, make_trackers
 
     trl_extra_kwargs(config)  # fail on a bad `trl:` option before any model is loaded
+    check_trackers(config.output.report_to)  # a missing tracker package fails before any model is loaded
     rewards = parse_reward_spec(config.rewards)
     if not rewards:
         raise ConfigError("rewards: at least one reward is needed")
@@ -292,6 +446,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     exact = exact_ids_tokenizer(tokenizer)
     check_prompt_ids(exact, dataset)
     dataset = dataset.add_column(PROMPT_INDEX_COLUMN, list(range(len(dataset))))
+    eval_dataset = load_eval_data(config.data, tokenizer)
+    if eval_dataset is not None:
+        check_prompt_ids(exact, eval_dataset)
+        eval_dataset = eval_dataset.add_column(PROMPT_INDEX_COLUMN, list(range(len(eval_dataset))))
 
     dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
     model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
@@ -299,23 +457,35 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                       reward_weights=[r.weight for r in rewards])
     out_dir = Path(config.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.process_index == 0:
+        write_run_config(out_dir, config)
     metrics_path = out_dir / "metrics.jsonl"
     resume = _resume_checkpoint(config.output.resume_from)
     keep_rows_through_step(metrics_path, _resume_step(resume))
+    trackers = make_trackers(config.output, resume_step=_resume_step(resume))
     recorder = CompletionRecorder()
     o = config.output
     completion_log = CompletionLog(out_dir, every=o.log_completions_steps, max_rows=o.log_completions_max,
                                    reward_names=[r.name for r in rewards], resume_step=_resume_step(resume),
                                    is_main=args.process_index == 0)
     trainer = _trainer_class()(
-        model=model, args=args, train_dataset=dataset, processing_class=exact,
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=exact,
         reward_funcs=[recorder.wrap(r.name, r.fn) for r in rewards],
-        callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards])],
+        callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards], trackers,
+                                     flat_config(config.to_dict())),
+                   _final_eval_callback()],
+        eval_temperature=_eval_temperature(config),
         recorder=recorder, completion_log=completion_log,
         health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with warnings.catch_warnings():
+        # TRL 1.16 toggles checkpointing around generation under the names transformers 5.24 deprecated
+        # (13 FutureWarnings in a short run); the renamed methods do the same. Only those messages are hidden.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.modeling_utils",
+                                message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|"
+                                        r"gradient_checkpointing_disable)` is deprecated")
+        result = trainer.train(resume_from_checkpoint=resume)
     is_main = trainer.accelerator.is_main_process
     with final_model_dir(out_dir, is_main=is_main) as staging:
         trainer.accelerator.wait_for_everyone()

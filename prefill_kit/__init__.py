@@ -21,6 +21,11 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
+def __dir__() -> list[str]:
+    """`dir(prefill_kit)` shows the lazily imported public API too, not only what is loaded so far."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         import importlib

@@ -18,6 +18,7 @@ data:
   shuffle: true                 # shuffle prompts each epoch (seeded by train.seed)
   few_shot: null                # worked examples before each raw row, as `prefill-kit render --few-shot`:
                                 #   {path: examples.jsonl, shots: 4, seed: 0, mode: turns}  (mode: turns | system)
+  eval_path: null               # held-out prompts, rendered like `path`; never trained on. Needs train.eval_steps
 rewards:                        # a spec string "format,accuracy:2.0" or a list of {name, weight, ...params}
   - {name: format, weight: 1.0}
 grpo:
@@ -33,6 +34,8 @@ grpo:
   scale_rewards: group          # group | batch | none
   num_iterations: 1             # optimizer steps per generated batch
   mask_truncated_completions: false
+  eval_num_generations: 1       # completions per eval prompt
+  eval_temperature: null        # sampling temperature of eval completions; default: grpo.temperature
 train:
   learning_rate: 1.0e-6
   per_device_train_batch_size: 8   # completions, a multiple of grpo.num_generations
@@ -48,6 +51,7 @@ train:
   seed: 42
   bf16: false                   # bf16 mixed precision (autocast)
   gradient_checkpointing: false
+  eval_steps: 0                 # with data.eval_path: evaluate every N optimizer steps (N >= 1) and after the last
 output:
   dir: runs/my-run
   logging_steps: 1
@@ -55,6 +59,9 @@ output:
   resume_from: null             # a checkpoint directory, or a run directory (its latest checkpoint)
   log_completions_steps: 10     # completions.jsonl gets step 1 and every N-th step's completions; 0: none
   log_completions_max: 64       # at most this many completions per logged step (whole prompt groups first)
+  report_to: []                 # trackers that get every metrics.jsonl row: tensorboard | wandb | mlflow | trackio
+  project: prefill-kit          # the tracker's project (wandb, trackio) or experiment (mlflow)
+  run_name: null                # the tracker's run name (wandb, trackio, mlflow); default: output.dir's last part
 trl: {}                         # trl backend only: extra GRPOConfig options, e.g. {use_vllm: true}
 ```
 
@@ -76,6 +83,7 @@ from typing import Any, Literal
 from prefill_kit.errors import ConfigError
 
 BACKENDS = ("builtin", "trl")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # output.report_to; see prefill_kit.trackers
 REQUIRED = object()  # marks a field with no default; dataclasses need a default to keep the order free
 
 
@@ -110,6 +118,7 @@ class DataSection:
     template_kwargs: dict = _field(dict)
     shuffle: bool = True
     few_shot: FewShotSection | None = None
+    eval_path: str | None = None
 
 
 @dataclass
@@ -126,6 +135,8 @@ class GRPOSection:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = _field(1, min=1)
     mask_truncated_completions: bool = False
+    eval_num_generations: int = _field(1, min=1)
+    eval_temperature: float | None = _field(None, min=0.0, exclusive_min=True)
 
 
 @dataclass
@@ -144,6 +155,7 @@ class TrainSection:
     seed: int = _field(42, min=0)
     bf16: bool = False
     gradient_checkpointing: bool = False
+    eval_steps: int = _field(0, min=0)
 
 
 @dataclass
@@ -154,6 +166,9 @@ class OutputSection:
     resume_from: str | None = None
     log_completions_steps: int = _field(10, min=0)
     log_completions_max: int = _field(64, min=1)
+    report_to: list = _field(list)
+    project: str = "prefill-kit"
+    run_name: str | None = None
 
 
 @dataclass
@@ -254,7 +269,26 @@ def config_from_dict(raw: dict[str, Any]) -> TrainingConfig:
                           "stay in one batch")
     if t.warmup_steps > t.max_steps:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} is more than train.max_steps ({t.max_steps})")
+    _check_report_to(config.output.report_to)
+    _check_eval(config)
     return config
+
+
+def _check_report_to(report_to: list) -> None:
+    """Names only; whether each tracker's package is installed is `prefill_kit.trackers.check_trackers`."""
+    for i, name in enumerate(report_to):
+        if name not in TRACKERS:
+            raise ConfigError(f"output.report_to[{i}]: unknown tracker {_show(name)}; known: {', '.join(TRACKERS)}")
+    if len(set(report_to)) != len(report_to):
+        raise ConfigError(f"output.report_to: a tracker is listed twice: {report_to}")
+
+
+def _check_eval(config: TrainingConfig) -> None:
+    """Evaluation needs both its data and its schedule: one without the other would silently do nothing."""
+    if config.data.eval_path and not config.train.eval_steps:
+        raise ConfigError("train.eval_steps: data.eval_path is set, so say how often to evaluate (N >= 1)")
+    if config.train.eval_steps and not config.data.eval_path:
+        raise ConfigError(f"data.eval_path: train.eval_steps is {config.train.eval_steps} but there is no eval data")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefill_kit.completion_log import COMPLETIONS_FILE, FIXED_COLUMNS
 from prefill_kit.errors import DataError
+from prefill_kit.wording import count
 
 TOTAL = "reward"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but \t and \n
@@ -109,6 +110,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; width: 100%; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: right; }
 th { background: #f3f3f3; position: sticky; top: 0; }
+th:last-child { text-align: left; }
 td.text { text-align: left; white-space: pre-wrap; font-family: ui-monospace, monospace; max-width: 60em; }
 mark.prefix { background: #cfe8ff; color: #024; }
 tr.truncated td.tokens { color: #b00; }
@@ -135,7 +137,7 @@ def render_html(rows: list[dict[str, Any]], names: list[str] | None = None, *, t
         body.append(f'<tr class="{"truncated" if row["truncated"] else "finished"}">{"".join(cells)}</tr>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>\n"
-            f"<h1>{esc(title)}</h1>\n<p>{len(rows)} completion(s); the prefix is highlighted.</p>\n"
+            f"<h1>{esc(title)}</h1>\n<p>{count(len(rows), 'completion')}; the prefix is highlighted.</p>\n"
             f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) + "\n</tbody></table>\n"
             "</body></html>\n")
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
+from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
 from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.readers import Record
 from prefill_kit.render import assistant_opening, render_prompt
@@ -346,7 +347,8 @@ class _MapRenderer:
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         values = [batch[c] for c in self.columns]
         offset = self.offset
-        records = [Record("dataset", "row", i + offset, dict(zip(self.columns, row, strict=True)), index=i + offset)
+        records = [Record("dataset", "row", i + offset + 1, dict(zip(self.columns, row, strict=True)),  # 1-based
+                          index=i + offset)
                    for i, row in zip(indices, zip(*values, strict=True), strict=True)]
         result = self.renderer(records)
         for reject in result.rejects:
@@ -374,6 +376,12 @@ def as_dataset(data):
     try:
         return datasets.load_dataset(builder, data_files=[str(p) for p, _ in inputs], split="train")
     except Exception as exc:  # datasets wraps parser errors in many types; name the input
+        if builder == "json" and kinds == {"jsonl"}:
+            from prefill_kit.readers import first_unreadable_line
+
+            for path, _ in inputs:  # the located error (line, column in the line), not pyarrow's "row 1"
+                if (located := first_unreadable_line(path)) is not None:
+                    raise located from None
         raise DataError(f"cannot load as {builder}: {exc}", source=str(data)) from None
 
 
@@ -437,8 +445,10 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         # Forked workers get `job` as it is in memory: fork passes initializer arguments without pickling.
-        with multiprocessing.get_context("fork").Pool(len(shards), initializer=_init_shard_worker,
-                                                      initargs=(job,)) as pool:
+        with interrupts_ignored_by_new_processes():  # Ctrl-C is the parent's to handle (see prefill_kit.interrupts)
+            pool = multiprocessing.get_context("fork").Pool(len(shards), initializer=_init_shard_worker,
+                                                            initargs=(job,))
+        with pool:
             paths = []
             for outcome in pool.imap(_render_shard, range(len(shards))):
                 if not isinstance(outcome, str):
@@ -454,6 +464,7 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
 
 def _init_shard_worker(job: tuple) -> None:
     global _shard_job
+    ignore_interrupts()
     _shard_job = job
 
 

@@ -81,6 +81,9 @@ class PreflightReport:
 
 def check_backend_options(config: TrainingConfig, backend: str) -> None:
     """Raise ConfigError for an option `backend` does not support, as training would, before any model loads."""
+    from prefill_kit.trackers import check_trackers
+
+    check_trackers(config.output.report_to)
     if backend == "builtin":
         if config.trl:
             raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend "
@@ -276,7 +279,7 @@ def _boundary_merges(tokenizer, dataset):
     if not merged:
         return [], None
     row, whole, split = merged[0]
-    return [i for i, _, _ in merged], describe_merge(tokenizer, f"row {row}", whole, split)
+    return [i for i, _, _ in merged], describe_merge(tokenizer, f"row {row + 1}", whole, split)  # 1-based
 
 
 def _trl_prompt_problems(tokenizer, dataset) -> list[Problem]:

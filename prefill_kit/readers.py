@@ -32,8 +32,9 @@ DEFAULT_BATCH_SIZE = 1000
 class Chunk:
     """Up to `batch_size` consecutive input rows: raw `lines` (JSON Lines), an Arrow `batch`, or `rows`.
 
-    Rows of a JSON Lines file are located by 1-based line number (`kind="line"`); all other rows by
-    0-based row index within their file (`kind="row"`), counting from `start`. `index` is the 0-based
+    Rows of a JSON Lines or CSV file are located by the 1-based line of the file where they start
+    (`kind="line"`; a CSV batch carries them in `line_numbers`); all other rows by their 1-based row
+    within their file (`kind="row"`), the first of the chunk being row `start + 1`. `index` is the 0-based
     position of the chunk's first row among all input rows (set by `iter_chunks`).
     """
 
@@ -43,6 +44,7 @@ class Chunk:
     lines: list[tuple[int, bytes]] | None = None
     batch: Any = None
     rows: list[Any] | None = None
+    line_numbers: list[int] | None = None
     index: int | None = None
 
     def num_rows(self) -> int:
@@ -69,6 +71,7 @@ class Record:
 
     @property
     def where(self) -> str:
+        """`file:LINE` (1-based line of the file) or `file row N` (1-based row): the message says which."""
         return f"{self.source}:{self.loc}" if self.kind == "line" else f"{self.source} row {self.loc}"
 
 
@@ -154,6 +157,15 @@ def _jsonl_chunks(path: Path, batch_size: int) -> Iterator[Chunk]:
             yield Chunk(str(path), "line", lines=batch)
 
 
+def first_unreadable_line(path: Path) -> DataError | None:
+    """The error of the first line of a JSON Lines file that is not a JSON object (with its line and column)."""
+    for chunk in _jsonl_chunks(path, DEFAULT_BATCH_SIZE):
+        for record in chunk_records(chunk):
+            if record.error is not None:
+                return DataError(record.error.reason, source=record.source, line=record.loc)
+    return None
+
+
 def _json_array_chunks(path: Path, batch_size: int) -> Iterator[Chunk]:
     # A JSON array cannot be streamed with the standard library; it is read whole (use JSON Lines for big data).
     try:
@@ -192,8 +204,37 @@ def _csv_chunks(path: Path, batch_size: int) -> Iterator[Chunk]:
     with pacsv.open_csv(path) as probe:
         names = probe.schema.names
     options = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+    lines = _csv_record_lines(path)
     with pacsv.open_csv(path, convert_options=options) as reader:
-        yield from _sliced(str(path), reader, batch_size)
+        for chunk in _sliced(str(path), reader, batch_size):
+            numbers = list(islice(lines, chunk.batch.num_rows))
+            if len(numbers) != chunk.batch.num_rows:
+                raise DataError("cannot tell the lines of its rows: Python's csv module finds fewer rows than "
+                                "pyarrow's reader", source=str(path))
+            yield Chunk(chunk.source, "line", chunk.start, batch=chunk.batch, line_numbers=numbers)
+
+
+def _csv_record_lines(path: Path) -> Iterator[int]:
+    """The 1-based line where each data record of a CSV file starts (a quoted value may span lines).
+
+    Blank lines are skipped, as pyarrow skips them; the first record is the header.
+    """
+    import csv
+
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        header_seen = False
+        while True:
+            before = reader.line_num
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            if not record:
+                continue
+            if header_seen:
+                yield before + 1
+            header_seen = True
 
 
 def _arrow_chunks(path: Path, batch_size: int) -> Iterator[Chunk]:
@@ -245,14 +286,15 @@ def chunk_records(chunk: Chunk) -> list[Record]:
                                       index=index))
         return records
     rows = chunk.rows if chunk.rows is not None else chunk.batch.to_pylist()
+    locs = chunk.line_numbers or range(chunk.start + 1, chunk.start + 1 + len(rows))
     records = []
-    for k, row in enumerate(rows):
-        i, index = chunk.start + k, None if first is None else first + k
+    for k, (loc, row) in enumerate(zip(locs, rows, strict=True)):
+        index = None if first is None else first + k
         if isinstance(row, dict):
-            records.append(Record(chunk.source, "row", i, row, index=index))
+            records.append(Record(chunk.source, chunk.kind, loc, row, index=index))
         else:
             error = DataError(f"expected a JSON object, got {type(row).__name__}")
-            records.append(Record(chunk.source, "row", i, None, raw=json.dumps(row, default=str), error=error,
+            records.append(Record(chunk.source, chunk.kind, loc, None, raw=json.dumps(row, default=str), error=error,
                                   index=index))
     return records
 

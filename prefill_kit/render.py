@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefill_kit.errors import ConfigError, DataError, TemplateError
-from prefill_kit.templates import ChatTemplate
+from prefill_kit.templates import ChatTemplate, load_template
 
 # A reasoning block the template opened (or opened and closed empty, as Qwen3 does with
 # enable_thinking=False) at the very end of its generation prompt.
@@ -98,9 +99,12 @@ def message_text(content: Any) -> str:
     return ""
 
 
-def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate, prefix: str = "", *,
+def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate | str | Path, prefix: str = "", *,
                   continue_final: bool = False, template_kwargs: dict[str, Any] | None = None) -> RenderedPrompt:
     """Render `messages` with `template` into a prompt that ends with `prefix`, written once.
+
+    `template` is a loaded `ChatTemplate` or a spec for `load_template` (`"deepseek-r1"`, a `.jinja` file,
+    a model directory).
 
     - Without `continue_final`, a trailing assistant message is the reference answer: it is removed
       from the prompt and returned as `solution` (as ms-swift does for GRPO).
@@ -111,6 +115,8 @@ def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate, prefix
 
     Raises `DataError` for an empty conversation and `TemplateError` when the template fails.
     """
+    if not isinstance(template, ChatTemplate):
+        template = load_template(template)
     if not messages:
         raise DataError("empty conversation", field="messages")
     kwargs = dict(template_kwargs or {})

@@ -13,13 +13,14 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from prefill_kit.errors import TemplateError
+from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
 from prefill_kit.io import atomic_output
 from prefill_kit.pipeline import BatchRenderer, RenderOptions, detect, output_columns
 from prefill_kit.prompt_tokens import BoundaryMerge
@@ -81,6 +82,7 @@ _worker_job: _Job | None = None
 
 def _init_worker(job: _Job) -> None:
     global _worker_job
+    ignore_interrupts()  # also for a worker the pool starts later to replace one that died
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no thread oversubscription
     _worker_job = job
 
@@ -95,7 +97,9 @@ def _results(job: _Job, chunks: Iterable[Chunk], num_proc: int) -> Iterator[_Chu
         yield from map(job, chunks)
         return
     context = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer and template
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(job,)) as pool:
+    with interrupts_ignored_by_new_processes():
+        pool = context.Pool(num_proc, initializer=_init_worker, initargs=(job,))
+    with pool:  # leaving it, also by Ctrl-C or a broken pipe, terminates the workers
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_run_in_worker, (chunk,)))
@@ -152,7 +156,9 @@ def render_file(source: str | Path, output: str, options: RenderOptions, *, outp
     with ExitStack() as stack:
         sink = stack.enter_context(open_sink(output, fmt_out, columns))
         rejects = None
-        for result in _results(job, chunks, num_proc):
+        # Closed first on the way out (Ctrl-C, a broken pipe, a bad row): the workers stop before the temp files go.
+        results = stack.enter_context(closing(_results(job, chunks, num_proc)))
+        for result in results:
             sink.write(result.payload)
             if result.rejects:
                 if rejects is None:

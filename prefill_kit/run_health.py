@@ -16,6 +16,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from prefill_kit.wording import count
+
 THRESHOLD = 0.5  # a share above this is a problem worth stopping for
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class HealthMonitor:
             if above and self.run_length[name] >= self.window and name not in self.warned:
                 self.warned.add(name)
                 message = (f"step {step}: {say(value)} (above {percent(THRESHOLD)} for "
-                           f"{self.run_length[name]} steps in a row)")
+                           f"{count(self.run_length[name], 'step')} in a row)")
                 logger.warning(message)
                 issued.append(message)
         return issued

@@ -97,11 +97,13 @@ def test_backend_feeds_one_bos_and_gives_rewards_the_prefix(backend, bos_model_d
     assert format_reward([closing]) == [0.0]  # without the prefix it would look malformed
 
 
-def test_both_backends_write_the_same_metric_keys(tiny_model_dir, tmp_path):
+def test_both_backends_write_the_same_metric_keys(tiny_model_dir, tmp_path, recwarn, capsys):
     keys = {}
     for backend, train in BACKENDS.items():
         out = tmp_path / backend
         train(config_from_dict(tiny_raw(tiny_model_dir, out, backend=backend)))
+        assert capsys.readouterr().out == "", backend  # no metrics dict per step: those go to metrics.jsonl
+        assert [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)] == [], backend
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
         assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
@@ -130,7 +132,12 @@ def test_trl_rejects_bad_extra_options_before_loading(extra, message, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_accelerate_launch_cpu_with_two_processes(backend, tiny_model_dir, tmp_path):
-    raw = tiny_raw(tiny_model_dir, tmp_path / "run", rewards=[{"name": "format"}])
+    # 5 eval prompts x 2 completions do not split evenly over 2 processes (TRL pads, the built-in shards)
+    eval_rows = [{"question": f"what is {k} + 1?", "answer": str(k + 1)} for k in range(5)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows), encoding="utf-8")
+    raw = tiny_raw(tiny_model_dir, tmp_path / "run", rewards=[{"name": "format"}],
+                   data={"eval_path": str(tmp_path / "eval.jsonl")}, train={"eval_steps": 2},
+                   grpo={"eval_num_generations": 2})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
@@ -140,7 +147,8 @@ def test_accelerate_launch_cpu_with_two_processes(backend, tiny_model_dir, tmp_p
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]  # one writer: the two processes trained together
+    assert [r["step"] for r in rows] == [1, 2, 2]  # one writer: the two processes trained together
+    assert set(rows[-1]) == {"step", "eval/reward", "eval/rewards/format"}  # TRL: a short eval set would raise
     assert f"{backend} backend: 2 steps" in proc.stderr
     assert "started one process of 2; relaunching" in proc.stderr
 

@@ -114,3 +114,17 @@ def test_templates_command_lists_generation_prompt_endings():
     result = run_cli("templates")
     assert result.returncode == 0
     assert "chatml" in result.stdout and repr("<|im_start|>assistant\n") in result.stdout
+
+
+def test_stdout_is_not_atomic_and_the_error_says_so(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)] + [{"messages": []}]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = run_cli("render", str(data), "-o", "-", "--batch-size", "1")
+    assert result.returncode == 2
+    assert len(result.stdout.splitlines()) == 3  # streamed before the bad row was reached
+    assert result.stderr == (f"prefill-kit render: error: {data}:4: field 'messages': missing or empty conversation "
+                             "(stdout already holds the rows before it: only a file output is atomic)\n")
+    file_result = run_cli("render", str(data), "-o", str(tmp_path / "out.jsonl"), "--batch-size", "1")
+    assert file_result.returncode == 2 and "stdout already holds" not in file_result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

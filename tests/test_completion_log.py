@@ -90,6 +90,21 @@ def test_health_monitor_warns_once_after_the_window(caplog):
     assert [r.getMessage() for r in caplog.records] == issued
     # the other signal has its own run and its own single warning; 2 rollout steps fill a window of 2
     assert len(monitor.update(7, 0.0, 0.8, steps=2)) == 1 and not monitor.update(8, 0.0, 0.8)
+    assert issued[0].endswith("(above 50% for 2 steps in a row)")
+    assert HealthMonitor(window=1, max_completion_length=16).update(3, 0.9, 0.0)[0].endswith(
+        "(above 50% for 1 step in a row)")
+
+
+def test_cli_prints_library_warnings_with_tqdm_write_above_the_bar(monkeypatch):
+    from tqdm import tqdm
+
+    from prefill_kit.cli import _warnings_above_progress_bars
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s)))
+    with _warnings_above_progress_bars():
+        logging.getLogger("prefill_kit.run_health").warning("step 3: 90% of completions truncated")
+    assert written == ["step 3: 90% of completions truncated"]
 
 
 # --------------------------------------------------------------------------------------------------- both backends

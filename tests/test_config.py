@@ -108,3 +108,31 @@ def test_invalid_yaml_names_the_line(tmp_path):
     path.write_text("model: {path: m}\ngrpo: [unclosed\n")
     with pytest.raises(ConfigError, match=r"cfg.yaml:\d+: invalid YAML"):
         load_config(path)
+
+
+
+def test_the_schema_docstring_lists_every_key_under_its_section():
+    """The docstring of prefill_kit/config.py is the schema users read: no key may be missing from it."""
+    import dataclasses
+    import re
+    import typing
+
+    from prefill_kit import config as config_module
+
+    doc = config_module.__doc__
+    start = doc.index("```yaml")
+    schema = doc[start:doc.index("```", start + 3)].splitlines()[1:]
+    documented: dict[str, set[str]] = {"": set()}
+    section = ""
+    for line in schema:
+        if top := re.match(r"([a-z_]+):", line):
+            section = top.group(1)
+            documented[""].add(section)
+            documented[section] = set()
+        elif nested := re.match(r"  ([a-z_0-9]+):", line):
+            documented[section].add(nested.group(1))
+    hints = typing.get_type_hints(config_module.TrainingConfig)
+    assert documented[""] == set(hints)
+    for name, tp in hints.items():
+        if dataclasses.is_dataclass(tp):
+            assert documented[name] == {f.name for f in dataclasses.fields(tp)}, name

@@ -21,7 +21,7 @@ from prefill_kit.few_shot import (
 from prefill_kit.pipeline import RenderOptions
 from prefill_kit.render_file import render_file
 from prefill_kit.templates import ChatTemplate, load_template
-from tests.conftest import REPO, SHARED_REFERENCE
+from tests.conftest import REFERENCE_ABSENT, REPO, SHARED_REFERENCE
 from tests.test_cli_render import read_jsonl, run_cli
 
 PREFIX = "<think>\n"
@@ -52,7 +52,7 @@ def data_file(tmp_path):
 @pytest.fixture(scope="module")
 def qwen3_reference():
     if not QWEN3_REFERENCE.is_file():
-        pytest.skip(f"reference template {QWEN3_REFERENCE} is absent (../shared/reference)")
+        pytest.skip(f"reference template not available: {QWEN3_REFERENCE} ({REFERENCE_ABSENT})")
     return ChatTemplate(QWEN3_REFERENCE.read_text(encoding="utf-8"), "qwen3 (reference)")
 
 

@@ -13,7 +13,7 @@ from prefill_kit.prompt_tokens import PromptTokenizer
 from prefill_kit.readers import Record
 from prefill_kit.render import render_prompt
 from prefill_kit.templates import ChatTemplate
-from tests.conftest import SHARED_REFERENCE
+from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 
 PREFIX = "<think>\n"
 ROWS = [{"messages": [{"role": "user", "content": f"What is {i} times {i}?"}], "solution": str(i * i), "id": i}
@@ -24,7 +24,7 @@ QWEN = SHARED_REFERENCE / "tokenizers" / "qwen2.5-instruct-DERIVED"
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
     if not QWEN.is_dir():
-        pytest.skip(f"reference tokenizer {QWEN} is absent (../shared/reference)")
+        pytest.skip(f"reference tokenizer not available: {QWEN} ({REFERENCE_ABSENT})")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(QWEN))
@@ -70,12 +70,12 @@ def test_bad_dataset_row_raises_or_is_dropped_and_logged(chatml, caplog):
 
     rows = [*ROWS[:2], {"messages": [{"role": "nobody", "content": "x"}], "solution": "0", "id": 99}, *ROWS[2:]]
     data = datasets.Dataset.from_list(rows)
-    with pytest.raises(DataError, match=r"dataset row 2: field 'messages\[0\]\.role': unknown role"):
+    with pytest.raises(DataError, match=r"dataset row 3: field 'messages\[0\]\.role': unknown role"):
         render_dataset(data, prefix=PREFIX)
     with caplog.at_level(logging.WARNING, logger="prefill_kit.pipeline"):
         out = render_dataset(data, prefix=PREFIX, on_error="skip")
     assert out["id"][:] == [r["id"] for r in ROWS]
-    assert "skipped dataset row 2" in caplog.text and "unknown role" in caplog.text
+    assert "skipped dataset row 3" in caplog.text and "unknown role" in caplog.text
 
 
 def test_num_proc_renders_shards_in_processes_with_the_same_output_and_row_numbers(chatml, tiny_tokenizer):
@@ -87,7 +87,7 @@ def test_num_proc_renders_shards_in_processes_with_the_same_output_and_row_numbe
     three = render_dataset(data, tokenizer=tiny_tokenizer, prefix=PREFIX, batch_size=7, num_proc=3)
     assert three.to_list() == one.to_list() and three.features == one.features
     bad = datasets.Dataset.from_list([*rows[:16], {**rows[16], "messages": []}, *rows[17:]])
-    with pytest.raises(DataError, match=r"dataset row 16: field 'messages': missing or empty") as caught:
+    with pytest.raises(DataError, match=r"dataset row 17: field 'messages': missing or empty") as caught:
         render_dataset(bad, prefix=PREFIX, batch_size=7, num_proc=3)
     assert caught.value.field == "messages" and caught.value.reason == "missing or empty conversation"
     kept = render_dataset(bad, prefix=PREFIX, batch_size=7, num_proc=3, on_error="skip")

@@ -148,7 +148,7 @@ def test_trl_backend_preflight_checks_the_prompt_ids_trl_will_make(bos_tokenizer
     monkeypatch.setattr(trl, "exact_ids_tokenizer", lambda tokenizer: tokenizer)  # TRL's default: a second BOS
     report = run_preflight(config, backend="trl", num_prompts=1, progress=False, reward_funcs=reward)
     trl_problems = [p.message for p in report.blocking if p.message.startswith("TRL backend")]
-    assert len(trl_problems) == 1 and trl_problems[0].startswith("TRL backend: row 0: TRL would feed the model")
+    assert len(trl_problems) == 1 and trl_problems[0].startswith("TRL backend: row 1: TRL would feed the model")
 
 
 def test_prefix_tokens_are_the_prompt_tail_that_holds_the_prefix(tiny_model_dir):

@@ -6,12 +6,12 @@ import pytest
 from tokenizers import AddedToken
 
 from prefill_kit.prompt_tokens import PromptTokenizer, piecewise_blocker
-from tests.conftest import SHARED_REFERENCE
+from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 from tests.tokenizer_families import CHATML, FAMILIES, SENTENCEPIECE, build, random_texts
 
 TOKENIZERS = SHARED_REFERENCE / "tokenizers"
 NEEDS_REFERENCE = pytest.mark.skipif(not TOKENIZERS.is_dir(),
-                                     reason="needs ../shared/reference/tokenizers (the real tokenizers)")
+                                     reason=f"needs the real tokenizers in {TOKENIZERS} ({REFERENCE_ABSENT})")
 
 
 def whole(tokenizer, texts: list[str]) -> list[list[int]]:

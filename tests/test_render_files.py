@@ -237,7 +237,7 @@ def test_row_indexed_inputs_report_the_row(tmp_path, chatml):
 
     rows = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "robot", "content": "x"}]}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
-    with pytest.raises(DataError, match=r"in\.parquet row 1: field 'messages\[0\]\.role': unknown role"):
+    with pytest.raises(DataError, match=r"in\.parquet row 2: field 'messages\[0\]\.role': unknown role"):
         render_file(tmp_path / "in.parquet", str(tmp_path / "out.jsonl"), RenderOptions(chatml))
 
 

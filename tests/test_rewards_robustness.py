@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from prefill_kit.rewards import AccuracyReward, available_rewards, get_reward
 
-from .conftest import SHARED_REFERENCE
+from .conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 
 HANG = r"\boxed{\dfrac{5^{(5^{(5^{(5^5)})}-4)}-5}{16}}"
 NASTY = [None, "", "x" * 1_000_000, "\x00\xff\ud7ff binary \x1b[0m junk", "{{{{}", "}}}{", r"\boxed{",
@@ -94,7 +94,7 @@ ACCEPTED_WHERE_MATH_VERIFY_REJECTS = {("2", "AZYUK2A"), ("$9$", "Answer $ \n 9 \
 
 def test_math_verify_cases(accuracy):
     if not CASES.exists():
-        pytest.skip(f"reference data absent: {CASES}")
+        pytest.skip(f"Math-Verify's test cases not available: {CASES} ({REFERENCE_ABSENT})")
     rows = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
     scores = accuracy([r["pred"] for r in rows], solution=[r["gold"] for r in rows])
     expected = [bool(r.get("expected", r.get("result"))) for r in rows]

@@ -21,6 +21,7 @@ import pytest
 from prefill_kit.errors import TemplateError
 from prefill_kit.templates import ChatTemplate, available_templates, load_template
 from prefill_kit.tiny_model import build_tokenizer
+from tests.conftest import REFERENCE_ABSENT
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -167,7 +168,7 @@ def _our_render(name: str, conv: str, gen: bool) -> str:
 def _official_source(name: str) -> str:
     path = REFERENCE / "templates" / OFFICIAL[name]
     if not path.is_file():
-        pytest.skip(f"official template not available: {path} (../shared/reference is absent)")
+        pytest.skip(f"official template not available: {path} ({REFERENCE_ABSENT})")
     return path.read_text(encoding="utf-8")
 
 
@@ -194,7 +195,7 @@ def test_matches_official_template(name, conv, gen):
 def test_family_tokens_match_official_tokenizer_config(config, name):
     path = REFERENCE / "templates" / "tokenizer_configs" / f"{config}.tokenizer_config.json"
     if not path.is_file():
-        pytest.skip(f"official tokenizer config not available: {path} (../shared/reference is absent)")
+        pytest.skip(f"official tokenizer config not available: {path} ({REFERENCE_ABSENT})")
     data = json.loads(path.read_text(encoding="utf-8"))
     for key, value in FAMILY_TOKENS[name].items():
         official = data[key]["content"] if isinstance(data[key], dict) else data[key]

@@ -54,5 +54,5 @@ def test_check_prompt_ids_refuses_a_tokenizer_that_changes_the_ids(bos_tokenizer
     data = datasets.Dataset.from_list([{"prompt": prompt,
                                         "prompt_ids": tokenizer(prompt, add_special_tokens=False).input_ids}])
     check_prompt_ids(exact_ids_tokenizer(tokenizer), data)
-    with pytest.raises(PrefillKitError, match="row 0: TRL would feed the model"):
+    with pytest.raises(PrefillKitError, match="row 1: TRL would feed the model"):
         check_prompt_ids(tokenizer, data)

@@ -71,3 +71,8 @@ def find_checkpoint(path: str | Path) -> Path:
     if not found:
         raise ConfigError(f"output.resume_from: {path} is neither a checkpoint nor a run directory with one")
     return found[-1]
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at (known before its state is loaded)."""
+    return int(json.loads((checkpoint / "checkpoint.json").read_text(encoding="utf-8"))["step"])

@@ -8,14 +8,16 @@ Each optimizer step runs these phases:
   2. optimize: `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` completions,
      each a forward over prompt + completion, the GRPO loss on completion tokens, backward.
   3. clip, step the optimizer and the learning-rate schedule.
-  4. log a metrics row (and, every `log_completions_steps`, the rollout's completions to completions.jsonl);
-     warn when truncation or zero reward spread persists; checkpoint every `save_steps`.
+  4. log a metrics row to metrics.jsonl and the trackers (and, every `log_completions_steps`, the rollout's
+     completions to completions.jsonl); warn when truncation or zero reward spread persists.
+  5. evaluate every `eval_steps` (and after the last step); checkpoint every `save_steps`.
 Distributed concerns shrink to `accelerator`: is_main_process, num_processes, gather, unwrap_model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -27,16 +29,24 @@ from typing import Any
 import torch
 
 from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages, nanstd
-from prefill_kit.backends.builtin.checkpoint import LoopState, find_checkpoint, save_checkpoint
+from prefill_kit.backends.builtin.checkpoint import LoopState, checkpoint_step, find_checkpoint, save_checkpoint
 from prefill_kit.backends.builtin.data import prompt_indices
+from prefill_kit.backends.builtin.evaluation import eval_seed, evaluate
 from prefill_kit.backends.builtin.loss import grpo_loss
 from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
-from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_training_data
+from prefill_kit.backends.common import (
+    eos_token_ids,
+    final_model_dir,
+    load_eval_data,
+    load_training_data,
+    write_run_config,
+)
 from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
 from prefill_kit.config import GRPOSection, TrainingConfig
 from prefill_kit.io import keep_rows_through_step
 from prefill_kit.run_health import HealthMonitor
+from prefill_kit.trackers import flat_config, make_trackers, tracker_values
 
 METRICS_FILE = "metrics.jsonl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -74,6 +84,7 @@ class TrainResult:
     output_dir: Path
     global_step: int
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics rows, on every process
+    eval_history: list[dict[str, Any]] = field(default_factory=list)  # the eval rows (`eval/...`), on every process
 
 
 def resolve_rewards(spec: list | str) -> list[WeightedRewardLike]:
@@ -142,7 +153,9 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     g, t, out = config.grpo, config.train, config.output
     # Without a GPU, ask for CPU explicitly: that is what makes accelerate use gloo across the processes
     # torchrun (`accelerate launch --multi_gpu`) starts; otherwise each would train alone.
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    checkpoint = find_checkpoint(out.resume_from) if out.resume_from else None
+    trackers = make_trackers(out, resume_step=checkpoint_step(checkpoint) if checkpoint is not None else 0)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), log_with=trackers or None)
     # bf16 is our own autocast, not accelerate's mixed_precision: accelerate's is a per-process singleton
     # that a second run in the same process (a notebook, the tests) could not change.
     autocast = functools.partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=t.bf16)
@@ -152,6 +165,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     # ---- setup: models, data, rewards, optimizer
     tokenizer, model, ref_model = load_models(config)
     dataset = load_training_data(config.data, tokenizer)
+    eval_dataset = load_eval_data(config.data, tokenizer)
     rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
     if not rewards:
         from prefill_kit.errors import ConfigError
@@ -160,6 +174,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     weights = reward_weights(rewards)
     eos_ids = eos_token_ids(tokenizer, model)
     generation_config = make_generation_config(g, tokenizer, eos_ids)
+    eval_generation_config = make_generation_config(
+        dataclasses.replace(g, temperature=g.eval_temperature or g.temperature), tokenizer, eos_ids)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   eps=t.adam_epsilon, weight_decay=t.weight_decay)
@@ -172,12 +188,13 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     # The scheduler is registered, not prepared: a prepared scheduler steps once per process.
     accelerator.register_for_checkpointing(scheduler, state)
 
-    if out.resume_from:
-        accelerator.load_state(str(find_checkpoint(out.resume_from)))
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, config)
+        write_run_config(run_dir, config)
         keep_rows_through_step(run_dir / METRICS_FILE, state.step)
+    accelerator.init_trackers(out.project, config=flat_config(config.to_dict()))  # main process only
     completion_log = CompletionLog(run_dir, every=out.log_completions_steps, max_rows=out.log_completions_max,
                                    reward_names=[r.name for r in rewards], resume_step=state.step,
                                    is_main=accelerator.is_main_process)
@@ -188,6 +205,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     prompts_per_process = config.prompts_per_device_step
     local_rows = t.per_device_train_batch_size * t.gradient_accumulation_steps  # completions per process per step
     history: list[dict[str, Any]] = []
+    eval_history: list[dict[str, Any]] = []
     bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step",
                disable=not (progress and accelerator.is_main_process))
 
@@ -288,10 +306,20 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         if accelerator.is_main_process:
             health.update(state.step, stats["truncated_ratio"], stats["zero_std_ratio"])
         if accelerator.is_main_process and (state.step % out.logging_steps == 0 or state.step == t.max_steps):
-            with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            _log_row(accelerator, run_dir, row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", reward=row["reward"] and f"{row['reward']:.3f}")
         bar.update(1)
+
+        # ---- 5. evaluate, checkpoint (after evaluating: the eval row is then part of the checkpoint's past)
+        if eval_dataset is not None and (state.step % t.eval_steps == 0 or state.step == t.max_steps):
+            eval_row = {"step": state.step, **evaluate(
+                policy, eval_dataset, rewards=rewards, tokenizer=tokenizer, generation_config=eval_generation_config,
+                eos_ids=eos_ids, num_generations=g.eval_num_generations,
+                prompts_per_batch=max(1, t.per_device_train_batch_size // g.eval_num_generations),
+                accelerator=accelerator, seed=eval_seed(t.seed, state.step, rank), autocast=autocast)}
+            eval_history.append(eval_row)
+            if accelerator.is_main_process:
+                _log_row(accelerator, run_dir, eval_row)
         if out.save_steps and state.step % out.save_steps == 0 and state.step < t.max_steps:
             save_checkpoint(accelerator, run_dir, state.step, tokenizer)
     bar.close()
@@ -303,7 +331,17 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
             accelerator.unwrap_model(model).save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, state.step, history)
+    for tracker in accelerator.trackers:  # not end_training(): that also ends the process group
+        tracker.finish()
+    accelerator.trackers.clear()
+    return TrainResult(run_dir, state.step, history, eval_history)
+
+
+def _log_row(accelerator, run_dir: Path, row: dict[str, Any]) -> None:
+    """One metrics row to metrics.jsonl and to every tracker, under the same names and step (main process)."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    accelerator.log(tracker_values(row), step=row["step"])
 
 
 def _lengths(batch: Rollout, eos_ids: list[int]) -> torch.Tensor:
@@ -341,12 +379,3 @@ def _nan_to_none(x: float) -> float | None:
 
 def _nullable(values: torch.Tensor) -> list[float | None]:
     return [_nan_to_none(v) for v in values.tolist()]
-
-
-def _write_config(run_dir: Path, config: TrainingConfig) -> None:
-    import yaml
-
-    from prefill_kit.io import atomic_output
-
-    with atomic_output(run_dir / "config.yaml") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)

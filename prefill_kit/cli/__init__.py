@@ -22,7 +22,10 @@ SUBCOMMANDS = ("render", "templates", "reward", "export", "integrations", "train
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prefill_kit import __version__
+
     parser = argparse.ArgumentParser(prog="prefill-kit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prefill-kit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         try:
@@ -36,12 +39,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every way out is one line on stderr and an exit code, never a traceback.
+
+    2: an error the library raised on purpose; 130: Ctrl-C (the work already unwound its temp files);
+    141 (128 + SIGPIPE, what a shell reports for a killed writer): the reader of stdout went away,
+    as with `| head`.
+    """
+    command = "prefill-kit"
     try:
-        return int(args.func(args) or 0)
+        args = build_parser().parse_args(argv)
+        command = f"prefill-kit {args.command}"
+        with _warnings_above_progress_bars():
+            return int(args.func(args) or 0)
     except PrefillKitError as exc:
-        print(f"prefill-kit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"prefill-kit {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+
+
+def _warnings_above_progress_bars():
+    """The library's warnings (run health, skipped rows) as lines on stderr printed with `tqdm.write`, so that
+    they appear above a progress bar instead of inside it."""
+    import logging
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger("prefill_kit")])
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not report the broken pipe again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

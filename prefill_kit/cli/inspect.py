@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     if shown:
         print(format_rows(shown, names, color=color))
-    print(f"{len(shown)} of {len(rows)} logged completion(s)", file=sys.stderr)
+    from prefill_kit.wording import count
+
+    print(f"{len(shown)} of {count(len(rows), 'logged completion')}", file=sys.stderr)
     if args.html:
         what = " ".join(f"--{k} {v}" for k, v in vars(args).items()
                         if k in ("step", "worst", "best", "reward") and v is not None)

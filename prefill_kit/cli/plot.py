@@ -9,7 +9,7 @@ import sys
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plot reward, loss, KL and completion length of runs", description=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
-    p.add_argument("-o", "--output", default="curves.png", help="image file (default: curves.png)")
+    p.add_argument("-o", "--output", default=None, help="image file (default: curves.png in the first RUN_DIR)")
     p.set_defaults(func=run)
     return p
 
@@ -21,5 +21,7 @@ def run(args: argparse.Namespace) -> int:
     require_train("prefill-kit plot", ("matplotlib",))
 
     out = plot_runs(args.run_dirs, args.output)
-    print(f"wrote {out} ({len(args.run_dirs)} run(s))", file=sys.stderr)
+    from prefill_kit.wording import count
+
+    print(f"wrote {out} ({count(len(args.run_dirs), 'run')})", file=sys.stderr)
     return 0

@@ -57,7 +57,8 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template-kwargs", default="{}", help='JSON object passed to the template, '
                                                            'e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--on-error", default="fail", choices=("fail", "skip"),
-                   help="fail: stop at the first bad row, write nothing; skip: write the bad rows to a rejects file")
+                   help="fail: stop at the first bad row, write nothing (to a file; stdout already has the rows "
+                        "before it); skip: write the bad rows to a rejects file")
     p.add_argument("--max-prompt-tokens", type=int, metavar="N",
                    help="reject prompts longer than N tokens (needs --tokenizer)")
     p.add_argument("--check-tokens", action="store_true",
@@ -153,6 +154,7 @@ def progress_bar(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from prefill_kit.errors import PrefillKitError
     from prefill_kit.render_file import render_file
 
     options = render_options(args)
@@ -162,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
         summary = render_file(args.input, output, options, output_format_name=args.output_format,
                               num_proc=args.num_proc, batch_size=args.batch_size, sample=max(args.show, 1),
                               progress=bar.update if bar else None)
+    except PrefillKitError as exc:
+        if output != "-":
+            raise
+        # A file appears only when complete; stdout streams, so say that what is there is a part.
+        raise PrefillKitError(f"{exc} (stdout already holds the rows before it: only a file output is atomic)") \
+            from None
     finally:
         if bar is not None:
             bar.close()

@@ -25,22 +25,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows of INPUT; a row without a usable `completion` is an error naming its line."""
+def read_rows(path: str) -> tuple[list[int], list[dict[str, Any]]]:
+    """The 1-based line of each row of INPUT, and the rows; a row without a usable `completion` is an error
+    naming its line. Lines, not row counts, name rows here as in `render`, so blank lines do not shift them."""
     from prefill_kit.errors import DataError
     from prefill_kit.io import iter_jsonl
 
-    rows = []
+    lines, rows = [], []
     for line, row in iter_jsonl(path):
         completion = row.get("completion")
         if not isinstance(completion, str | list):
             got = "missing" if completion is None else f"a {type(completion).__name__}"
             raise DataError(f"expected a string or a list of messages, got {got}", source=path, line=line,
                             field="completion")
+        lines.append(line)
         rows.append(row)
     if not rows:
         raise DataError("no rows", source=path)
-    return rows
+    return lines, rows
 
 
 def score_rows(rows: list[dict[str, Any]], rewards, prefix: str | None, *,
@@ -74,7 +76,13 @@ def _summary(name: str, values: list[float | None], timeouts: int | None) -> str
     return f"{name:<28} {mean:>8.4f} {std:>8.4f} {none_share:>7.1%} {'-' if timeouts is None else timeouts:>9}"
 
 
-def _plot(scores: dict[str, list[float | None]], path: str) -> None:
+def histogram_title(label: str, values: list[float | None]) -> str:
+    """A histogram's title: what it shows and how many rows it leaves out because their score is None."""
+    missing = sum(v is None for v in values)
+    return f"{label}\n{missing} of {len(values)} None (not drawn)" if missing else f"{label}\nall {len(values)} scored"
+
+
+def _plot(scores: dict[str, list[float | None]], labels: dict[str, str], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,13 +90,17 @@ def _plot(scores: dict[str, list[float | None]], path: str) -> None:
 
     from prefill_kit.io import atomic_output
 
-    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.2), squeeze=False, constrained_layout=True)
     for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
-        ax.hist([v for v in values if v is not None], bins=20)
-        ax.set_title(name)
+        present = [v for v in values if v is not None]
+        if present:
+            ax.hist(present, bins=20)
+        else:
+            ax.text(0.5, 0.5, "no scores: every row is None", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(histogram_title(labels[name], values), fontsize=9)
         ax.set_xlabel("score")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # row counts
     axes[0][0].set_ylabel("rows")
-    fig.tight_layout()
     with atomic_output(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
@@ -110,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
         require_train("prefill-kit reward --plot", ("matplotlib",))
     rewards = parse_reward_spec(args.rewards)
-    rows = read_rows(args.input)
+    lines, rows = read_rows(args.input)
     prefix = decode_escapes(args.prefix) if args.prefix is not None else None
     scores = score_rows(rows, rewards, prefix, completions_include_prefix=args.completions_include_prefix)
 
@@ -128,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         text = completion_text(rows[i]["completion"]).replace("\n", " ")
         shown = text if len(text) <= 160 else text[:60] + " ... " + text[-95:]
         per = ", ".join(f"{w.name}={scores[w.name][i]}" for w in rewards)
-        print(f"  row {i + 1}: reward={scores['reward'][i]:.4f} ({per})\n    {shown}")
+        print(f"  {args.input}:{lines[i]}: reward={scores['reward'][i]:.4f} ({per})\n    {shown}")
 
     if args.output:
         names = [w.name for w in rewards] + ["reward"]
@@ -139,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")
         print(f"\nwrote {len(rows)} rows to {args.output}", file=sys.stderr)
     if args.plot:
-        _plot(scores, args.plot)
+        labels = {w.name: f"{w.name} (x{w.weight:g})" for w in rewards} | {"reward": "reward (weighted total)"}
+        _plot(scores, labels, args.plot)
         print(f"wrote histograms to {args.plot}", file=sys.stderr)
     return 0

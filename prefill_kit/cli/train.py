@@ -107,7 +107,11 @@ def run_summary(config) -> str:
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    last = rows[-1] if rows else {}
+    train_rows = [r for r in rows if "loss" in r]  # eval rows hold only `eval/...` metrics
+    last = train_rows[-1] if train_rows else {}
     parts = [f"{config.backend} backend: {last.get('step', 0)} steps"]
     parts += [f"{k} {last[k]:.4g}" for k in ("reward", "loss", "completion_length") if isinstance(last.get(k), float)]
+    eval_rows = [r for r in rows if "eval/reward" in r]
+    if eval_rows and isinstance(eval_rows[-1]["eval/reward"], float):
+        parts.append(f"eval/reward {eval_rows[-1]['eval/reward']:.4g}")
     return "; ".join(parts) + f"; model and metrics.jsonl in {run_dir}"

@@ -40,5 +40,8 @@ def _worker_main(recv_conn: Connection, conn: Connection, warm_modules: Sequence
 
 
 if __name__ == "__main__":
+    from prefill_kit.interrupts import ignore_interrupts
+
+    ignore_interrupts()  # Ctrl-C is the parent's: it kills its workers on the way out
     _worker_main(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False),
                  sys.argv[3:])

@@ -1,0 +1,66 @@
+"""Evaluation during training: sample completions for every held-out prompt, score them, log the means.
+
+The eval prompts come from `data.eval_path` alone, so none of them is ever trained on. Sampling runs under a
+forked RNG seeded by (seed, step, process): the training stream's random state is the same whether or not
+evaluation ran, so a run with evaluation trains exactly like one without, and a resumed run stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from prefill_kit.backends.builtin.rollout import completion_mask_from_eos, generate
+from prefill_kit.backends.builtin.scoring import WeightedRewardLike, score_completions
+from prefill_kit.backends.common import eval_metrics
+
+
+def process_shard(num_rows: int, process_index: int, num_processes: int) -> range:
+    """The contiguous slice of eval rows one process evaluates; the slices cover every row exactly once."""
+    return range(process_index * num_rows // num_processes, (process_index + 1) * num_rows // num_processes)
+
+
+def eval_seed(seed: int, step: int, process_index: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + process_index) % 2**63
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device, seed: int):
+    """Random state for sampling inside the block only; the caller's state is restored after it."""
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if device.type == "cpu" else device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def evaluate(policy, dataset, *, rewards: Sequence[WeightedRewardLike], tokenizer, generation_config,
+             eos_ids: list[int], num_generations: int, prompts_per_batch: int, accelerator, seed: int,
+             autocast) -> dict[str, float | None]:
+    """`eval/reward` and `eval/rewards/<name>`: means over `num_generations` completions of every eval prompt.
+
+    Each process samples its shard of the prompts; every process returns the same means, over all shards.
+    """
+    from accelerate.utils import gather_object
+
+    local: list[list[float | None]] = []  # one row of K scores per completion
+    shard = process_shard(len(dataset), accelerator.process_index, accelerator.num_processes)
+    with forked_rng(accelerator.device, seed):
+        for start in range(shard.start, shard.stop, prompts_per_batch):
+            rows = dataset[start:min(start + prompts_per_batch, shard.stop)]  # column -> list, one per prompt
+            with autocast():
+                batch = generate(policy, rows["prompt_ids"], num_generations=num_generations,
+                                 generation_config=generation_config, eos_token_ids=eos_ids,
+                                 pad_token_id=tokenizer.pad_token_id)
+            lengths = completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).tolist()
+            ids_list = [ids[:n].tolist() for ids, n in zip(batch.completion_ids.cpu(), lengths, strict=True)]
+            completions = tokenizer.batch_decode(ids_list, skip_special_tokens=True)
+            columns = {k: [v for v in values for _ in range(num_generations)] for k, values in rows.items()}
+            prompts = columns.pop("prompt")
+            scores = score_completions(rewards, prompts=prompts, completions=completions, completion_ids=ids_list,
+                                       columns=columns)  # (b, K), NaN for None
+            local += [[None if v != v else v for v in row] for row in scores.tolist()]
+    every = gather_object(local) if accelerator.num_processes > 1 else local
+    return eval_metrics(every, [r.name for r in rewards], [float(r.weight) for r in rewards])

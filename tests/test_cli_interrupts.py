@@ -1,0 +1,96 @@
+"""Ctrl-C and a closed stdout end any command with one line (or none) and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROWS = 60_000  # far more than renders in the few seconds before the interrupt on any machine
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    line = json.dumps({"messages": [{"role": "user", "content": "What is 12 + 30? " * 8}], "answer": "42"}) + "\n"
+    path.write_text(line * ROWS, encoding="utf-8")
+    return path
+
+
+def _start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    # A session of its own, so the SIGINT below reaches the whole group, workers too, as Ctrl-C in a terminal does.
+    return subprocess.Popen([sys.executable, "-m", "prefill_kit", *args], cwd=cwd, start_new_session=True,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def _wait_for_temp_file(directory: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Rendering has started writing once the output's hidden temp file exists."""
+    deadline = time.monotonic() + timeout
+    while not any(p.name.endswith(".tmp") for p in directory.iterdir()):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the output's temp file never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("num_proc", [2, 2, 1])
+def test_ctrl_c_mid_render_exits_130_with_one_line_and_no_temp_files(big_input, tiny_model_dir, tmp_path, num_proc):
+    process = _start(["render", str(big_input), "--tokenizer", str(tiny_model_dir), "--num-proc", str(num_proc),
+                      "-o", str(tmp_path / "out.jsonl")], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    _wait_for_temp_file(tmp_path, process)
+    time.sleep(0.3)  # well inside the render loop, workers busy
+    os.killpg(process.pid, signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        _, stderr = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("render did not exit within 20 s of Ctrl-C")
+    assert time.monotonic() - sent < 10
+    assert process.returncode == 130
+    assert stderr.decode() == "prefill-kit render: interrupted\n"  # no worker tracebacks
+    assert list(tmp_path.iterdir()) == []  # no output, no temp file, no rejects
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_closed_stdout_exits_quietly(big_input, tmp_path, num_proc):
+    process = _start(["render", str(big_input), "--num-proc", str(num_proc), "-o", "-"], cwd=tmp_path,
+                     stdout=subprocess.PIPE)
+    first = process.stdout.readline()  # as `| head -1` does: one line, then the reader goes away
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert json.loads(first)["prompt"].startswith("<|im_start|>user\nWhat is 12 + 30?")
+    assert stderr.decode() == ""
+    assert process.returncode == 141  # 128 + SIGPIPE, as a shell reports a writer killed by the closed pipe
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_started_in_the_block_ignore_sigint_and_the_parent_keeps_its_handler():
+    from prefill_kit.interrupts import interrupts_ignored_by_new_processes
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupts_ignored_by_new_processes():
+        child = subprocess.Popen([sys.executable, "-c", "import signal, sys; "
+                                  "sys.exit(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"])
+    assert child.wait(timeout=60) == 1
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_verify_workers_leave_ctrl_c_to_their_parent():
+    from prefill_kit.rewards.verify_pool import VerifyPool
+
+    pool = VerifyPool(1)
+    try:
+        pool.start()
+        worker = pool._workers[0].process
+        os.kill(worker.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+        time.sleep(0.5)
+        assert worker.poll() is None  # still alive: the parent stops it on its way out
+        assert pool.map(abs, [(-3,)], timeout=30)[0].value == 3
+    finally:
+        pool.close()
