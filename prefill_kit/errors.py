@@ -39,3 +39,7 @@ class DataError(PrefillKitError):
         """The same error with its location filled in by the caller that knows it."""
         return DataError(self.reason, source=self.source or source,
                          line=self.line if self.line is not None else line, field=self.field)
+
+
+class MissingExtraError(PrefillKitError):
+    """A command needs an optional dependency group (e.g. `[train]`) that is not installed."""

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 def test_wheel_holds_one_top_level_package_with_backends_and_templates(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+        ".git", ".venv", ".ci", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                              "-w", str(tmp_path / "dist"), "-q"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -22,6 +22,7 @@ def test_wheel_holds_one_top_level_package_with_backends_and_templates(tmp_path)
     assert {n.split("/")[0] for n in names} == {"prefill_kit", wheel.name.split("-py")[0] + ".dist-info"}
     assert "prefill_kit/backends/trl.py" in names and "prefill_kit/backends/builtin/loop.py" in names
     assert "prefill_kit/templates/__init__.py" in names
+    assert "prefill_kit/integrations/swift_plugin.py" in names and "prefill_kit/integrations/verl.py" in names
     shipped = {n.rsplit("/", 1)[1] for n in names if n.endswith(".jinja")}
     assert {"chatml.jinja", "qwen3.jinja", "deepseek-r1.jinja", "llama3.jinja"} <= shipped
     entry_points = zipfile.ZipFile(wheel).read(wheel.name.split("-py")[0] + ".dist-info/entry_points.txt").decode()

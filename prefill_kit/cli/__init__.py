@@ -17,7 +17,8 @@ import sys
 from prefill_kit.errors import PrefillKitError
 
 # Subcommand modules, in the order `--help` lists them. A module that is not there yet is skipped.
-SUBCOMMANDS = ("render", "templates", "reward", "train", "plot", "preflight", "inspect", "make_tiny_model")
+SUBCOMMANDS = ("render", "templates", "reward", "export", "integrations", "train", "plot", "preflight", "inspect",
+               "make_tiny_model")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prefill_kit.extras import require_train
     from prefill_kit.templates import load_template
+
+    require_train("prefill-kit make-tiny-model", ("torch",))
     from prefill_kit.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.dir, chat_template=load_template(args.template).source, add_bos=args.add_bos,

@@ -15,7 +15,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prefill_kit.extras import require_train
     from prefill_kit.plotting import plot_runs
+
+    require_train("prefill-kit plot", ("matplotlib",))
 
     out = plot_runs(args.run_dirs, args.output)
     from prefill_kit.wording import count

@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from prefill_kit.config import load_config
+    from prefill_kit.extras import require_train
+
+    require_train("prefill-kit preflight", ("torch", "accelerate", "trl"))
     from prefill_kit.preflight import run_preflight
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])

@@ -14,33 +14,14 @@ FORMATS = ("auto", "messages", "sharegpt", "alpaca", "query", "prompt", "problem
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="render chat data into prefilled prompts", description=__doc__)
-    p.add_argument("input", help=".jsonl, .json, .parquet, .csv, .arrow, a save_to_disk directory, "
-                                 "or a directory or glob of shards")
+    p.add_argument("input", help=INPUT_HELP)
     p.add_argument("-o", "--output", help="output .jsonl, .parquet or directory (save_to_disk) "
                                           "(default: INPUT_STEM.prefilled.jsonl; '-' for stdout)")
     p.add_argument("--output-format", choices=("jsonl", "parquet", "hf"),
                    help="output format (default: from the output's extension)")
-    p.add_argument("--format", default="auto", choices=FORMATS,
-                   help="input data format (default: detected from the columns)")
-    p.add_argument("--columns", default="{}", metavar="JSON",
-                   help='rename input columns before detection, e.g. \'{"instruction_text": "prompt"}\'')
-    p.add_argument("--template", help="shipped name, .jinja file, model dir or tokenizer_config.json "
-                                      "(default: the tokenizer's own, else chatml)")
-    p.add_argument("--tokenizer", help="model/tokenizer directory: its template, and `prompt_ids` columns")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--prefix", default="", help=r"response prefix; \n \t \r \\ \uXXXX are decoded")
-    group.add_argument("--prefix-file", help="read the prefix verbatim from this file")
+    add_render_options(p)
     p.add_argument("--continue-final", action="store_true",
                    help="continue a trailing assistant message instead of treating it as the reference answer")
-    p.add_argument("--template-kwargs", default="{}", help='JSON object passed to the template, '
-                                                           'e.g. \'{"enable_thinking": false}\'')
-    p.add_argument("--on-error", default="fail", choices=("fail", "skip"),
-                   help="fail: stop at the first bad row, write nothing (to a file; stdout already has the rows "
-                        "before it); skip: write OUTPUT_STEM.rejects.jsonl")
-    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
-                   help="reject prompts longer than N tokens (needs --tokenizer)")
-    p.add_argument("--check-tokens", action="store_true",
-                   help="count rows whose prefix tokenizes differently alone than in the prompt (needs --tokenizer)")
     p.add_argument("--pass-rendered", action="store_true",
                    help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
     p.add_argument("--few-shot", metavar="FILE",
@@ -53,11 +34,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
                    help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
-    p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered prompts, prefix highlighted")
     p.set_defaults(func=run)
     return p
+
+
+INPUT_HELP = ".jsonl, .json, .parquet, .csv, .arrow, a save_to_disk directory, or a directory or glob of shards"
+
+
+def add_render_options(p: argparse.ArgumentParser) -> None:
+    """The options that decide how rows render, shared by `render` and `export`."""
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="input data format (default: detected from the columns)")
+    p.add_argument("--columns", default="{}", metavar="JSON",
+                   help='rename input columns before detection, e.g. \'{"instruction_text": "prompt"}\'')
+    p.add_argument("--template", help="shipped name, .jinja file, model dir or tokenizer_config.json "
+                                      "(default: the tokenizer's own, else chatml)")
+    p.add_argument("--tokenizer", help="model/tokenizer directory: its template, and `prompt_ids` columns")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prefix", default="", help=r"response prefix; \n \t \r \\ \uXXXX are decoded")
+    group.add_argument("--prefix-file", help="read the prefix verbatim from this file")
+    p.add_argument("--template-kwargs", default="{}", help='JSON object passed to the template, '
+                                                           'e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--on-error", default="fail", choices=("fail", "skip"),
+                   help="fail: stop at the first bad row, write nothing (to a file; stdout already has the rows "
+                        "before it); skip: write the bad rows to a rejects file")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="reject prompts longer than N tokens (needs --tokenizer)")
+    p.add_argument("--check-tokens", action="store_true",
+                   help="count rows whose prefix tokenizes differently alone than in the prompt (needs --tokenizer)")
+    p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _json_object(text: str, flag: str) -> dict:
@@ -74,7 +81,8 @@ def _json_object(text: str, flag: str) -> dict:
     return value
 
 
-def _options(args: argparse.Namespace):
+def render_options(args: argparse.Namespace):
+    """RenderOptions from the options `add_render_options` added (and `--continue-final` where present)."""
     from prefill_kit.errors import ConfigError
     from prefill_kit.pipeline import RenderOptions, load_tokenizer, resolve_template
     from prefill_kit.render import decode_escapes
@@ -87,25 +95,28 @@ def _options(args: argparse.Namespace):
         prefix = decode_escapes(args.prefix)
     if args.tokenizer is None and (args.max_prompt_tokens is not None or args.check_tokens):
         raise ConfigError("--max-prompt-tokens and --check-tokens count tokens: they need --tokenizer")
-    if args.num_proc < 1 or args.batch_size < 1:
+    if getattr(args, "num_proc", 1) < 1 or args.batch_size < 1:
         raise ConfigError("--num-proc and --batch-size: expected positive integers")
-    if args.few_shot is None:
-        given = [flag for flag, value in (("--shots", args.shots), ("--few-shot-seed", args.few_shot_seed),
-                                          ("--few-shot-mode", args.few_shot_mode)) if value is not None]
+    few_shot_file = getattr(args, "few_shot", None)  # render's own options; `export` has none of them
+    if few_shot_file is None:
+        given = [flag for flag, value in (("--shots", getattr(args, "shots", None)),
+                                          ("--few-shot-seed", getattr(args, "few_shot_seed", None)),
+                                          ("--few-shot-mode", getattr(args, "few_shot_mode", None)))
+                 if value is not None]
         if given:
             raise ConfigError(f"{given[0]}: give the examples with --few-shot FILE")
     few_shot = None
-    if args.few_shot is not None:
+    if few_shot_file is not None:
         from prefill_kit.few_shot import load_few_shot
 
-        few_shot = load_few_shot(args.few_shot, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
+        few_shot = load_few_shot(few_shot_file, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
                                  mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
         for skipped in few_shot.skipped:
             print(f"warning: skipped {skipped}", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)
-    return RenderOptions(resolve_template(args.template, tokenizer), prefix, args.continue_final,
+    return RenderOptions(resolve_template(args.template, tokenizer), prefix, getattr(args, "continue_final", False),
                          template_kwargs, args.format, tokenizer, columns, args.on_error,
-                         args.max_prompt_tokens, args.check_tokens, pass_rendered=args.pass_rendered,
+                         args.max_prompt_tokens, args.check_tokens, pass_rendered=getattr(args, "pass_rendered", False),
                          few_shot=few_shot)
 
 
@@ -131,7 +142,7 @@ def show_prompt(prompt: str, prefix: str, stream) -> None:
     stream.write(f"{head}{mark[0]}{tail}{mark[1]}\n" if tail else f"{head}\n")
 
 
-def _progress_bar(args: argparse.Namespace):
+def progress_bar(args: argparse.Namespace):
     """A tqdm bar (rows/s, ETA) on stderr when it is a terminal and not --quiet; else None."""
     if args.quiet or not sys.stderr.isatty():
         return None
@@ -146,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.errors import PrefillKitError
     from prefill_kit.render_file import render_file
 
-    options = _options(args)
+    options = render_options(args)
     output = args.output or default_output(args.input, args.output_format)
-    bar = _progress_bar(args)
+    bar = progress_bar(args)
     try:
         summary = render_file(args.input, output, options, output_format_name=args.output_format,
                               num_proc=args.num_proc, batch_size=args.batch_size, sample=max(args.show, 1),

@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.completions_include_prefix and args.prefix is not None:
         raise ConfigError("--prefix and --completions-include-prefix: give one (the second says there is none to add)")
+    if args.plot:
+        from prefill_kit.extras import require_train
+
+        require_train("prefill-kit reward --plot", ("matplotlib",))
     rewards = parse_reward_spec(args.rewards)
     lines, rows = read_rows(args.input)
     prefix = decode_escapes(args.prefix) if args.prefix is not None else None

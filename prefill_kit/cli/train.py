@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from prefill_kit.config import load_config
+    from prefill_kit.extras import require_train
+
+    require_train("prefill-kit train", ("torch", "accelerate", "trl"))
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     overrides += ["output.overwrite=true"] if args.overwrite else []
