@@ -25,9 +25,12 @@ grpo:
   top_p: 1.0
   top_k: 0                      # 0 disables top-k
   beta: 0.0                     # KL coefficient; > 0 loads a frozen reference model
-  loss_type: dapo               # dapo | grpo | bnpo | dr_grpo
+  loss_type: dapo               # dapo | grpo | bnpo | dr_grpo | cispo | sapo | luspo (TRL 1.16's formulas)
+  importance_sampling_level: token  # token | sequence (GSPO: one length-normalised ratio per completion)
   epsilon: 0.2
-  epsilon_high: null            # default: epsilon
+  epsilon_high: null            # default: epsilon; for cispo the clamp of the ratio itself (ScaleRL: 5.0)
+  sapo_temperature_pos: 1.0     # sapo: gate temperature where the advantage is > 0
+  sapo_temperature_neg: 1.05    # sapo: ... where it is <= 0
   scale_rewards: group          # group | batch | none
   num_iterations: 1             # optimizer steps per generated batch
   mask_truncated_completions: false
@@ -109,9 +112,12 @@ class GRPOSection:
     top_p: float = _field(1.0, min=0.0, exclusive_min=True, max=1.0)
     top_k: int = _field(0, min=0)
     beta: float = _field(0.0, min=0.0)
-    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
+    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     epsilon: float = _field(0.2, min=0.0)
     epsilon_high: float | None = _field(None, min=0.0)
+    sapo_temperature_pos: float = _field(1.0, min=0.0, exclusive_min=True)
+    sapo_temperature_neg: float = _field(1.05, min=0.0, exclusive_min=True)
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = _field(1, min=1)
     mask_truncated_completions: bool = False

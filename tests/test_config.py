@@ -55,7 +55,7 @@ def test_defaults_follow_trl():
     ({"grpo": {"num_generations": "x"}}, "grpo.num_generations: expected an integer >= 2, got 'x'"),
     ({"grpo": {"num_generations": 1}}, "grpo.num_generations: expected an integer >= 2, got 1"),
     ({"grpo": {"max_completion_length": 0}}, "grpo.max_completion_length: expected a positive integer, got 0"),
-    ({"grpo": {"loss_type": "ppo"}}, "grpo.loss_type: expected one of dapo, grpo, bnpo, dr_grpo, got 'ppo'"),
+    ({"grpo": {"loss_type": "ppo"}}, "grpo.loss_type: expected one of dapo, grpo, bnpo, dr_grpo, cispo, sapo, luspo, got 'ppo'"),
     ({"grpo": {"top_p": 1.5}}, "grpo.top_p: expected a number in (0.0, 1.0], got 1.5"),
     ({"grpo": {"temperature": 0}}, "grpo.temperature: expected a number > 0.0, got 0"),
     ({"grpo": {"epsilon_high": "wide"}}, "grpo.epsilon_high: expected a number >= 0.0, got 'wide'"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages, nanstd
 from prefill_kit.backends.builtin.checkpoint import LoopState, find_checkpoint, save_checkpoint
 from prefill_kit.backends.builtin.data import prompt_indices
-from prefill_kit.backends.builtin.loss import grpo_loss
+from prefill_kit.backends.builtin.loss import WINDOW_NORMALIZED, grpo_loss, loss_warnings
 from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
 from prefill_kit.backends.common import eos_token_ids, final_model_dir, load_training_data
@@ -39,6 +40,9 @@ from prefill_kit.io import keep_rows_through_step
 from prefill_kit.run_health import HealthMonitor
 
 METRICS_FILE = "metrics.jsonl"
+# Loss metrics that only some loss types have: None in the rows of the others (TRL's metrics.jsonl does the same).
+LOSS_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -148,6 +152,9 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     autocast = functools.partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=t.bf16)
     set_seed(t.seed, device_specific=True)  # each process samples differently
     run_dir = Path(out.dir)
+    if accelerator.is_main_process:
+        for message in loss_warnings(g.loss_type, g.importance_sampling_level):
+            logger.warning(message)
 
     # ---- setup: models, data, rewards, optimizer
     tokenizer, model, ref_model = load_models(config)
@@ -256,8 +263,10 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                 loss, metrics = grpo_loss(
                     logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask, loss_type=g.loss_type,
                     epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                    importance_sampling_level=g.importance_sampling_level,
+                    sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
                     max_completion_length=g.max_completion_length, num_items_in_batch=num_items)
-                if g.loss_type != "dapo":  # dapo's normalizer already spans the accumulation window
+                if g.loss_type not in WINDOW_NORMALIZED:  # dapo's, cispo's normalizer spans the window already
                     loss = loss / t.gradient_accumulation_steps
                 accelerator.backward(loss)
             step_loss += loss.item()
@@ -279,7 +288,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         reduced = accelerator.reduce(torch.tensor([step_loss, *loss_metrics.values()], device=accelerator.device),
                                      reduction="mean").tolist()
         row = {"step": state.step, "loss": reduced[0], **stats,
-               "kl": None, **dict(zip(loss_metrics, reduced[1:], strict=True)),
+               **dict.fromkeys(LOSS_METRICS), **dict(zip(loss_metrics, reduced[1:], strict=True)),
                "learning_rate": learning_rate,
                "grad_norm": None if grad_norm is None else float(grad_norm),
                "step_time": time.perf_counter() - step_start}
