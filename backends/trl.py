@@ -321,8 +321,14 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     completion_log = CompletionLog(out_dir, every=o.log_completions_steps, max_rows=o.log_completions_max,
                                    reward_names=[r.name for r in rewards], resume_step=_resume_step(resume),
                                    is_main=args.process_index == 0)
+    lora = config.model.lora
+    peft_config = None
+    if lora is not None:  # TRL wraps the model; with beta > 0 its reference is the model with the adapter off
+        from prefill_kit.backends.lora import lora_config
+
+        peft_config = lora_config(lora)
     trainer = _trainer_class()(
-        model=model, args=args, train_dataset=dataset, processing_class=exact,
+        model=model, args=args, train_dataset=dataset, processing_class=exact, peft_config=peft_config,
         reward_funcs=[recorder.wrap(r.name, r.fn) for r in rewards],
         callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards])],
         recorder=recorder, completion_log=completion_log,
@@ -336,6 +342,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         trainer.save_model(str(staging))  # every process: DeepSpeed/FSDP gather the weights here
         if is_main:
             tokenizer.save_pretrained(staging)  # the original tokenizer, not the exact-ids copy
+            if lora is not None and lora.merge:
+                from prefill_kit.backends.lora import MERGED_DIR, save_merged
+
+                save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staging / MERGED_DIR)
         trainer.accelerator.wait_for_everyone()
     return {"backend": "trl", "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "seconds": time.perf_counter() - start, "output_dir": str(out_dir), "metrics": str(metrics_path)}

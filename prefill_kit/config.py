@@ -8,6 +8,16 @@ model:
   path: ./my-model              # a local Hugging Face model directory
   dtype: float32                # float32 | bfloat16 | float16 | auto: the dtype the weights are loaded in
   tokenizer: null               # tokenizer directory; default: model.path
+  lora: null                    # a mapping trains a LoRA adapter through peft instead of every weight:
+    # r: 8                      #   rank; these defaults are peft's LoraConfig defaults (`lora: {}` takes them all)
+    # alpha: 8.0                #   lora_alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
+    # dropout: 0.0              #   lora_dropout, in the training forward only (sampling and scoring run in eval mode)
+    # target_modules: null      #   module names, or "all-linear"; null: peft's default for the architecture
+    # modules_to_save: null     #   modules trained in full and saved beside the adapter (e.g. [lm_head])
+    # bias: none                #   none | all | lora_only
+    # use_rslora: false
+    # use_dora: false
+    # merge: false              #   also save the merged model (base + adapter) in <output.dir>/merged
 data:
   path: data.jsonl              # JSON Lines (or a dataset saved with save_to_disk)
   prefix: "<think>\\n"           # the response prefix; a rendered file's own `prefix` column wins
@@ -87,10 +97,26 @@ def _field(default: Any = REQUIRED, *, help: str = "", **checks: Any) -> Any:
 
 
 @dataclass
+class LoraSection:
+    """`model.lora`: peft's LoraConfig under short names (see `prefill_kit.backends.lora`)."""
+
+    r: int = _field(8, min=1)
+    alpha: float = _field(8.0, min=0.0, exclusive_min=True)
+    dropout: float = _field(0.0, min=0.0, max=1.0)
+    target_modules: list | str | None = None
+    modules_to_save: list | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    merge: bool = False
+
+
+@dataclass
 class ModelSection:
     path: str = _field()
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     tokenizer: str | None = None
+    lora: LoraSection | None = None  # None: full fine-tuning
 
 
 @dataclass
@@ -237,6 +263,12 @@ def config_from_dict(raw: dict[str, Any]) -> TrainingConfig:
     """Validate a plain dict (as read from YAML) into a TrainingConfig; ConfigError names the bad key."""
     config = _build(TrainingConfig, raw, "")
     _check_rewards(config.rewards)
+    lora = config.model.lora
+    if lora is not None:
+        for key in ("target_modules", "modules_to_save"):
+            names = getattr(lora, key)
+            if isinstance(names, list) and not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"model.lora.{key}: expected a list of module names, got {_show(names)}")
     g, t = config.grpo, config.train
     if t.per_device_train_batch_size % g.num_generations:
         raise ConfigError(f"train.per_device_train_batch_size: {t.per_device_train_batch_size} completions is not a "
@@ -263,11 +295,22 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                 raise ConfigError(f"{key}: required")
             continue
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        optional = _optional_section(tp)
+        if optional is not None:  # an optional section: null switches it off, a mapping (even {}) on
+            values[name] = None if raw[name] is None else _build(optional, raw[name], key + ".")
+        elif dataclasses.is_dataclass(tp):
             values[name] = _build(tp, raw[name] if raw[name] is not None else {}, key + ".")
         else:
             values[name] = _check_value(raw[name], tp, key, f.metadata)
     return cls(**values)
+
+
+def _optional_section(tp: Any) -> type | None:
+    """`X` for a type hint `X | None` where X is a section (a dataclass), else None."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 def _show(value: Any) -> str:

@@ -87,7 +87,11 @@ def resolve_rewards(spec: list | str) -> list[WeightedRewardLike]:
 
 
 def load_models(config: TrainingConfig):
-    """Tokenizer, policy, and a frozen reference model only when beta > 0 (else None)."""
+    """Tokenizer, policy, and a frozen reference model only when beta > 0 without LoRA (else None).
+
+    With `model.lora` the policy is a peft model whose adapter alone trains, and the reference is the same
+    model with the adapter switched off, so no second copy is loaded.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
@@ -96,7 +100,7 @@ def load_models(config: TrainingConfig):
     dtype = DTYPES[config.model.dtype]
     model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
     ref_model = None
-    if config.grpo.beta > 0:
+    if config.grpo.beta > 0 and config.model.lora is None:
         ref_model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).eval()
         ref_model.requires_grad_(False)
     for module in model.modules():  # sampling and scoring must see the same distribution
@@ -108,6 +112,10 @@ def load_models(config: TrainingConfig):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if config.model.lora is not None:  # after the dropout reset: lora.dropout is the user's, kept for training
+        from prefill_kit.backends.lora import apply_lora
+
+        model = apply_lora(model, config.model.lora)
     return tokenizer, model, ref_model
 
 
@@ -168,7 +176,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     eos_ids = eos_token_ids(tokenizer, model)
     generation_config = make_generation_config(g, tokenizer, eos_ids)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapter's
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   eps=t.adam_epsilon, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.max_steps)
@@ -178,6 +187,10 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     state = LoopState()
     # The scheduler is registered, not prepared: a prepared scheduler steps once per process.
     accelerator.register_for_checkpointing(scheduler, state)
+    if config.model.lora is not None:
+        from prefill_kit.backends.lora import register_adapter_checkpointing
+
+        register_adapter_checkpointing(accelerator)
 
     if out.resume_from:
         accelerator.load_state(str(find_checkpoint(out.resume_from)))
@@ -205,6 +218,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
 
         # ---- 1. rollout: generate, score, normalize (once per `num_iterations` steps)
         if iteration == 0 or state.rollout is None:
+            policy.eval()  # no dropout while sampling and scoring (only LoRA's can be non-zero)
             indices = prompt_indices(generation, num_prompts=len(dataset), prompts_per_process=prompts_per_process,
                                      process_index=rank, num_processes=world, seed=t.seed,
                                      shuffle=config.data.shuffle)
@@ -230,9 +244,11 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
             with torch.no_grad(), autocast():
                 if g.num_iterations > 1:
                     batch.old_logps = _logps_in_chunks(policy, batch, g.temperature, t.per_device_train_batch_size)
-                if ref_model is not None:
-                    batch.ref_logps = _logps_in_chunks(ref_model, batch, g.temperature,
-                                                       t.per_device_train_batch_size)
+                if g.beta > 0:  # the frozen copy, or the LoRA policy with its adapter off
+                    reference = policy if ref_model is None else ref_model
+                    with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():
+                        batch.ref_logps = _logps_in_chunks(reference, batch, g.temperature,
+                                                           t.per_device_train_batch_size)
             state.rollout_stats = _rollout_stats(accelerator, rewards, scores, totals, lengths, batch,
                                                  g.num_generations)
             state.rollout = batch.state_dict()
@@ -274,7 +290,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                 loss_metrics[k] = loss_metrics.get(k, 0.0) + v.item() / t.gradient_accumulation_steps
 
         # ---- 3. clip, step
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -309,8 +325,13 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with final_model_dir(run_dir, is_main=True) as staging:
-            accelerator.unwrap_model(model).save_pretrained(staging)
+            final = accelerator.unwrap_model(model)
+            final.save_pretrained(staging)  # with LoRA: the adapter, for PeftModel.from_pretrained
             tokenizer.save_pretrained(staging)
+            if config.model.lora is not None and config.model.lora.merge:
+                from prefill_kit.backends.lora import MERGED_DIR, save_merged
+
+                save_merged(final, tokenizer, staging / MERGED_DIR)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, history)
 
