@@ -185,6 +185,8 @@ def test_builtin_resume_with_lora_is_exact(tiny_model_dir, data_file, tmp_path, 
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    at_3 = load_file(checkpoint / "adapter_model.safetensors")
+    assert not all(torch.equal(a[k], at_3[k]) for k in a)  # step 4 changed the adapter: the resume did work
 
     def rows(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
@@ -233,3 +235,27 @@ def test_trl_backend_passes_the_lora_config_and_saves_the_adapter(tiny_model_dir
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0.0  # TRL's reference: the adapter switched off
     check_final_dir(tmp_path / "run", tiny_model_dir)
+
+
+def test_trl_checkpoints_hold_the_adapter_and_resume_exactly(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    def raw(run, **output):
+        return {"model": {"path": str(tiny_model_dir), "lora": LORA},
+                "data": {"path": str(REPO / "examples" / "math_tiny.jsonl"), "prefix": "<think>\n"},
+                "rewards": [{"name": "tests.test_lora:brevity", "weight": 1.0}],
+                "grpo": {"num_generations": 4, "max_completion_length": 12, "beta": 0.1},
+                "train": {"learning_rate": 3e-2, "per_device_train_batch_size": 8, "max_steps": 3, "seed": 0},
+                "output": {"dir": str(tmp_path / run), "save_steps": 2, **output}}
+
+    trl_backend.train(config_from_dict(raw("full")))
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    (tmp_path / "resumed" / "adapter_model.safetensors").unlink()
+    trl_backend.train(config_from_dict(raw("resumed", resume_from=str(tmp_path / "resumed"))))
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    at_2 = load_file(checkpoint / "adapter_model.safetensors")
+    assert not all(torch.equal(a[k], at_2[k]) for k in a)  # step 3 changed the adapter: the resume did work
