@@ -165,7 +165,7 @@ def test_builtin_resume_with_lora_is_exact(tiny_model_dir, data_file, tmp_path, 
         model.training) or original(model, *a, **k))
 
     # a reused rollout (checkpoint 3 falls between its two iterations), accumulation, LoRA dropout (RNG)
-    sections = {"grpo": {"num_iterations": 2, "max_completion_length": 12},
+    sections = {"grpo": {"num_iterations": 2},
                 "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 4,
                           "lr_scheduler_type": "linear", "warmup_steps": 1}}
     full = make_config(tiny_model_dir, data_file, tmp_path / "full", lora={"dropout": 0.1},
