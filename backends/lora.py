@@ -59,6 +59,17 @@ def register_adapter_checkpointing(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def check_resume_kind(checkpoint: Path, lora: LoraSection | None) -> None:
+    """A LoRA checkpoint resumes only a LoRA run and a full one only a full run: say so before loading."""
+    has_adapter = (checkpoint / ADAPTER_WEIGHTS).is_file()
+    if has_adapter and lora is None:
+        raise ConfigError(f"output.resume_from: {checkpoint} holds a LoRA adapter, and model.lora is not set; "
+                          "set model.lora as in the run that wrote it")
+    if lora is not None and not has_adapter:
+        raise ConfigError(f"output.resume_from: {checkpoint} holds no {ADAPTER_WEIGHTS}: not a checkpoint of a "
+                          "LoRA run (model.lora must match the run that wrote it)")
+
+
 def load_adapter_weights(peft_model, directory: Path) -> None:
     """Put the adapter saved in `directory` into `peft_model`'s adapter; refuse one that does not fit it."""
     from peft import set_peft_model_state_dict

@@ -195,15 +195,20 @@ def test_builtin_resume_with_lora_is_exact(tiny_model_dir, data_file, tmp_path, 
     assert rows("resumed") == rows("full")
 
 
-def test_resume_of_a_full_run_checkpoint_with_lora_is_refused(tiny_model_dir, data_file, tmp_path):
-    full = make_config(tiny_model_dir, data_file, tmp_path / "run", output={"save_steps": 1},
-                       train={"max_steps": 2})
-    raw = full.to_dict()
-    raw["model"]["lora"] = None
-    loop_module.train(config_from_dict(raw), reward_funcs=BREVITY, progress=False)
-    resumed = make_config(tiny_model_dir, data_file, tmp_path / "run", output={"resume_from": str(tmp_path / "run")},
+def test_resume_refuses_a_checkpoint_of_the_other_kind(tiny_model_dir, data_file, tmp_path):
+    lora = make_config(tiny_model_dir, data_file, tmp_path / "lora", output={"save_steps": 1}, train={"max_steps": 2})
+    loop_module.train(lora, reward_funcs=BREVITY, progress=False)
+    full = lora.to_dict()
+    full["model"]["lora"] = None
+    full["output"]["dir"] = str(tmp_path / "full")
+    loop_module.train(config_from_dict(full), reward_funcs=BREVITY, progress=False)
+
+    full["output"]["resume_from"] = str(tmp_path / "lora")
+    with pytest.raises(ConfigError, match="holds a LoRA adapter, and model.lora is not set"):
+        loop_module.train(config_from_dict(full), reward_funcs=BREVITY, progress=False)
+    resumed = make_config(tiny_model_dir, data_file, tmp_path / "lora", output={"resume_from": str(tmp_path / "full")},
                           train={"max_steps": 2})
-    with pytest.raises(Exception, match="not a checkpoint of a LoRA run"):
+    with pytest.raises(ConfigError, match="not a checkpoint of a LoRA run"):
         loop_module.train(resumed, reward_funcs=BREVITY, progress=False)
 
 

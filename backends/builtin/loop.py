@@ -193,7 +193,11 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         register_adapter_checkpointing(accelerator)
 
     if out.resume_from:
-        accelerator.load_state(str(find_checkpoint(out.resume_from)))
+        from prefill_kit.backends.lora import check_resume_kind
+
+        checkpoint = find_checkpoint(out.resume_from)
+        check_resume_kind(checkpoint, config.model.lora)
+        accelerator.load_state(str(checkpoint))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir, config)
