@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from prefill_kit.config import DataSection
-from prefill_kit.errors import DataError
+from prefill_kit.errors import ConfigError, DataError
 
 
 def is_rendered(dataset) -> bool:
@@ -20,7 +20,8 @@ def load_training_data(section: DataSection, tokenizer):
 
     Raw data is rendered with `section.template`, or the tokenizer's own chat template when that is None.
     `prompt_ids` come from the rendered text with `add_special_tokens=False` and the tokenizer in use (a
-    rendered file's own ids are replaced), so the model sees exactly the rendered prompt.
+    rendered file's own ids are replaced), so the model sees exactly the rendered prompt. `section.few_shot`
+    puts worked examples before each raw row, as `prefill-kit render --few-shot` does.
     """
     from prefill_kit.pipeline import as_dataset, render_dataset
     from prefill_kit.prompt_tokens import PromptTokenizer
@@ -34,7 +35,10 @@ def load_training_data(section: DataSection, tokenizer):
     if not is_rendered(dataset):
         return render_dataset(dataset, template=section.template, tokenizer=tokenizer, prefix=section.prefix,
                               continue_final=section.continue_final, template_kwargs=section.template_kwargs,
-                              format=section.format)
+                              format=section.format, few_shot=few_shot_examples(section))
+    if section.few_shot is not None:
+        raise ConfigError(f"data.few_shot: {path} is already rendered (it has `prompt` and `prefix` columns); "
+                          "few-shot examples are added when rendering: render with --few-shot, or give raw data")
     encoder = PromptTokenizer(tokenizer)  # == tokenizer(prompts, add_special_tokens=False), computed faster
 
     def tokenize(batch):
@@ -42,6 +46,16 @@ def load_training_data(section: DataSection, tokenizer):
         return {"prompt_ids": ids, "num_prompt_tokens": [len(i) for i in ids]}
 
     return dataset.map(tokenize, batched=True)
+
+
+def few_shot_examples(section: DataSection):
+    """The `data.few_shot` examples, loaded and checked against `data.prefix`; None when not configured."""
+    if section.few_shot is None:
+        return None
+    from prefill_kit.few_shot import load_few_shot
+
+    f = section.few_shot
+    return load_few_shot(f.path, shots=f.shots, seed=f.seed, mode=f.mode, prefix=section.prefix)
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:

@@ -20,7 +20,6 @@ or zero reward spread persists (`prefill_kit.run_health`); see `CompletionRecord
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import time
@@ -30,6 +29,7 @@ from typing import Any
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError, PrefillKitError
 from prefill_kit.io import keep_rows_through_step
+from prefill_kit.prompt_tokens import exact_ids_tokenizer
 
 # TRL log key -> the metric name both backends write to metrics.jsonl.
 METRIC_NAMES = {
@@ -121,23 +121,6 @@ def trl_extra_kwargs(config: TrainingConfig) -> dict[str, Any]:
     return dict(config.trl)
 
 
-def exact_ids_tokenizer(tokenizer):
-    """A copy of `tokenizer` whose plain call adds no special tokens: `tok(text)` == the rendered ids.
-
-    TRL calls `processing_class(text=prompts)` with the default `add_special_tokens=True`. Emptying the
-    fast tokenizer's post-processor (the step that inserts BOS/EOS) makes that call exact, without
-    patching TRL. The original tokenizer is what gets saved with the model.
-    """
-    from tokenizers import processors
-
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("model.tokenizer: the TRL backend needs a fast tokenizer (tokenizer.json) so that "
-                          "prompts are not given a second BOS")
-    exact = copy.deepcopy(tokenizer)
-    exact.backend_tokenizer.post_processor = processors.Sequence([])
-    return exact
-
-
 def check_prompt_ids(tokenizer, dataset, *, rows: int = 16) -> None:
     """Tokenize a sample of prompts the way TRL will; they must equal the rendered `prompt_ids`."""
     sample = dataset.select(range(min(rows, len(dataset))))
@@ -206,14 +189,21 @@ def _trainer_class():
 
     class PrefillKitGRPOTrainer(GRPOTrainer):
         def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
-                     eos_ids: list[int], **kwargs):
+                     eos_ids: list[int], user_tokenizer, **kwargs):
             super().__init__(*args, **kwargs)
             self.recorder, self.completion_log, self.health = recorder, completion_log, health
+            self.user_tokenizer = user_tokenizer
             self.weights, self.eos_ids = weights, set(eos_ids)
             # optimizer steps one rollout serves: TRL generates every steps_per_generation * num_iterations
             # micro-steps, and an optimizer step takes gradient_accumulation_steps of them
             self.steps_per_rollout = max(1, self.args.steps_per_generation * self.num_iterations
                                          // self.args.gradient_accumulation_steps)
+
+        def _save(self, output_dir: str | None = None, state_dict=None):
+            # Checkpoints and the final model get the user's tokenizer, not the exact-ids copy TRL tokenizes
+            # with: loaded for evaluation or serving, that copy would give prompts without BOS.
+            super()._save(output_dir, state_dict=state_dict)
+            self.user_tokenizer.save_pretrained(output_dir or self.args.output_dir)
 
         def _generate_and_score_completions(self, inputs):
             output = super()._generate_and_score_completions(inputs)
@@ -333,19 +323,17 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards])],
         recorder=recorder, completion_log=completion_log,
         health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
-        weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model))
+        weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     is_main = trainer.accelerator.is_main_process
     with final_model_dir(out_dir, is_main=is_main) as staging:
         trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(staging))  # every process: DeepSpeed/FSDP gather the weights here
-        if is_main:
-            tokenizer.save_pretrained(staging)  # the original tokenizer, not the exact-ids copy
-            if lora is not None and lora.merge:
-                from prefill_kit.backends.lora import MERGED_DIR, save_merged
+        trainer.save_model(str(staging))  # every process: DeepSpeed/FSDP gather the weights here (and the tokenizer)
+        if is_main and lora is not None and lora.merge:
+            from prefill_kit.backends.lora import MERGED_DIR, save_merged
 
-                save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staging / MERGED_DIR)
+            save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staging / MERGED_DIR)
         trainer.accelerator.wait_for_everyone()
     return {"backend": "trl", "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "seconds": time.perf_counter() - start, "output_dir": str(out_dir), "metrics": str(metrics_path)}

@@ -13,6 +13,7 @@ _EXPORTS = {
     "RenderedPrompt": "prefill_kit.render",
     "decode_escapes": "prefill_kit.render",
     "render_dataset": "prefill_kit.pipeline",
+    "exact_ids_tokenizer": "prefill_kit.prompt_tokens",
     "load_template": "prefill_kit.templates",
     "ChatTemplate": "prefill_kit.templates",
     "available_templates": "prefill_kit.templates",

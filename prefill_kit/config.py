@@ -26,6 +26,8 @@ data:
   continue_final: false         # render options, as for `prefill-kit render`
   template_kwargs: {}
   shuffle: true                 # shuffle prompts each epoch (seeded by train.seed)
+  few_shot: null                # worked examples before each raw row, as `prefill-kit render --few-shot`:
+                                #   {path: examples.jsonl, shots: 4, seed: 0, mode: turns}  (mode: turns | system)
 rewards:                        # a spec string "format,accuracy:2.0" or a list of {name, weight, ...params}
   - {name: format, weight: 1.0}
 grpo:
@@ -120,6 +122,14 @@ class ModelSection:
 
 
 @dataclass
+class FewShotSection:
+    path: str = _field()
+    shots: int = _field(4, min=1)
+    seed: int = 0
+    mode: Literal["turns", "system"] = "turns"
+
+
+@dataclass
 class DataSection:
     path: str = _field()
     prefix: str = ""
@@ -128,6 +138,7 @@ class DataSection:
     continue_final: bool = False
     template_kwargs: dict = _field(dict)
     shuffle: bool = True
+    few_shot: FewShotSection | None = None
 
 
 @dataclass
@@ -231,10 +242,13 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of `raw` with each `key.sub=value` set; the value is parsed as YAML (`0.5`, `true`, `null`, `[..]`)."""
+    """A copy of `raw` with each `key.sub=value` set; the value is parsed as YAML (`0.5`, `true`, `null`, `[..]`),
+    except `data.prefix`, which is decoded as `--prefix` is (`decode_escapes`)."""
     import copy
 
     import yaml
+
+    from prefill_kit.render import decode_escapes
 
     out = copy.deepcopy(raw)
     for item in overrides:
@@ -246,6 +260,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
+        if key == "data.prefix":  # typed like --prefix on the command line: the same escapes, nothing else
+            parsed = decode_escapes(value)
         node = out
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -296,7 +312,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             continue
         tp = hints[name]
         optional = _optional_section(tp)
-        if optional is not None:  # an optional section: null switches it off, a mapping (even {}) on
+        if optional is not None:  # an optional section: null (or absent) turns it off
             values[name] = None if raw[name] is None else _build(optional, raw[name], key + ".")
         elif dataclasses.is_dataclass(tp):
             values[name] = _build(tp, raw[name] if raw[name] is not None else {}, key + ".")
@@ -306,11 +322,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _optional_section(tp: Any) -> type | None:
-    """`X` for a type hint `X | None` where X is a section (a dataclass), else None."""
+    """The section class of an `X | None` field whose X is a section (a dataclass); None for any other type."""
     if typing.get_origin(tp) not in (typing.Union, types.UnionType):
         return None
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
 
 
 def _show(value: Any) -> str:

@@ -6,19 +6,23 @@ the file pipeline (`prefill_kit.render_file`) and `render_dataset` (HF datasets)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
 from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.readers import Record
-from prefill_kit.render import render_prompt
+from prefill_kit.render import assistant_opening, render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
+
+if TYPE_CHECKING:
+    from prefill_kit.few_shot import FewShot
 
 ON_ERROR = ("fail", "skip")
 ID_COLUMNS = ("prompt_ids", "num_prompt_tokens")
@@ -30,7 +34,10 @@ class RenderOptions:
     """Everything that decides how a row renders. `tokenizer` (optional) adds `prompt_ids`.
 
     `columns` renames input columns before detection; `on_error="skip"` turns bad rows into rejects;
-    `max_prompt_tokens` rejects longer prompts; `check_tokens` audits the prefix boundary.
+    `max_prompt_tokens` rejects longer prompts (after giving them fewer few-shot examples);
+    `check_tokens` audits the prefix boundary; `few_shot` puts worked examples before each row. A `prompt`
+    string that is already rendered (it holds the template's assistant opening) is an error, or with
+    `pass_rendered` is copied unchanged.
     """
 
     template: ChatTemplate
@@ -43,6 +50,8 @@ class RenderOptions:
     on_error: str = "fail"
     max_prompt_tokens: int | None = None
     check_tokens: bool = False
+    pass_rendered: bool = False
+    few_shot: FewShot | None = None
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -55,6 +64,12 @@ class RenderOptions:
             raise ConfigError("max_prompt_tokens and check_tokens count tokens: they need a tokenizer")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"max_prompt_tokens: expected a positive integer, got {self.max_prompt_tokens}")
+        if self.few_shot is not None:
+            from prefill_kit.few_shot import FewShot
+
+            if not isinstance(self.few_shot, FewShot):
+                raise ConfigError("few_shot: expected prefill_kit.few_shot.load_few_shot(...), got "
+                                  f"{type(self.few_shot).__name__}")
 
 
 def load_tokenizer(spec: Any):
@@ -72,10 +87,11 @@ def load_tokenizer(spec: Any):
 def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplate:
     """The template to render with: `template` (a ChatTemplate or spec), else the tokenizer's own,
     with the tokenizer's special tokens; `chatml` when neither is given."""
+    added = _added_tokens(tokenizer)
     if isinstance(template, ChatTemplate):
-        return template
+        return _with_added(template, added)
     if template is not None:
-        return load_template(template)
+        return _with_added(load_template(template), added)
     if tokenizer is None:
         return load_template("chatml")
     source = getattr(tokenizer, "chat_template", None)
@@ -83,25 +99,75 @@ def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplat
         raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                             "pass --template")
     special = {k: v for k in SPECIAL_TOKEN_KEYS if isinstance(v := getattr(tokenizer, k, None), str)}
-    return ChatTemplate(source, f"{getattr(tokenizer, 'name_or_path', 'tokenizer')} (chat_template)", special)
+    return ChatTemplate(source, f"{getattr(tokenizer, 'name_or_path', 'tokenizer')} (chat_template)", special, added)
 
 
-def render_row(row: dict[str, Any], options: RenderOptions, fmt: str) -> dict[str, Any]:
-    """Render one (already renamed) row; raises DataError (with the field) or TemplateError."""
+def _added_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The contents of the tokenizer's added tokens (special or not): text it never cuts into."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return tuple(str(getattr(t, "content", t)) for t in decoder.values())
+
+
+def _with_added(template: ChatTemplate, added: tuple[str, ...]) -> ChatTemplate:
+    if not added:
+        return template
+    return dataclasses.replace(template, added_tokens=tuple(dict.fromkeys((*template.added_tokens, *added))))
+
+
+def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int | None = None,
+               shots: int | None = None, *, opening: str | None = None) -> dict[str, Any]:
+    """Render one (already renamed) row; raises DataError (with the field) or TemplateError.
+
+    With few-shot examples, `index` (the row's position in the input) picks them and `shots` caps their number.
+    `opening` is the template's assistant opening (`render.assistant_opening`): a `prompt` string holding it is
+    already rendered and is never wrapped again.
+    """
+    if opening is not None and fmt == "prompt" and isinstance(row.get("prompt"), str) and opening in row["prompt"]:
+        return _rendered_row(row, options, opening)
     conversation = to_conversation(row, fmt)
     prefix = row.get("prefix")
     if prefix is None:
         prefix = options.prefix
     elif not isinstance(prefix, str):
         raise DataError(f"expected a string, got {type(prefix).__name__}", field="prefix")
-    rendered = render_prompt(conversation.messages, options.template, prefix,
+    messages, examples, chosen = conversation.messages, [], None
+    if options.few_shot is not None:
+        from prefill_kit import few_shot
+
+        if index is None:
+            raise ConfigError("few-shot examples are chosen by row index, and this row has none")
+        chosen = few_shot.choose_examples(options.few_shot, index, few_shot.row_question(messages))[:shots]
+        examples = [options.few_shot.examples[i] for i in chosen]
+        messages = few_shot.with_examples(messages, examples, options.few_shot.mode)
+    rendered = render_prompt(messages, options.template, prefix,
                              continue_final=options.continue_final, template_kwargs=options.template_kwargs)
     out = {"prompt": rendered.prompt, "prefix": rendered.prefix}
+    if chosen is not None:
+        few_shot.check_verbatim(rendered.prompt, examples, options.template.name, options.few_shot.mode)
+        out["few_shot_indices"] = [e.index for e in examples]
     out.update((k, v) for k, v in row.items() if k not in conversation.consumed and k not in out)
     reference = rendered.solution if rendered.solution is not None else conversation.reference
     if reference is not None and out.get("solution") is None:
         out["solution"] = reference
     return out
+
+
+def _rendered_row(row: dict[str, Any], options: RenderOptions, opening: str) -> dict[str, Any]:
+    """A row whose prompt is already rendered: copied unchanged with `pass_rendered`, else an error.
+
+    Its effective prefix is what follows the last assistant opening; a `prefix` column must say the same.
+    """
+    prompt = row["prompt"]
+    if not options.pass_rendered:
+        raise DataError(f"already rendered: it holds the template's assistant opening {opening!r}. Rendering it "
+                        "again would wrap one conversation in another. Train on the file as it is, or pass "
+                        "--pass-rendered to copy such rows unchanged", field="prompt")
+    after = prompt[prompt.rfind(opening) + len(opening):]
+    prefix = row.get("prefix")
+    if prefix is not None and prefix != after:
+        raise DataError(f"the rendered prompt ends with {after!r} after the assistant opening, not with the "
+                        f"row's prefix {prefix!r}", field="prefix")
+    return {**row, "prompt": prompt, "prefix": after}
 
 
 def add_prompt_ids(rows: list[dict[str, Any]], tokenizer) -> None:
@@ -126,17 +192,22 @@ def output_columns(columns: list[str], fmt: str, options: RenderOptions) -> list
     out = ["prompt", "prefix", *(c for c in renamed if c not in consumed and c not in ("prompt", "prefix"))]
     if "solution" not in out:
         out.append("solution")
+    if options.few_shot is not None and "few_shot_indices" not in out:
+        out.append("few_shot_indices")
     return out + list(ID_COLUMNS) * (options.tokenizer is not None)
 
 
 @dataclass
 class BatchResult:
-    """Output rows of one batch, its rejects (JSON-ready), and the boundary-merge audit."""
+    """Output rows of one batch, its rejects (JSON-ready), the boundary-merge audit, and the rows that got
+    fewer few-shot examples: `shots_trimmed` to fit max_prompt_tokens, `shots_short` for want of other questions."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     merges: int = 0
     merge_example: BoundaryMerge | None = None
+    shots_trimmed: int = 0
+    shots_short: int = 0
 
 
 def reject_entry(record: Record, reason: str, field_name: str | None) -> dict[str, Any]:
@@ -161,6 +232,7 @@ class BatchRenderer:
         self.fmt = fmt
         self.encoder = PromptTokenizer(options.tokenizer) if options.tokenizer is not None else None
         self._thread: ThreadPoolExecutor | None = None
+        self._opening = assistant_opening(options.template, options.template_kwargs) if fmt == "prompt" else None
 
     def __getstate__(self) -> dict:
         return {"options": self.options, "fmt": self.fmt}
@@ -190,13 +262,19 @@ class BatchRenderer:
                 self._bad(result, record, record.error.reason, record.error.field)
                 continue
             try:
-                result.rows.append(render_row(rename_columns(record.row, self.options.columns), self.options,
-                                              self.fmt))
+                row = render_row(rename_columns(record.row, self.options.columns), self.options, self.fmt,
+                                 record.index, opening=self._opening)
+                result.rows.append(row)
                 kept.append(record)
+                if self.options.few_shot is not None:
+                    result.shots_short += len(row.get("few_shot_indices", ())) < self.options.few_shot.shots
             except DataError as exc:
                 self._bad(result, record, exc.reason, exc.field)
             except TemplateSecurityError as exc:  # the template, not the row, is at fault: always fatal
                 raise TemplateSecurityError(f"{record.where}: {exc}") from None
+            except ConfigError as exc:  # the options conflict (two reasoning openers, a rewritten few-shot
+                # example): fatal, named at its row
+                raise ConfigError(f"{record.where}: {exc}") from None
             except TemplateError as exc:
                 if self.options.on_error == "fail":
                     raise TemplateError(f"{record.where}: {exc}") from None
@@ -209,12 +287,26 @@ class BatchRenderer:
             raise DataError(reason, source=record.where, field=field_name)
         result.rejects.append(reject_entry(record, reason, field_name))
 
+    def _fewer_shots(self, row: dict[str, Any], ids: list[int], record: Record, limit: int):
+        """The row rendered with the most of its few-shot examples that fit `limit` tokens (down to none);
+        the zero-shot row when even that is over, so that it is rejected with its own length."""
+        renamed = rename_columns(record.row, self.options.columns)
+        for shots in range(len(row["few_shot_indices"]) - 1, -1, -1):
+            row = render_row(renamed, self.options, self.fmt, record.index, shots)
+            ids = self.encoder.encode([row["prompt"]])[0]
+            if len(ids) <= limit:
+                break
+        return row, ids
+
     def _add_ids(self, result: BatchResult, kept: list[Record], ids: list[list[int]]) -> None:
         rows = result.rows
         limit = self.options.max_prompt_tokens
         if limit is not None and any(len(i) > limit for i in ids):
             fits = []
             for row, row_ids, record in zip(rows, ids, kept, strict=True):
+                if len(row_ids) > limit and row.get("few_shot_indices"):
+                    row, row_ids = self._fewer_shots(row, row_ids, record, limit)
+                    result.shots_trimmed += len(row_ids) <= limit
                 if len(row_ids) <= limit:
                     fits.append((row, row_ids, record))
                 else:
@@ -254,7 +346,7 @@ class _MapRenderer:
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         values = [batch[c] for c in self.columns]
         offset = self.offset
-        records = [Record("dataset", "row", i + offset, dict(zip(self.columns, row, strict=True)))
+        records = [Record("dataset", "row", i + offset, dict(zip(self.columns, row, strict=True)), index=i + offset)
                    for i, row in zip(indices, zip(*values, strict=True), strict=True)]
         result = self.renderer(records)
         for reject in result.rejects:
@@ -289,13 +381,16 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
                    template_kwargs: dict[str, Any] | None = None, format: str = "auto",
                    columns: dict[str, str] | None = None, on_error: str = "fail",
                    max_prompt_tokens: int | None = None, num_proc: int | None = None,
-                   batch_size: int = 1000):
+                   batch_size: int = 1000, few_shot: FewShot | None = None):
     """Render a `datasets.Dataset` / `IterableDataset`, or a path to data (any type `prefill-kit render` reads).
 
     Returns a `Dataset` (an `IterableDataset` for an iterable input) with `prompt`, `prefix`, every
     non-conversation column, `solution` and, with a tokenizer, `prompt_ids` and `num_prompt_tokens`;
-    it plugs into `GRPOTrainer(train_dataset=...)` as it is. Bad rows raise DataError naming the row,
+    for `GRPOTrainer(train_dataset=...)` pass `prefill_kit.exact_ids_tokenizer(tokenizer)` as its
+    `processing_class`, or TRL adds a second BOS on BOS-adding tokenizers. Bad rows raise DataError naming the row,
     or with `on_error="skip"` are dropped and logged (logger `prefill_kit.pipeline`).
+    `few_shot` (`prefill_kit.few_shot.load_few_shot`) puts worked examples before each row and adds
+    `few_shot_indices`.
     """
     import datasets
 
@@ -303,7 +398,7 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
     tokenizer = load_tokenizer(tokenizer)
     options = RenderOptions(resolve_template(template, tokenizer), prefix, continue_final,
                             dict(template_kwargs or {}), format, tokenizer, dict(columns or {}), on_error,
-                            max_prompt_tokens)
+                            max_prompt_tokens, few_shot=few_shot)
     in_columns = data.column_names or list(next(iter(data)).keys())
     fmt = detect(in_columns, options)
     function = _MapRenderer(BatchRenderer(options, fmt), in_columns, output_columns(in_columns, fmt, options))

@@ -67,6 +67,8 @@ class PreflightReport:
     prefix_tokens: list[str]  # the prompt's last tokens that hold it, each decoded: what the model conditions on
     samples: list[dict[str, Any]]  # completion rows (completion_log schema, step 0)
     problems: list[Problem] = field(default_factory=list)
+    few_shot_format: dict[str, float] = field(default_factory=dict)  # format reward -> mean over the examples
+    few_shot_examples: int = 0  # worked examples in data.few_shot (0: none configured)
 
     @property
     def blocking(self) -> list[Problem]:
@@ -114,7 +116,7 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     from prefill_kit.backends.builtin.data import prompt_indices
     from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config, resolve_rewards
     from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
-    from prefill_kit.backends.common import eos_token_ids, load_training_data
+    from prefill_kit.backends.common import eos_token_ids, few_shot_examples, load_training_data
     from prefill_kit.completion_log import check_reward_names, completion_rows
 
     backend = backend or config.backend
@@ -182,6 +184,9 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
         g=g, num_rows=len(dataset), over_long=over_long, context=context, truncation_rate=truncation_rate,
         summaries=summaries, zero_spread=zero_spread, merges=merges, checked=len(checked),
         merge_example=merge_example, prefix=columns["prefix"][0], completions=completions)
+    few_shot = few_shot_examples(config.data)
+    few_shot_format = _few_shot_format(few_shot, rewards)
+    problems += _fit_problems(tokenizer, checked, rewards, g.max_completion_length, few_shot_format)
     return PreflightReport(
         backend=backend, model=config.model.path, num_rows=len(dataset),
         prompt_tokens=(min(lengths), statistics.fmean(lengths), max(lengths)), context_length=context,
@@ -190,7 +195,42 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
         total=total, zero_spread_share=zero_spread, boundary_rows_checked=len(checked), boundary_merges=merges,
         merge_example=merge_example, prefix=columns["prefix"][0],
         prefix_tokens=prefix_tokens(tokenizer, rows["prompt_ids"][0], columns["prefix"][0]), samples=samples,
-        problems=problems)
+        problems=problems, few_shot_format=few_shot_format,
+        few_shot_examples=len(few_shot.examples) if few_shot is not None else 0)
+
+
+def _few_shot_format(few_shot, rewards) -> dict[str, float]:
+    """Each configured format reward's mean over the few-shot examples' answers, scored as whole responses."""
+    from prefill_kit.prefix_fit import format_rewards
+
+    if few_shot is None:
+        return {}
+    answers = [e.answer for e in few_shot.examples]
+    return {r.name: statistics.fmean(v for v in r.fn(answers) if v is not None) for r in format_rewards(rewards)}
+
+
+def _fit_problems(tokenizer, checked, rewards, max_completion_length: int,
+                  few_shot_format: dict[str, float]) -> list[Problem]:
+    """Does the prefix fit the data: its length, the solutions' format, and the few-shot examples' format."""
+    from prefill_kit.prefix_fit import prefix_length_problem, solution_format_problems
+
+    out: list[Problem] = []
+    for name, mean in few_shot_format.items():
+        if mean < 1.0:
+            out.append(Problem("warning", f"the few-shot examples score {mean:.3f} on {name}, not 1.0: they teach "
+                                          "another format than the reward scores; fix their answers"))
+    prefixes = sorted(set(checked["prefix"]))
+    longest = max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prefixes)
+    if (problem := prefix_length_problem(longest, max_completion_length)) is not None:
+        out.append(Problem("warning", problem))
+    if "solution" in checked.column_names:
+        groups: dict[str, tuple[list, list]] = {}  # rows may carry their own prefix: check each prefix's rows
+        for prefix, solution, prompt in zip(checked["prefix"], checked["solution"], checked["prompt"], strict=True):
+            groups.setdefault(prefix, ([], []))[0].append(solution)
+            groups[prefix][1].append(prompt)
+        for prefix, (solutions, prompts) in groups.items():
+            out += [Problem("warning", p) for p in solution_format_problems(prefix, solutions, prompts, rewards)]
+    return out
 
 
 def _generate(model, prompt_ids, g, generation_config, eos_ids, pad_token_id, *, chunk: int, progress: bool,

@@ -11,6 +11,7 @@ text, so one bad line costs one row, not the job.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 from collections.abc import Iterator
@@ -32,7 +33,8 @@ class Chunk:
     """Up to `batch_size` consecutive input rows: raw `lines` (JSON Lines), an Arrow `batch`, or `rows`.
 
     Rows of a JSON Lines file are located by 1-based line number (`kind="line"`); all other rows by
-    0-based row index within their file (`kind="row"`), counting from `start`.
+    0-based row index within their file (`kind="row"`), counting from `start`. `index` is the 0-based
+    position of the chunk's first row among all input rows (set by `iter_chunks`).
     """
 
     source: str
@@ -41,11 +43,21 @@ class Chunk:
     lines: list[tuple[int, bytes]] | None = None
     batch: Any = None
     rows: list[Any] | None = None
+    index: int | None = None
+
+    def num_rows(self) -> int:
+        if self.lines is not None:
+            return len(self.lines)
+        return self.batch.num_rows if self.batch is not None else len(self.rows or ())
 
 
 @dataclass
 class Record:
-    """One input row where it came from; `row` is None when it could not be read (`error` says why)."""
+    """One input row where it came from; `row` is None when it could not be read (`error` says why).
+
+    `index` is its 0-based position among all input rows, whatever the chunking or number of processes
+    (None when unknown): what seeds per-row choices such as few-shot examples.
+    """
 
     source: str
     kind: str
@@ -53,6 +65,7 @@ class Record:
     row: dict[str, Any] | None
     raw: str | None = None
     error: DataError | None = None
+    index: int | None = None
 
     @property
     def where(self) -> str:
@@ -99,9 +112,13 @@ def resolve_inputs(spec: str | Path) -> list[tuple[Path, str]]:
 
 
 def iter_chunks(spec: str | Path, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Chunk]:
-    """Slice every input named by `spec` into chunks of at most `batch_size` rows, lazily."""
+    """Slice every input named by `spec` into chunks of at most `batch_size` rows, lazily, each with the
+    index of its first row among all inputs."""
+    index = 0
     for path, kind in resolve_inputs(spec):
-        yield from _READERS[kind](path, batch_size)
+        for chunk in _READERS[kind](path, batch_size):
+            yield dataclasses.replace(chunk, index=index)
+            index += chunk.num_rows()
 
 
 def count_rows(spec: str | Path) -> int | None:
@@ -214,23 +231,29 @@ _READERS = {"jsonl": _jsonl_chunks, "json": _json_array_chunks, "parquet": _parq
 
 def chunk_records(chunk: Chunk) -> list[Record]:
     """Parse a chunk into located records; unreadable rows carry their error instead of failing."""
+    first = chunk.index
     if chunk.lines is not None:
         records = []
-        for line, raw in chunk.lines:
+        for k, (line, raw) in enumerate(chunk.lines):
+            index = None if first is None else first + k
             try:
-                records.append(Record(chunk.source, "line", line, parse_json_line(raw, source=chunk.source, line=line)))
+                row = parse_json_line(raw, source=chunk.source, line=line)
+                records.append(Record(chunk.source, "line", line, row, index=index))
             except DataError as exc:
                 text = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
-                records.append(Record(chunk.source, "line", line, None, raw=text, error=DataError(exc.reason)))
+                records.append(Record(chunk.source, "line", line, None, raw=text, error=DataError(exc.reason),
+                                      index=index))
         return records
     rows = chunk.rows if chunk.rows is not None else chunk.batch.to_pylist()
     records = []
-    for i, row in enumerate(rows, start=chunk.start):
+    for k, row in enumerate(rows):
+        i, index = chunk.start + k, None if first is None else first + k
         if isinstance(row, dict):
-            records.append(Record(chunk.source, "row", i, row))
+            records.append(Record(chunk.source, "row", i, row, index=index))
         else:
             error = DataError(f"expected a JSON object, got {type(row).__name__}")
-            records.append(Record(chunk.source, "row", i, None, raw=json.dumps(row, default=str), error=error))
+            records.append(Record(chunk.source, "row", i, None, raw=json.dumps(row, default=str), error=error,
+                                  index=index))
     return records
 
 

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from prefill_kit.errors import DataError, TemplateError
+from prefill_kit.errors import ConfigError, DataError, TemplateError
 from prefill_kit.templates import ChatTemplate
 
 # A reasoning block the template opened (or opened and closed empty, as Qwen3 does with
@@ -47,16 +47,46 @@ def decode_escapes(text: str) -> str:
     return _ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "u" else _ESCAPES[m[1]], text)
 
 
-def prefix_overlap(text: str, prefix: str) -> int:
-    """Length of the longest beginning of `prefix` that `text` already ends with.
+def prefix_overlap(text: str, prefix: str, atomic: tuple[str, ...] = ()) -> int:
+    """Length of the longest beginning of `prefix` that `text` already ends with, on a token boundary.
 
     Only overlaps holding a non-space character count: a header ending in ``\\n`` must not eat the
-    newline a prefix starts with.
+    newline a prefix starts with. An overlap may not begin inside one of the `atomic` tokens (added tokens
+    such as ``<|im_sep|>``): the ``>`` that ends it is not the ``>`` a prefix ``> quoted`` starts with.
     """
     for k in range(min(len(prefix), len(text)), 0, -1):
-        if text.endswith(prefix[:k]) and prefix[:k].strip():
+        if text.endswith(prefix[:k]) and prefix[:k].strip() and not _inside_token(text, len(text) - k, atomic):
             return k
     return 0
+
+
+def _inside_token(text: str, position: int, tokens: tuple[str, ...]) -> bool:
+    """Whether `position` falls strictly inside an occurrence of one of `tokens` in `text`."""
+    for token in tokens:
+        start = text.find(token, max(0, position - len(token) + 1))
+        while 0 <= start < position:
+            if start + len(token) > position:
+                return True
+            start = text.find(token, start + 1)
+    return False
+
+
+def assistant_opening(template: ChatTemplate, template_kwargs: dict[str, Any] | None = None) -> str | None:
+    """What the template writes between a user message and the assistant's text (e.g.
+    ``<|im_end|>\\n<|im_start|>assistant\\n``), without a reasoning opener; None when that is only whitespace.
+
+    A prompt string that holds it was rendered already: wrapping it again would nest two conversations.
+    """
+    sentinel = "\x00PREFILL_KIT_USER\x00"
+    rendered = template.render([{"role": "user", "content": sentinel}], add_generation_prompt=True,
+                               **(template_kwargs or {}))
+    cut = rendered.rfind(sentinel)
+    if cut < 0:
+        return None
+    tail = rendered[cut + len(sentinel):]
+    think = _TEMPLATE_THINK_TAIL.search(tail)
+    tail = tail[:think.start()] if think else tail
+    return tail if tail.strip() else None
 
 
 def message_text(content: Any) -> str:
@@ -94,11 +124,23 @@ def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate, prefix
         if not messages:
             raise DataError("conversation holds only an assistant message", field="messages")
     generation_prompt = template.render(messages, add_generation_prompt=True, **kwargs)
-    k = prefix_overlap(generation_prompt, prefix)
+    k = prefix_overlap(generation_prompt, prefix, template.atomic_tokens)
     think_tail = _TEMPLATE_THINK_TAIL.search(generation_prompt)
+    if think_tail and "</think>" in think_tail[0] and "<think>" in prefix[k:]:
+        raise ConfigError(_conflict(template, think_tail[0], prefix, kwargs))
     written = max(k, len(think_tail[0]) if think_tail else 0)
     effective = generation_prompt[len(generation_prompt) - written:] + prefix[k:]
     return RenderedPrompt(generation_prompt + prefix[k:], effective, solution)
+
+
+def _conflict(template: ChatTemplate, closed: str, prefix: str, kwargs: dict[str, Any]) -> str:
+    import json
+
+    how = f"with template kwargs {json.dumps(kwargs)}" if kwargs else "by default"
+    return (f"template {template.name} closes an empty reasoning block ({closed!r}) {how}, and the prefix "
+            f"{prefix!r} opens a new one: every response would hold two reasoning blocks and the format reward "
+            f"could never be 1. Drop the prefix, or let the template open the block"
+            + (" (change those template kwargs, e.g. enable_thinking: true)" if kwargs else ""))
 
 
 def _render_continue_final(messages, template, prefix, kwargs) -> RenderedPrompt:

@@ -42,6 +42,8 @@ class RenderSummary:
     boundary_merges: int = 0
     merge_example: BoundaryMerge | None = None
     sample: list[dict[str, Any]] = field(default_factory=list)
+    shots_trimmed: int = 0  # rows given fewer few-shot examples to fit max_prompt_tokens
+    shots_short: int = 0  # rows with fewer examples than asked because too few ask another question
 
 
 @dataclass
@@ -53,6 +55,8 @@ class _ChunkResult:
     merges: int
     merge_example: BoundaryMerge | None
     sample: list[dict[str, Any]]
+    shots_trimmed: int
+    shots_short: int
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class _Job:
         records = chunk_records(chunk)
         result = self.renderer(records)
         return _ChunkResult(len(records), len(result.rows), self.encode(result.rows, self.columns), result.rejects,
-                            result.merges, result.merge_example, result.rows[: self.sample])
+                            result.merges, result.merge_example, result.rows[: self.sample], result.shots_trimmed,
+                            result.shots_short)
 
 
 _worker_job: _Job | None = None
@@ -158,6 +163,8 @@ def render_file(source: str | Path, output: str, options: RenderOptions, *, outp
             _tally(summary, result, sample)
             if progress is not None:
                 progress(result.rows_in)
+    if rejects is None:  # this run rejected nothing: a rejects file from an earlier run would mislead
+        Path(reject_file).unlink(missing_ok=True)
     return summary
 
 
@@ -166,6 +173,8 @@ def _tally(summary: RenderSummary, result: _ChunkResult, sample: int) -> None:
     summary.rows_out += result.rows_out
     summary.rejected += len(result.rejects)
     summary.boundary_merges += result.merges
+    summary.shots_trimmed += result.shots_trimmed
+    summary.shots_short += result.shots_short
     summary.merge_example = summary.merge_example or result.merge_example
     summary.sample.extend(result.sample[: sample - len(summary.sample)])
     if summary.rows_in != summary.rows_out + summary.rejected:  # a bookkeeping bug, never bad data

@@ -31,15 +31,36 @@ from prefill_kit.sandbox import compile_template
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                       "mask_token")
+# The added (atomic) tokens each shipped template's family writes: a prefix never starts inside one of them.
+SHIPPED_ADDED_TOKENS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "qwen2.5": ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
+    "qwen3": ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+              "<think>", "</think>"),
+    "deepseek-r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>",
+                    "</think>"),
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+               "<|python_tag|>"),
+    "mistral": ("<s>", "</s>", "[INST]", "[/INST]"),
+    "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
+    "phi4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
+}
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A chat template's source plus the special tokens it is rendered with."""
+    """A chat template's source plus the special tokens it is rendered with, and the added tokens of its
+    tokenizer (atomic pieces of text: the prefix overlap rule never cuts into one)."""
 
     source: str
     name: str = "<inline>"
     special_tokens: dict[str, str] = field(default_factory=dict)
+    added_tokens: tuple[str, ...] = ()
+
+    @property
+    def atomic_tokens(self) -> tuple[str, ...]:
+        """Every token the tokenizer keeps whole: the added tokens and the special tokens passed to the template."""
+        return tuple(dict.fromkeys((*self.added_tokens, *self.special_tokens.values())))
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False,
                tools: list[dict] | None = None, **template_kwargs: Any) -> str:
@@ -104,8 +125,11 @@ def _from_tokenizer_config(path: Path, name: str | None, template_file: Path | N
     except (OSError, ValueError) as exc:
         raise TemplateError(f"{path}: cannot read tokenizer config: {exc}") from None
     special = _special_tokens(config)
+    decoder = config.get("added_tokens_decoder")
+    added = tuple(t["content"] for t in decoder.values() if isinstance(t, dict) and isinstance(t.get("content"), str)) \
+        if isinstance(decoder, dict) else ()
     if template_file is not None:
-        return ChatTemplate(template_file.read_text(encoding="utf-8"), str(template_file), special)
+        return ChatTemplate(template_file.read_text(encoding="utf-8"), str(template_file), special, added)
     source = config.get("chat_template")
     if isinstance(source, list):
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
@@ -115,7 +139,7 @@ def _from_tokenizer_config(path: Path, name: str | None, template_file: Path | N
         source = named[wanted]
     if not isinstance(source, str):
         raise TemplateError(f"{path}: has no `chat_template`")
-    return ChatTemplate(source, f"{path}#chat_template" + (f"[{name}]" if name else ""), special)
+    return ChatTemplate(source, f"{path}#chat_template" + (f"[{name}]" if name else ""), special, added)
 
 
 def load_template(spec: str | Path, *, name: str | None = None) -> ChatTemplate:
@@ -123,7 +147,7 @@ def load_template(spec: str | Path, *, name: str | None = None) -> ChatTemplate:
     text = str(spec)
     if text in available_templates():
         source = resources.files(__name__).joinpath(f"{text}.jinja").read_text(encoding="utf-8")
-        return ChatTemplate(source, text)
+        return ChatTemplate(source, text, added_tokens=SHIPPED_ADDED_TOKENS.get(text, ()))
     path = Path(text).expanduser()
     if path.is_dir():
         config = path / "tokenizer_config.json"

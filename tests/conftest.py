@@ -10,6 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"
 
 
+def free_port() -> str:
+    """A free local TCP port for a multi-process run, so that parallel test runs do not collide on 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models are fastest single-threaded; on a busy 2-core box two threads can be 100x slower."""

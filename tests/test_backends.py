@@ -19,7 +19,7 @@ from prefill_kit.config import config_from_dict
 from prefill_kit.errors import ConfigError
 from prefill_kit.rewards import format_reward
 from tests import recording_reward
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 BACKENDS = {"builtin": builtin.train, "trl": trl.train}
 PREFIX = "<think>\n"
@@ -135,6 +135,7 @@ def test_accelerate_launch_cpu_with_two_processes(backend, tiny_model_dir, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", free_port(),
                            "-m", "prefill_kit", "train", str(tmp_path / "cfg.yaml"), "--backend", backend],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -159,3 +160,18 @@ def test_launcher_num_processes_reads_the_accelerate_command_line():
         finally:
             sleeper.kill()
             sleeper.wait()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoints_and_final_model_hold_the_users_tokenizer(backend, bos_model_dir, tmp_path):
+    """TRL tokenizes with an exact-ids copy that adds no BOS; what is saved must encode like the original."""
+    out = tmp_path / "run"
+    BACKENDS[backend](config_from_dict(tiny_raw(bos_model_dir, out, backend=backend, output={"save_steps": 1},
+                                                 rewards=[{"name": "format"}])))
+    original = AutoTokenizer.from_pretrained(bos_model_dir)
+    expected = original("What is 2+2?").input_ids
+    assert expected[0] == original.bos_token_id
+    saved = [out / "checkpoint-1", out]
+    assert all((d / "tokenizer.json").is_file() for d in saved)
+    for directory in saved:
+        assert AutoTokenizer.from_pretrained(directory)("What is 2+2?").input_ids == expected, directory

@@ -18,6 +18,7 @@ from prefill_kit.backends.builtin import loop as loop_module
 from prefill_kit.backends.common import load_training_data
 from prefill_kit.config import DataSection, config_from_dict
 from prefill_kit.rewards import WeightedReward
+from tests.conftest import free_port
 
 PREFIX = "<think>\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,50 @@ def tiny(tiny_model_dir):
 
 
 # --------------------------------------------------------------------------------------------------- mask
+
+
+class FixedSampler(torch.nn.Module):
+    """A model whose samples the test chooses: `generate` appends the given completion rows."""
+
+    def __init__(self, completions: list[list[int]]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.completions = torch.tensor(completions)
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        return torch.cat([input_ids, self.completions[:input_ids.size(0)]], dim=1)
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_generate_masks_up_to_the_first_eos_and_keeps_groups_together(mask_truncated):
+    eos, pad = 2, 0
+    sampler = FixedSampler([[3, 9, eos, 4], [3, 4, 4, 4], [eos, 4, 4, 4], [9, 9, 9, eos]])
+    batch = generate(sampler, [[5, 6], [7]], num_generations=2, generation_config=None, eos_token_ids=[eos],
+                     pad_token_id=pad, mask_truncated_completions=mask_truncated)
+    assert batch.prompt_ids.tolist() == [[5, 6], [5, 6], [pad, 7], [pad, 7]]  # a prompt's rows are adjacent
+    assert batch.prompt_mask.tolist() == [[1, 1], [1, 1], [0, 1], [0, 1]]
+    truncated_row = [0, 0, 0, 0] if mask_truncated else [1, 1, 1, 1]
+    assert batch.completion_mask.tolist() == [[1, 1, 1, 0], truncated_row, [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert batch.completion_ids.tolist() == [[3, 9, eos, pad], [3, 4, 4, 4], [eos, pad, pad, pad], [9, 9, 9, eos]]
+    assert batch.is_truncated.tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_prompt_sharding_is_disjoint_and_covers_each_epoch(world):
+    from prefill_kit.backends.builtin.data import prompt_indices
+
+    n, per = 12, 2
+    steps_per_epoch = n // (per * world)
+    for epoch in range(2):
+        seen = []
+        for generation in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+            shards = [prompt_indices(generation, num_prompts=n, prompts_per_process=per, process_index=rank,
+                                     num_processes=world, seed=3) for rank in range(world)]
+            assert all(len(s) == per for s in shards)
+            step = [i for s in shards for i in s]
+            assert len(set(step)) == len(step)  # no two ranks share a prompt in a step
+            seen += step
+        assert sorted(seen) == list(range(n))  # every prompt once per epoch
 
 
 def test_prefix_is_in_the_prompt_and_only_completion_positions_get_gradient(tiny, data_file):
@@ -232,20 +277,34 @@ def test_resume_gives_the_same_weights(tiny_model_dir, data_file, tmp_path):
 # ------------------------------------------------------------------------------------------- two processes
 
 DRIVER = """
-import json, sys, torch
+import hashlib, json, sys, torch
 from accelerate import PartialState
-from prefill_kit.backends.builtin import train
+from prefill_kit.backends.builtin import loop, train
 from prefill_kit.config import load_config
 from prefill_kit.rewards import WeightedReward
 
-def brevity(completions, completion_ids, **kwargs):
-    return [1.0 - len(ids) / 32 for ids in completion_ids]
+def parity(completions, completion_ids, **kwargs):  # random spread within groups: every step updates
+    return [float(ids[0] % 2) for ids in completion_ids]
+
+def digest(model):
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+models, initial, prompts = [], [], []
+load_models = loop.load_models
+def keep_model(config):  # this process's policy, to compare the weights the ranks end with
+    tokenizer, model, ref = load_models(config)
+    models.append(model)
+    initial.append(digest(model))
+    return tokenizer, model, ref
+loop.load_models = keep_model
 
 torch.set_num_threads(1)
-result = train(load_config(sys.argv[1]), reward_funcs=[WeightedReward("brevity", brevity, 1.0)], progress=False)
+result = train(load_config(sys.argv[1]), reward_funcs=[WeightedReward("parity", parity, 1.0)], progress=False,
+               on_rollout=lambda record: prompts.append(sorted(set(record.prompt_indices))))
 rank = PartialState().process_index
 with open(f"{sys.argv[2]}/rank{rank}.json", "w") as f:
-    json.dump({"loss": [r["loss"] for r in result.history], "reward": [r["reward"] for r in result.history]}, f)
+    json.dump({"loss": [r["loss"] for r in result.history], "reward": [r["reward"] for r in result.history],
+               "prompts": prompts, "initial": initial[0], "final": digest(models[0])}, f)
 """
 
 
@@ -262,11 +321,17 @@ def test_two_cpu_processes(tiny_model_dir, data_file, tmp_path):
     # them with torchrun, and on a machine without GPUs the loop joins them over gloo on CPU.
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", free_port(),
                            str(tmp_path / "driver.py"), str(tmp_path / "cfg.yaml"), str(out)],
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1] and len(ranks[0]["loss"]) == 2  # both ranks log the same, global, loss
+    for key in ("loss", "reward"):  # both ranks log the same, global, values
+        assert ranks[0][key] == ranks[1][key] and len(ranks[0][key]) == 2
+    for mine, theirs in zip(ranks[0]["prompts"], ranks[1]["prompts"], strict=True):
+        assert mine and theirs and not set(mine) & set(theirs)  # each rank trains on its own prompts
+    assert ranks[0]["initial"] == ranks[1]["initial"]
+    assert ranks[0]["final"] == ranks[1]["final"] != ranks[0]["initial"]  # gradients synchronised: same weights
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # written once, by the main process
     assert [m["loss"] for m in metrics] == ranks[0]["loss"]

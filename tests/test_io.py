@@ -29,3 +29,12 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     with atomic_output(target) as f:
         f.write("whole\n")
     assert target.read_text() == "whole\n" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_failed_atomic_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "out.jsonl"
+    target.write_text("good\n")
+    with pytest.raises(KeyboardInterrupt), atomic_output(target) as f:
+        f.write("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "good\n" and list(tmp_path.iterdir()) == [target]

@@ -210,6 +210,16 @@ def test_bad_row_is_skipped_into_rejects_with_reason(kind, tmp_path, tiny_tokeni
         assert reject["data"] == json.loads(raw_line)
 
 
+def test_a_clean_run_removes_a_stale_rejects_file(tmp_path, chatml):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, {"oops": 1}])
+    out = tmp_path / "out.jsonl"
+    assert render_file(source, str(out), RenderOptions(chatml, on_error="skip")).rejected == 1
+    assert (tmp_path / "out.rejects.jsonl").exists()
+    write_jsonl(source, [{"messages": [{"role": "user", "content": "hi"}]}])  # the bad row fixed
+    assert render_file(source, str(out), RenderOptions(chatml, on_error="skip")).rejected == 0
+    assert not (tmp_path / "out.rejects.jsonl").exists()  # it would describe rows that are no longer bad
+
+
 def test_counts_add_up_with_many_bad_rows_across_batches(tmp_path, chatml):
     lines = [GOOD if i % 3 else BAD_LINES["unknown role"][0] for i in range(50)]
     source = tmp_path / "in.jsonl"

@@ -33,11 +33,41 @@ def accuracy():
 
 # --- what is scored -----------------------------------------------------------------------------------------------
 
-def test_prefix_is_joined_unless_already_there():
+def test_prefix_is_always_joined_never_guessed_away():
     assert join_prefix(THINK, "a</think>") == "<think>\na</think>"
-    assert join_prefix(THINK, "<think>\na</think>") == "<think>\na</think>"
+    assert join_prefix(THINK, "<think>\na</think>") == "<think>\n<think>\na</think>"
     assert join_prefix(None, "a") == "a"
     assert join_prefix("", "a") == "a"
+
+
+def test_a_doubled_prefix_fails_format():
+    # The model wrote <think> again after the prefilled one: the user sees two.
+    doubled = "<think>\nr</think>\n<answer>4</answer>"
+    assert format_reward([doubled], prefix=[THINK]) == [0.0]
+    assert format_reward([doubled]) == [1.0]  # completions that already hold the prefix: pass none
+
+
+def test_unfinished_thinking_earns_no_accuracy(accuracy):
+    # Never closes </think>, ends on the right number: 0.0, below a well-formatted wrong answer's format score.
+    rambling = "Let me try 3, 4, 5, 6, 7, 8"
+    assert accuracy([rambling], prefix=[THINK], solution=["8"]) == [0.0]
+    assert accuracy(["<think>\n" + rambling], solution=["8"]) == [0.0]  # opened by the completion itself
+    assert accuracy([rambling + "\n</think>\n<answer>8</answer>"], prefix=[THINK], solution=["8"]) == [1.0]
+    assert accuracy([rambling], solution=["8"]) == [1.0]  # no reasoning block was opened: plain answer
+    lenient = AccuracyReward(timeout=5.0, num_workers=1, require_closed_think=False)
+    assert lenient([rambling], prefix=[THINK], solution=["8"]) == [1.0]
+    closed_then_reopened = "r</think>\n8\n<think>\nmore"
+    assert accuracy([closed_then_reopened], prefix=[THINK], solution=["8"]) == [0.0]
+
+
+def test_unfinished_thinking_earns_no_choice_accuracy():
+    from prefill_kit.rewards import ChoiceAccuracyReward
+
+    choice = ChoiceAccuracyReward()
+    assert choice(["the answer is B"], prefix=[THINK], solution=["B"]) == [0.0]
+    assert choice(["r</think>the answer is B"], prefix=[THINK], solution=["B"]) == [1.0]
+    assert ChoiceAccuracyReward(require_closed_think=False)(["the answer is B"], prefix=[THINK],
+                                                            solution=["B"]) == [1.0]
 
 
 def test_prefilled_think_completion_passes_format_only_with_prefix():

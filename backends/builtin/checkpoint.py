@@ -38,8 +38,11 @@ class LoopState:
         self.rollout_stats = state.get("rollout_stats")
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int) -> Path:
-    """Write `run_dir/checkpoint-<step>`; every process must call it (each saves its own RNG state)."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, tokenizer=None) -> Path:
+    """Write `run_dir/checkpoint-<step>`; every process must call it (each saves its own RNG state).
+
+    The tokenizer goes in too, so that a checkpoint can be evaluated or served as it is.
+    """
     final = run_dir / f"{PREFIX}{step}"
     tmp = run_dir / f".{PREFIX}{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -48,6 +51,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / "checkpoint.json").write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)

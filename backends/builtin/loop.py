@@ -322,7 +322,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         bar.set_postfix(loss=f"{row['loss']:.4f}", reward=row["reward"] and f"{row['reward']:.3f}")
         bar.update(1)
         if out.save_steps and state.step % out.save_steps == 0 and state.step < t.max_steps:
-            save_checkpoint(accelerator, run_dir, state.step)
+            save_checkpoint(accelerator, run_dir, state.step, tokenizer)
     bar.close()
 
     # ---- final model

@@ -68,6 +68,9 @@ def format_report(report, *, color: bool = False) -> str:
     merges = (f"merges with the text before it in {len(r.boundary_merges)} of {r.boundary_rows_checked} rows"
               if r.boundary_merges else f"no merges in {r.boundary_rows_checked} rows")
     lines.append(f"boundary:    {merges}")
+    if r.few_shot_examples:
+        scores = ", ".join(f"{show(name)} {mean:.3f}" for name, mean in r.few_shot_format.items())
+        lines.append(f"few-shot:    {r.few_shot_examples} examples; their format reward: {scores or 'none configured'}")
     if r.merge_example is not None:
         lines.append(f"             {r.merge_example.where}: prompt tokens {r.merge_example.whole} vs text + prefix "
                      f"{r.merge_example.split}")

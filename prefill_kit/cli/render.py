@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from prefill_kit.cli.args import positive_int
+
+DEFAULT_SHOTS = 4
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "query", "prompt", "problem")
 
 
@@ -37,6 +40,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="reject prompts longer than N tokens (needs --tokenizer)")
     p.add_argument("--check-tokens", action="store_true",
                    help="count rows whose prefix tokenizes differently alone than in the prompt (needs --tokenizer)")
+    p.add_argument("--pass-rendered", action="store_true",
+                   help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
+    p.add_argument("--few-shot", metavar="FILE",
+                   help="worked examples (question + answer in the target format, any input format) to put "
+                        "before each row")
+    p.add_argument("--shots", type=positive_int, default=None, metavar="K",
+                   help="examples per row (needs --few-shot; default: 4)")
+    p.add_argument("--few-shot-seed", type=int, default=None, metavar="S",
+                   help="seed of the per-row choice of examples (default: 0)")
+    p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
+                   help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,10 +88,24 @@ def _options(args: argparse.Namespace):
         raise ConfigError("--max-prompt-tokens and --check-tokens count tokens: they need --tokenizer")
     if args.num_proc < 1 or args.batch_size < 1:
         raise ConfigError("--num-proc and --batch-size: expected positive integers")
+    if args.few_shot is None:
+        given = [flag for flag, value in (("--shots", args.shots), ("--few-shot-seed", args.few_shot_seed),
+                                          ("--few-shot-mode", args.few_shot_mode)) if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: give the examples with --few-shot FILE")
+    few_shot = None
+    if args.few_shot is not None:
+        from prefill_kit.few_shot import load_few_shot
+
+        few_shot = load_few_shot(args.few_shot, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
+                                 mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
+        for skipped in few_shot.skipped:
+            print(f"warning: skipped {skipped}", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)
     return RenderOptions(resolve_template(args.template, tokenizer), prefix, args.continue_final,
                          template_kwargs, args.format, tokenizer, columns, args.on_error,
-                         args.max_prompt_tokens, args.check_tokens)
+                         args.max_prompt_tokens, args.check_tokens, pass_rendered=args.pass_rendered,
+                         few_shot=few_shot)
 
 
 def default_output(source: str, output_format: str | None) -> str:
@@ -138,9 +166,20 @@ def run(args: argparse.Namespace) -> int:
         where = f"line {first['line']}" if "line" in first else f"row {first['row']}"
         print(f"rejects: {summary.rejects_path} (first: {first['source']} {where}: {first['reason']})",
               file=sys.stderr)
+    if options.few_shot is not None:
+        _print_few_shot(options.few_shot, summary)
     if options.check_tokens:
         _print_audit(summary)
     return 0
+
+
+def _print_few_shot(few_shot, summary) -> None:
+    print(f"few-shot: {few_shot.shots} of {len(few_shot.examples)} examples from {few_shot.source} per row "
+          f"(mode {few_shot.mode}, seed {few_shot.seed}); {summary.shots_trimmed} rows got fewer to fit "
+          "--max-prompt-tokens", file=sys.stderr)
+    if summary.shots_short:
+        print(f"few-shot: {summary.shots_short} rows got fewer because the file has too few examples with "
+              "another question than the row's own", file=sys.stderr)
 
 
 def _print_audit(summary) -> None:

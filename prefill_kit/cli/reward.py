@@ -15,7 +15,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("input", help="JSONL rows with `completion` (+ `solution`, `prefix`, `prompt` where needed)")
     p.add_argument("--rewards", required=True,
                    help="reward spec, e.g. 'format,accuracy:2.0' or 'pkg.module:function:0.5'")
-    p.add_argument("--prefix", default=None, help="response prefix for rows without a `prefix` column")
+    p.add_argument("--prefix", default=None,
+                   help=r"response prefix for rows without a `prefix` column; \n \t \r \\ \uXXXX are decoded")
+    p.add_argument("--completions-include-prefix", action="store_true",
+                   help="the completions already start with the prefix (e.g. ms-swift's): score them as they are")
     p.add_argument("-o", "--output", default=None, help="write rows + one column per reward + `reward` (JSONL)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the reward histograms")
     p.set_defaults(func=run)
@@ -40,11 +43,18 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def score_rows(rows: list[dict[str, Any]], rewards, prefix: str | None) -> dict[str, list[float | None]]:
-    """One score list per reward name, plus the weighted total `reward` (None rewards left out, as TRL's nansum)."""
+def score_rows(rows: list[dict[str, Any]], rewards, prefix: str | None, *,
+               completions_include_prefix: bool = False) -> dict[str, list[float | None]]:
+    """One score list per reward name, plus the weighted total `reward` (None rewards left out, as TRL's nansum).
+
+    Rewards score `prefix + completion`; with `completions_include_prefix` they get no prefix at all.
+    """
     completions = [row["completion"] for row in rows]
     columns = {key: [row.get(key) for row in rows] for row in rows for key in row if key != "completion"}
-    columns["prefix"] = [row.get("prefix", prefix) for row in rows]
+    if completions_include_prefix:
+        columns.pop("prefix", None)
+    else:
+        columns["prefix"] = [row.get("prefix", prefix) for row in rows]
     scores = {w.name: list(w.fn(completions, **columns)) for w in rewards}
     totals: list[float | None] = []
     for i in range(len(rows)):
@@ -87,13 +97,18 @@ def _plot(scores: dict[str, list[float | None]], path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from prefill_kit.errors import ConfigError
     from prefill_kit.io import atomic_output
+    from prefill_kit.render import decode_escapes
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.rewards.response import completion_text
 
+    if args.completions_include_prefix and args.prefix is not None:
+        raise ConfigError("--prefix and --completions-include-prefix: give one (the second says there is none to add)")
     rewards = parse_reward_spec(args.rewards)
     rows = read_rows(args.input)
-    scores = score_rows(rows, rewards, args.prefix)
+    prefix = decode_escapes(args.prefix) if args.prefix is not None else None
+    scores = score_rows(rows, rewards, prefix, completions_include_prefix=args.completions_include_prefix)
 
     print(f"{len(rows)} rows from {args.input}")
     print(f"{'reward':<28} {'mean':>8} {'std':>8} {'None':>7} {'timeouts':>9}")

@@ -1,8 +1,8 @@
 """Rewards that score what the model said, prefix included, with TRL's signature:
 `fn(completions, **kwargs) -> list[float | None]`.
 
-Each reward scores `prefix + completion` (the `prefix` column; the completion alone where it already starts with
-the prefix or there is none). Completions may be strings or `[{"role": "assistant", "content": ...}]`; unknown
+Each reward scores `prefix + completion` (the `prefix` column), always; callers whose completions already hold
+the prefix pass none. Completions may be strings or `[{"role": "assistant", "content": ...}]`; unknown
 kwargs are ignored; None means "cannot judge this row" (TRL skips it).
 """
 

@@ -1,5 +1,8 @@
 """`accuracy_reward`: is the response's final answer equal to the gold answer?
 
+A response that opens `<think>` (itself or through the prefix) and never closes it scores 0.0 whatever number it
+ends on (`require_closed_think=False` turns that off).
+
 Pipeline per batch: extract the gold answer once per distinct solution and the predicted answer per response
 (`extract.py`); decide what strings and exact numbers can decide (`numeric.py`, microseconds); send only the
 rest, deduplicated, to math-verify with false-positive guards (`symbolic.py`) in time-bounded worker processes
@@ -16,7 +19,7 @@ from typing import Any
 from prefill_kit.errors import ConfigError
 from prefill_kit.rewards.extract import extract_gold, extract_prediction
 from prefill_kit.rewards.numeric import fast_equal
-from prefill_kit.rewards.response import completion_text, gold_column, responses
+from prefill_kit.rewards.response import completion_text, gold_column, responses, unfinished_thinking
 from prefill_kit.rewards.verify_pool import shared_pool
 
 _WARM_MODULES = ("prefill_kit.rewards.symbolic:warm_up",)
@@ -45,12 +48,13 @@ class AccuracyStats:
 
 class AccuracyReward:
     """1.0 when the final answer of `prefix + completion` equals the gold answer from `solution` (or `answer`),
-    0.0 when not (or when the check timed out), None when the gold answer cannot be extracted."""
+    0.0 when not (or when the check timed out, or the thinking never closed), None when the gold answer cannot be
+    extracted."""
 
     __name__ = "accuracy_reward"
 
     def __init__(self, timeout: float = 5.0, num_workers: int | None = None, min_pool_batch: int = 8,
-                 think_tag: str = "think", answer_tag: str = "answer") -> None:
+                 think_tag: str = "think", answer_tag: str = "answer", require_closed_think: bool = True) -> None:
         if timeout <= 0:
             raise ConfigError(f"accuracy: timeout must be > 0 seconds, got {timeout}")
         self.timeout = float(timeout)
@@ -58,6 +62,7 @@ class AccuracyReward:
         self.min_pool_batch = min_pool_batch
         self.think_tag = think_tag
         self.answer_tag = answer_tag
+        self.require_closed_think = require_closed_think
         self.stats = AccuracyStats()
         self._stats_lock = threading.Lock()
 
@@ -90,7 +95,9 @@ class AccuracyReward:
             if text not in gold_cache:
                 gold_cache[text] = extract_gold(text, self.answer_tag)
             golds.append(gold_cache[text])
-        preds = [extract_prediction(r, self.answer_tag, self.think_tag) for r in responses(completions, **kwargs)]
+        texts = responses(completions, **kwargs)
+        preds = [None if self.require_closed_think and unfinished_thinking(r, self.think_tag)
+                 else extract_prediction(r, self.answer_tag, self.think_tag) for r in texts]
 
         verdicts: list[bool | None] = [None] * n
         undecided: dict[tuple[str, str], list[int]] = {}

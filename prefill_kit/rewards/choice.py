@@ -7,7 +7,7 @@ from typing import Any
 
 from prefill_kit.errors import ConfigError
 from prefill_kit.rewards.extract import last_boxed
-from prefill_kit.rewards.response import completion_text, gold_column, responses
+from prefill_kit.rewards.response import completion_text, gold_column, responses, unfinished_thinking
 
 
 def _letter_pattern(choices: str) -> re.Pattern[str]:
@@ -44,16 +44,19 @@ def choice_letter(text: str, choices: str = "ABCDE", answer_tag: str = "answer",
 
 
 class ChoiceAccuracyReward:
-    """1.0 iff the chosen letter equals the gold letter (from `solution` or `answer`); None without a gold letter."""
+    """1.0 iff the chosen letter equals the gold letter (from `solution` or `answer`); None without a gold letter.
+    0.0 when the response opens `<think>` and never closes it (unless `require_closed_think=False`)."""
 
     __name__ = "choice_accuracy_reward"
 
-    def __init__(self, choices: str = "ABCDE", think_tag: str = "think", answer_tag: str = "answer") -> None:
+    def __init__(self, choices: str = "ABCDE", think_tag: str = "think", answer_tag: str = "answer",
+                 require_closed_think: bool = True) -> None:
         if not choices or not choices.isalpha():
             raise ConfigError(f"choice_accuracy: choices must be letters, got {choices!r}")
         self.choices = choices
         self.think_tag = think_tag
         self.answer_tag = answer_tag
+        self.require_closed_think = require_closed_think
 
     def __call__(self, completions: list[Any], **kwargs: Any) -> list[float | None]:
         n = len(completions)
@@ -63,6 +66,9 @@ class ChoiceAccuracyReward:
             gold_letter = choice_letter(completion_text(gold).strip(), self.choices, self.answer_tag, self.think_tag)
             if gold_letter is None:
                 rewards.append(None)
+                continue
+            if self.require_closed_think and unfinished_thinking(text, self.think_tag):
+                rewards.append(0.0)
                 continue
             chosen = choice_letter(text, self.choices, self.answer_tag, self.think_tag)
             rewards.append(1.0 if chosen == gold_letter else 0.0)

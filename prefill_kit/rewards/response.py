@@ -1,8 +1,10 @@
 """What a reward scores: the model's response, i.e. the prefix it was forced to start with plus what it generated.
 
 With a prefilled `<think>\\n` the generated completion starts mid-thought; scoring the completion alone would make
-every format check fail. So rewards score `prefix + completion`, except where the completion already carries the
-prefix (some pipelines decode it back in) or there is no prefix.
+every format check fail. So rewards score `prefix + completion`, always: the prefix is carried from the rendered
+row, never guessed from the completion. A caller whose completions already include the prefix (ms-swift, a
+pipeline that decodes it back in) passes no `prefix`. A completion that repeats the prefix is scored as the
+response the user sees, with the prefix twice.
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ def completion_text(completion: Any) -> str:
 
 
 def join_prefix(prefix: Any, completion: str) -> str:
-    """`prefix + completion`, unless the completion already starts with the prefix or there is no prefix."""
-    prefix_text = completion_text(prefix)
-    if not prefix_text or completion.startswith(prefix_text):
-        return completion
-    return prefix_text + completion
+    """`prefix + completion`; a missing prefix (None) is empty."""
+    return completion_text(prefix) + completion
+
+
+def unfinished_thinking(response: str, think_tag: str = "think") -> bool:
+    """The response opened a reasoning block and never closed it: its last `<think>` has no `</think>` after it.
+
+    A truncated or rambling rollout that merely mentions the right number inside its thoughts has not answered.
+    """
+    opened = response.rfind(f"<{think_tag}>")
+    return opened >= 0 and response.find(f"</{think_tag}>", opened) < 0
 
 
 def column(kwargs: dict[str, Any], name: str, n: int) -> list[Any]:

@@ -1,0 +1,207 @@
+"""Mutation check: each named one-line mutation of a critical line must make the tests that guard it fail.
+
+    python tests/mutations.py            # every mutation; ends with "N/N mutations caught", exit 1 if any missed
+    python tests/mutations.py --list     # names only
+    python tests/mutations.py NAME ...   # some of them
+
+Each mutation is applied to a temporary copy of the project laid out as it installs (`backends/` and
+`templates/` inside `prefill_kit/`), made beside this checkout so that `../shared` resolves the same way,
+and only the named test selection runs against it (the copy comes first on PYTHONPATH, for subprocesses
+too). The checkout itself is never modified. A mutation whose original line is no longer in the code is
+an error, not a pass: the list must follow the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT = {"prefill_kit": "prefill_kit", "backends": "prefill_kit/backends", "templates": "prefill_kit/templates",
+          "tests": "tests", "examples": "examples"}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # as in the checkout
+    original: str  # must occur exactly once in the file
+    mutant: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids or -k expressions
+
+
+MUTATIONS = [
+    Mutation("generate returns an all-ones completion mask", "backends/builtin/rollout.py",
+             "completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)\n",
+             "completion_mask = torch.ones_like(completion_ids)\n",
+             ("tests/test_builtin_train.py", "-k", "generate_masks")),
+    Mutation("every rank takes the same prompts", "backends/builtin/loop.py",
+             "process_index=rank, num_processes=world,", "process_index=0, num_processes=world,",
+             ("tests/test_builtin_train.py", "-k", "two_cpu_processes")),
+    Mutation("the shard start ignores the rank", "backends/builtin/data.py",
+             "start = generation * per_step + process_index * prompts_per_process",
+             "start = generation * per_step",
+             ("tests/test_builtin_train.py", "-k", "sharding")),
+    Mutation("gradients are never synchronised across ranks", "backends/builtin/loop.py",
+             "with contextlib.nullcontext() if last else accelerator.no_sync(model), autocast():",
+             "with accelerator.no_sync(model), autocast():",
+             ("tests/test_builtin_train.py", "-k", "two_cpu_processes")),
+    Mutation("atomic_output writes in place", "prefill_kit/io.py",
+             'fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
+             "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
+             ("tests/test_io.py",)),
+    Mutation("the piecewise tokenizer drops the added tokens", "prefill_kit/prompt_tokens.py",
+             "self._added_lists = {t: [i] for t, i in added.items()}",
+             "self._added_lists = {t: [] for t, i in added.items()}",
+             ("tests/test_prompt_tokens.py", "-k", "random_text and qwen")),
+    Mutation("the piecewise tokenizer drops a word's last token", "prefill_kit/prompt_tokens.py",
+             "word_memo.update(zip(new_words, (e.ids for e in encoded), strict=True))",
+             "word_memo.update(zip(new_words, (e.ids[:-1] for e in encoded), strict=True))",
+             ("tests/test_prompt_tokens.py", "-k", "random_text and gpt2")),
+    Mutation("Metaspace 'first' applied to every piece", "prefill_kit/prompt_tokens.py",
+             "self._rest_pre = _rest_pre_tokenizer(backend) or self._first_pre",
+             "self._rest_pre = self._first_pre",
+             ("tests/test_prompt_tokens.py", "-k", "metaspace_first_prepends")),
+    Mutation("SentencePiece words cut at every metaspace", "prefill_kit/prompt_tokens.py",
+             'inner = re.compile(f"[^{METASPACE}]{METASPACE}")', 'inner = re.compile("(?!)")',
+             ("tests/test_prompt_tokens.py", "-k", "random_text and metaspace-first-merging")),
+    Mutation("the prefix is doubled", "prefill_kit/render.py",
+             "return RenderedPrompt(generation_prompt + prefix[k:], effective, solution)",
+             "return RenderedPrompt(generation_prompt + prefix, effective, solution)",
+             ("tests/test_render.py",)),
+    Mutation("an overlap may start inside an added token", "prefill_kit/render.py",
+             "and not _inside_token(text, len(text) - k, atomic):", ":",
+             ("tests/test_prefix_contract.py", "-k", "overlap")),
+    Mutation("conflicting reasoning openers pass", "prefill_kit/render.py",
+             'if think_tail and "</think>" in think_tail[0] and "<think>" in prefix[k:]:',
+             "if False:",
+             ("tests/test_prefix_contract.py", "-k", "conflict")),
+    Mutation("rendered input is wrapped again", "prefill_kit/pipeline.py",
+             "return _rendered_row(row, options, opening)", "pass",
+             ("tests/test_prefix_contract.py", "-k", "rendered")),
+    Mutation("the exact-ids tokenizer adds special tokens", "prefill_kit/prompt_tokens.py",
+             "exact.backend_tokenizer.post_processor = processors.Sequence([])", "pass",
+             ("tests/test_trl_backend.py",)),
+    Mutation("TRL checkpoints keep the exact-ids copy", "backends/trl.py",
+             "self.user_tokenizer.save_pretrained(output_dir or self.args.output_dir)", "pass",
+             ("tests/test_backends.py", "-k", "users_tokenizer and trl")),
+    Mutation("rewards ignore the prefix", "prefill_kit/rewards/response.py",
+             "return completion_text(prefix) + completion", "return completion",
+             ("tests/test_rewards.py",)),
+    Mutation("rewards guess the prefix is already there", "prefill_kit/rewards/response.py",
+             "return completion_text(prefix) + completion",
+             "return completion if completion.startswith(completion_text(prefix)) "
+             "else completion_text(prefix) + completion",
+             ("tests/test_rewards.py",)),
+    Mutation("unfinished thinking earns accuracy", "prefill_kit/rewards/response.py",
+             "return opened >= 0 and response.find(f\"</{think_tag}>\", opened) < 0", "return False",
+             ("tests/test_rewards.py", "-k", "unfinished")),
+    Mutation("the loss covers prefix tokens", "backends/builtin/rollout.py",
+             "completion_ids = out[:, ids.size(1):]  # (B, C)", "completion_ids = out[:, ids.size(1) - 2:]",
+             ("tests/test_builtin_train.py", "-k", "generate_masks or only_completion_positions")),
+    Mutation("resume loses the scheduler", "backends/builtin/loop.py",
+             "accelerator.register_for_checkpointing(scheduler, state)",
+             "accelerator.register_for_checkpointing(state)",
+             ("tests/test_builtin_train.py", "-k", "resume")),
+    Mutation("the sandbox base class is a plain Environment", "prefill_kit/sandbox.py",
+             "class _Sandbox(ImmutableSandboxedEnvironment):", "class _Sandbox(jinja2.Environment):",
+             ("tests/test_templates_loader.py",)),
+    Mutation("a clean run keeps a stale rejects file", "prefill_kit/render_file.py",
+             "Path(reject_file).unlink(missing_ok=True)", "pass",
+             ("tests/test_render_files.py", "-k", "stale")),
+    Mutation("GSPO's sequence weight is a sum, not a length-normalised mean", "backends/builtin/loss.py",
+             "return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)",
+             "return (log_ratio * mask).sum(-1).unsqueeze(-1)",
+             ("tests/test_grpo_math.py", "-k", "sequence_level")),
+    Mutation("cispo's clamped weight carries a gradient", "backends/builtin/loss.py",
+             "return -torch.clamp(coef, max=epsilon_high).detach() * advantages * logps",
+             "return -torch.clamp(coef, max=epsilon_high) * advantages * logps",
+             ("tests/test_grpo_math.py", "-k", "cispo")),
+    Mutation("cispo is divided by the accumulation steps", "backends/builtin/loss.py",
+             'WINDOW_NORMALIZED = frozenset({"dapo", "cispo"})', 'WINDOW_NORMALIZED = frozenset({"dapo"})',
+             ("tests/test_builtin_train.py", "-k", "accumulation")),
+    Mutation("the LoRA reference keeps the adapter on", "backends/builtin/loop.py",
+             "with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():",
+             "with contextlib.nullcontext():",
+             ("tests/test_lora.py", "-k", "builtin_trains")),
+    Mutation("LoRA checkpoints copy the base weights", "backends/lora.py",
+             "weights.clear()  # the base weights", "pass  # the base weights",
+             ("tests/test_lora.py", "-k", "resume_with")),
+    Mutation("a LoRA resume loads no adapter", "backends/lora.py",
+             "load_adapter_weights(accelerator.unwrap_model(models.pop(0)), Path(input_dir))", "models.pop(0)",
+             ("tests/test_lora.py", "-k", "resume_with")),
+]
+
+
+def make_copy(root: Path) -> None:
+    """The project as it installs, under `root`."""
+    for source, target in LAYOUT.items():
+        shutil.copytree(REPO / source, root / target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                        dirs_exist_ok=True)
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+
+
+def apply(root: Path, mutation: Mutation) -> None:
+    source = mutation.path
+    for prefix, target in LAYOUT.items():
+        if source.startswith(prefix + "/"):
+            source = target + source[len(prefix):]
+            break
+    path = root / source
+    text = path.read_text(encoding="utf-8")
+    count = text.count(mutation.original)
+    if count != 1:
+        raise SystemExit(f"mutation {mutation.name!r}: the original line occurs {count} times in {mutation.path}; "
+                         "update tests/mutations.py to follow the code")
+    path.write_text(text.replace(mutation.original, mutation.mutant), encoding="utf-8")
+
+
+def run(mutation: Mutation) -> tuple[bool, float, str]:
+    """(caught, seconds, last lines of pytest's output) for one mutation."""
+    with tempfile.TemporaryDirectory(prefix=".prefill-kit-mutant-", dir=REPO.parent) as tmp:
+        root = Path(tmp) / REPO.name  # same depth as the checkout: tests find ../shared alike
+        make_copy(root)
+        apply(root, mutation)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                               *mutation.tests], cwd=root, env=env, capture_output=True, text=True)
+        tail = "\n".join(done.stdout.strip().splitlines()[-3:])
+        if done.returncode not in (0, 1):  # 5: no test selected, 2-4: errors: the selection is broken
+            raise SystemExit(f"mutation {mutation.name!r}: pytest exited {done.returncode}:\n{tail}\n{done.stderr}")
+        return done.returncode == 1, time.perf_counter() - start, tail
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="run only these mutations")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(m.name for m in MUTATIONS))
+        return 0
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        raise SystemExit(f"unknown mutations: {sorted(unknown)}")
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    caught = 0
+    for mutation in chosen:
+        was_caught, seconds, tail = run(mutation)
+        caught += was_caught
+        print(f"{'caught' if was_caught else 'MISSED'}  {mutation.name}  ({seconds:.0f} s)", flush=True)
+        if not was_caught:
+            print("    " + tail.replace("\n", "\n    "), flush=True)
+    print(f"{caught}/{len(chosen)} mutations caught")
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

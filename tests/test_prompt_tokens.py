@@ -1,0 +1,140 @@
+"""`PromptTokenizer.encode` equals whole-prompt encoding, on every tokenizer family, by construction."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import AddedToken
+
+from prefill_kit.prompt_tokens import PromptTokenizer, piecewise_blocker
+from tests.conftest import SHARED_REFERENCE
+from tests.tokenizer_families import CHATML, FAMILIES, SENTENCEPIECE, build, random_texts
+
+TOKENIZERS = SHARED_REFERENCE / "tokenizers"
+NEEDS_REFERENCE = pytest.mark.skipif(not TOKENIZERS.is_dir(),
+                                     reason="needs ../shared/reference/tokenizers (the real tokenizers)")
+
+
+def whole(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_in_batches(encoder: PromptTokenizer, texts: list[str], size: int = 250) -> list[list[int]]:
+    """Several batches, so that later ones hit the piece and word memos that earlier ones filled."""
+    return [ids for i in range(0, len(texts), size) for ids in encoder.encode(texts[i:i + size])]
+
+
+def specials_of(tokenizer) -> tuple[str, ...]:
+    return CHATML if "<|im_start|>" in tokenizer.get_vocab() else SENTENCEPIECE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_piecewise_equals_whole_on_random_text(family):
+    tokenizer = build(family)
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker is None  # the piecewise path is the one under test
+    # Template-like texts repeat (the piece memo), random ones mix every edge case (the word memo).
+    texts = random_texts(3000, seed=FAMILIES.index(family), specials=specials_of(tokenizer))
+    texts += [f"{s}user\nsame template text{s}assistant\n<think>\n" for s in specials_of(tokenizer)] * 20
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+    assert encoder._memo and encoder._word_memo  # both memos were used, not bypassed
+    # The vocabulary-proven segments are under test where the family is built for them.
+    assert (encoder._segments is not None) == (family in ("metaspace-first", "metaspace-always",
+                                                           "sentencepiece-legacy"))
+
+
+def test_metaspace_first_prepends_only_at_the_start_of_the_text():
+    # The bug this guards: a piece after an added token encoded alone gets "▁" prepended ("▁<" instead of "<").
+    tokenizer = build("metaspace-first")
+    texts = ["[/INST]<think>\n", "<think>\n", "[INST]x", "x[INST]x", " x"]
+    assert PromptTokenizer(tokenizer).encode(texts) == whole(tokenizer, texts)
+    after, alone = whole(tokenizer, texts[:2])
+    assert after[1:] != alone  # the same text tokenizes differently after an added token than alone
+
+
+@pytest.mark.parametrize("kind", ["special", "plain", "normalized", "lstrip", "rstrip", "single_word"])
+@pytest.mark.parametrize("family", ["qwen", "metaspace-first"])
+def test_added_tokens_of_every_kind(family, kind):
+    tokenizer = build(family)
+    options = {"special": {}, "plain": {}, "normalized": {"normalized": True}, "lstrip": {"lstrip": True},
+               "rstrip": {"rstrip": True}, "single_word": {"single_word": True}}[kind]
+    token = AddedToken("<think>", special=kind == "special", normalized=options.pop("normalized", False), **options)
+    tokenizer.add_tokens([token], special_tokens=kind == "special")
+    encoder = PromptTokenizer(tokenizer)
+    exact_piecewise = kind in ("special", "plain")
+    assert (encoder.blocker is None) == exact_piecewise, encoder.blocker
+    texts = random_texts(1500, seed=7, specials=specials_of(tokenizer)) + ["a <think> b", "<think>x", "x<think>"]
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+
+
+def test_special_tokens_encoded_as_text_are_encoded_whole():
+    tokenizer = build("qwen")
+    tokenizer.backend_tokenizer.encode_special_tokens = True
+    assert piecewise_blocker(tokenizer) is not None
+    texts = ["<|im_start|>user\nhi<|im_end|>"]
+    assert PromptTokenizer(tokenizer).encode(texts) == whole(tokenizer, texts)
+
+
+@NEEDS_REFERENCE
+@pytest.mark.parametrize("name", ["mistral-7b-instruct-v0.3", "qwen2.5-instruct-DERIVED", "qwen3-DERIVED"])
+def test_piecewise_equals_whole_on_real_tokenizers(name):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / name)
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker is None
+    specials = ("<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+    texts = random_texts(2000, seed=11, specials=specials)
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+
+
+@NEEDS_REFERENCE
+def test_normalized_added_token_on_qwen():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "qwen2.5-instruct-DERIVED")
+    tokenizer.add_tokens(["<think>"])  # transformers adds non-special tokens as normalized
+    texts = ["<|im_start|>assistant\n<think>\nok", "a<think>b"] + random_texts(300, seed=3, specials=("<think>",))
+    assert PromptTokenizer(tokenizer).encode(texts) == whole(tokenizer, texts)
+
+
+PREFIXES = ["", "<think>\n", "> quoted", "\nStep 1", " ", "]] ok", "</s>", "<|im_end|>"]
+
+
+def render_rows(template: str, tokenizer, n: int, seed: int):
+    """Rendered rows with random content (special-token text included) and random per-row prefixes."""
+    import random
+
+    from datasets import Dataset
+
+    from prefill_kit.pipeline import render_dataset
+
+    rng = random.Random(seed)
+    contents = random_texts(n, seed=seed, specials=specials_of(tokenizer) + ("</s>", "<|im_end|>"))
+    rows = [{"messages": [{"role": "user", "content": c or "x"}], "prefix": rng.choice(PREFIXES)} for c in contents]
+    return render_dataset(Dataset.from_list(rows), template=template, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(("family", "template"), [("metaspace-first", "mistral"), ("qwen", "chatml"),
+                                                  ("unigram", "llama3"), ("gpt2", "phi4")])
+def test_rendered_rows_have_whole_prompt_ids(family, template):
+    tokenizer = build(family)
+    out = render_rows(template, tokenizer, 600, seed=5)
+    assert list(out["prompt_ids"]) == whole(tokenizer, list(out["prompt"]))
+
+
+@NEEDS_REFERENCE
+def test_rendered_rows_have_whole_prompt_ids_on_mistral():
+    # As reported: 40 plain rows, then a row with a per-row prefix, then content holding "</s>".
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from prefill_kit.pipeline import render_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "mistral-7b-instruct-v0.3")
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}]} for i in range(40)]
+    rows += [{"messages": [{"role": "user", "content": "q"}], "prefix": "<think>\n"},
+             {"messages": [{"role": "user", "content": "a </s> b"}]}]
+    out = render_dataset(Dataset.from_list(rows), tokenizer=tokenizer)
+    assert list(out["prompt_ids"]) == whole(tokenizer, list(out["prompt"]))
+    out = render_rows(None, tokenizer, 400, seed=9)
+    assert list(out["prompt_ids"]) == whole(tokenizer, list(out["prompt"]))
