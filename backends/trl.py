@@ -52,6 +52,7 @@ METRIC_NAMES = {
     "clip_ratio/region_mean": "clip_ratio",
     "clip_ratio/low_mean": "clip_ratio/low_mean",
     "clip_ratio/high_mean": "clip_ratio/high_mean",
+    "cispo_clip_ratio": "cispo_clip_ratio",
     "learning_rate": "learning_rate",
     "step_time": "step_time",
     "grad_norm": "grad_norm",
@@ -70,8 +71,11 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "top_k": g.top_k,
         "beta": g.beta,
         "loss_type": g.loss_type,
+        "importance_sampling_level": g.importance_sampling_level,
         "epsilon": g.epsilon,
         "epsilon_high": g.epsilon_high if g.epsilon_high is not None else g.epsilon,
+        "sapo_temperature_pos": g.sapo_temperature_pos,
+        "sapo_temperature_neg": g.sapo_temperature_neg,
         "scale_rewards": g.scale_rewards,
         "num_iterations": g.num_iterations,
         "mask_truncated_completions": g.mask_truncated_completions,
@@ -473,8 +477,15 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     completion_log = CompletionLog(out_dir, every=o.log_completions_steps, max_rows=o.log_completions_max,
                                    reward_names=[r.name for r in rewards], resume_step=_resume_step(resume),
                                    is_main=args.process_index == 0)
+    lora = config.model.lora
+    peft_config = None
+    if lora is not None:  # TRL wraps the model; with beta > 0 its reference is the model with the adapter off
+        from prefill_kit.backends.lora import lora_config
+
+        peft_config = lora_config(lora)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=exact,
+        peft_config=peft_config,
         reward_funcs=[recorder.wrap(r.name, r.fn) for r in rewards],
         callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards], trackers,
                                      flat_config(config.to_dict())),
@@ -495,6 +506,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     with final_model_dir(out_dir, is_main=is_main) as staging:
         trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(staging))  # every process: DeepSpeed/FSDP gather the weights here (and the tokenizer)
+        if is_main and lora is not None and lora.merge:
+            from prefill_kit.backends.lora import MERGED_DIR, save_merged
+
+            save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staging / MERGED_DIR)
         trainer.accelerator.wait_for_everyone()
     return {"backend": "trl", "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "seconds": time.perf_counter() - start, "output_dir": str(out_dir), "metrics": str(metrics_path)}

@@ -1,6 +1,6 @@
 """Benchmark: one GRPO optimizer step, prefill-kit's built-in backend vs TRL's `GRPOTrainer`, at equal work.
 
-    python benchmarks/train_step.py [--steps 8] [--threads 1] [--hidden-size 32] [--layers 2]
+    python benchmarks/train_step.py [--steps 8] [--threads 1] [--hidden-size 32] [--layers 2] [--lora]
 
 Both train the same tiny random Qwen2-style model (a few million parameters; the real Qwen2.5 vocabulary
 from ../shared/reference/tokenizers/qwen2.5-instruct-DERIVED when present, else the tiny test tokenizer)
@@ -11,6 +11,11 @@ so both generate the full max_completion_length for every completion: equal work
 Each backend runs in its own child process (so that each peak RSS is its own), one after the other on
 the same machine. Prints the median seconds per optimizer step (first step excluded: warm-up), the peak
 RSS, the ratio builtin / TRL, and where the built-in step spends its time.
+
+`--lora`: both train the same LoRA adapter (`LORA`, through `prefill_kit.backends.lora.lora_config`) with
+beta = BETA, so both take the reference log-probs from the model with its adapter switched off. A third
+child, the built-in backend with the same adapter at beta = 0 (no reference at all), shows that the
+reference costs no second copy of the weights: equal peak RSS, where a copy would add the model's size.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ GSM8K = REFERENCE / "data" / "gsm8k" / "test.jsonl"
 PREFIX = "<think>\n"
 SETTINGS = {"num_generations": 4, "max_completion_length": 32, "per_device_train_batch_size": 16,
             "learning_rate": 1e-3}
+
+
+LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+BETA = 0.04
 
 
 def brevity(completions, completion_ids, **kwargs):
@@ -87,14 +96,16 @@ def write_data(out: Path, rows: int = 64) -> str:
 # ------------------------------------------------------------------------------------------- the children
 
 
-def run_builtin(model_dir: Path, data: Path, out: Path, steps: int) -> dict:
+def run_builtin(model_dir: Path, data: Path, out: Path, steps: int, lora: bool = False, beta: float = 0.0) -> dict:
     from prefill_kit.backends.builtin import train
     from prefill_kit.config import config_from_dict
 
     s = SETTINGS
     config = config_from_dict({
-        "model": {"path": str(model_dir)}, "data": {"path": str(data), "prefix": PREFIX},
-        "grpo": {"num_generations": s["num_generations"], "max_completion_length": s["max_completion_length"]},
+        "model": {"path": str(model_dir), "lora": LORA if lora else None},
+        "data": {"path": str(data), "prefix": PREFIX},
+        "grpo": {"num_generations": s["num_generations"], "max_completion_length": s["max_completion_length"],
+                 "beta": beta},
         "train": {"learning_rate": s["learning_rate"], "per_device_train_batch_size": s["per_device_train_batch_size"],
                   "max_steps": steps, "seed": 0, "lr_scheduler_type": "constant"},
         "output": {"dir": str(out), "save_steps": 0}})
@@ -128,10 +139,12 @@ def _profile_builtin() -> dict[str, float]:
     return totals
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, steps: int) -> dict:
+def run_trl(model_dir: Path, data: Path, out: Path, steps: int, lora: bool = False, beta: float = 0.0) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from prefill_kit.backends.lora import lora_config
+    from prefill_kit.config import LoraSection
     from prefill_kit.pipeline import render_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -158,19 +171,25 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int) -> dict:
                       max_completion_length=s["max_completion_length"],
                       per_device_train_batch_size=s["per_device_train_batch_size"], learning_rate=s["learning_rate"],
                       lr_scheduler_type="constant", max_steps=steps, logging_steps=1, save_strategy="no",
-                      report_to="none", seed=0, disable_tqdm=True, use_cpu=True, bf16=False)
+                      report_to="none", seed=0, disable_tqdm=True, use_cpu=True, bf16=False, beta=beta,
+                      gradient_checkpointing=False)  # TRL's default is on; the built-in run has it off
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     trainer = GRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          reward_funcs=[brevity], callbacks=[StepTimer(), Lengths()])
+                          reward_funcs=[brevity], callbacks=[StepTimer(), Lengths()],
+                          peft_config=lora_config(LoraSection(**LORA)) if lora else None)
     trainer.train()
     return {"step_times": step_times, "completion_length": statistics.mean(lengths) if lengths else None}
 
 
-def child(backend: str, model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> None:
+def child(backend: str, model_dir: Path, data: Path, out: Path, steps: int, threads: int, lora: bool) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    result = (run_builtin if backend == "builtin" else run_trl)(model_dir, data, out, steps)
+    beta = BETA if lora else 0.0
+    if backend == "builtin-beta0":  # the same adapter without a reference
+        result = run_builtin(model_dir, data, out, steps, lora=True, beta=0.0)
+    else:
+        result = (run_builtin if backend == "builtin" else run_trl)(model_dir, data, out, steps, lora=lora, beta=beta)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -184,12 +203,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both backends")
     parser.add_argument("--hidden-size", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--child", choices=("builtin", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="store_true", help=f"both backends train a LoRA adapter {LORA}, beta {BETA}")
+    parser.add_argument("--child", choices=("builtin", "trl", "builtin-beta0"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         work = Path(args.dir)
-        child(args.child, work / "model", work / "data.jsonl", work / f"run-{args.child}", args.steps, args.threads)
+        child(args.child, work / "model", work / "data.jsonl", work / f"run-{args.child}", args.steps, args.threads,
+              args.lora)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,11 +226,13 @@ def main() -> None:
               f"{tokenizer_note}; data: {data_note}")
         print(f"work per step: {SETTINGS['per_device_train_batch_size']} completions "
               f"({SETTINGS['num_generations']} per prompt) x up to {SETTINGS['max_completion_length']} tokens; "
-              f"{args.steps} steps, torch threads {args.threads}")
+              f"{args.steps} steps, torch threads {args.threads}"
+              + (f"; both with LoRA {LORA}, beta {BETA}" if args.lora else ""))
         results = {}
-        for backend in ("builtin", "trl"):
+        for backend in ("builtin", "trl", *(("builtin-beta0",) if args.lora else ())):
             proc = subprocess.run([sys.executable, __file__, "--child", backend, "--dir", str(work),
-                                   "--steps", str(args.steps), "--threads", str(args.threads)],
+                                   "--steps", str(args.steps), "--threads", str(args.threads),
+                                   *(["--lora"] if args.lora else [])],
                                   capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
@@ -220,11 +243,16 @@ def main() -> None:
     for backend, r in results.items():
         times = r["step_times"][1:] or r["step_times"]
         medians[backend] = statistics.median(times)
-        print(f"{backend:<8} median {medians[backend]:.4f} s/step (min {min(times):.4f}, max {max(times):.4f}), "
+        print(f"{backend:<13} median {medians[backend]:.4f} s/step (min {min(times):.4f}, max {max(times):.4f}), "
               f"peak RSS {r['peak_rss_mib']:.0f} MiB, mean completion length {r['completion_length']:.1f}")
     ratio = medians["builtin"] / medians["trl"]
     rss = results["builtin"]["peak_rss_mib"] / results["trl"]["peak_rss_mib"]
     print(f"ratio builtin/TRL: time {ratio:.2f}x (target <= 0.80x), peak RSS {rss:.2f}x")
+    if "builtin-beta0" in results:
+        extra = results["builtin"]["peak_rss_mib"] - results["builtin-beta0"]["peak_rss_mib"]
+        print(f"builtin LoRA, beta {BETA} vs 0 (the reference is the adapter switched off): peak RSS "
+              f"{results['builtin']['peak_rss_mib'] / results['builtin-beta0']['peak_rss_mib']:.2f}x "
+              f"({extra:+.0f} MiB; a reference copy would add {params * 4 / 2**20:.0f} MiB of fp32 weights)")
     profile = results["builtin"]["profile"]
     total = sum(results["builtin"]["step_times"])
     print("builtin step breakdown (all steps): " + ", ".join(

@@ -8,6 +8,16 @@ model:
   path: ./my-model              # a local Hugging Face model directory
   dtype: float32                # float32 | bfloat16 | float16 | auto: the dtype the weights are loaded in
   tokenizer: null               # tokenizer directory; default: model.path
+  lora: null                    # a mapping trains a LoRA adapter through peft instead of every weight:
+    # r: 8                      #   rank; these defaults are peft's LoraConfig defaults (`lora: {}` takes them all)
+    # alpha: 8.0                #   lora_alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
+    # dropout: 0.0              #   lora_dropout, in the training forward only (sampling and scoring run in eval mode)
+    # target_modules: null      #   module names, or "all-linear"; null: peft's default for the architecture
+    # modules_to_save: null     #   modules trained in full and saved beside the adapter (e.g. [lm_head])
+    # bias: none                #   none | all | lora_only
+    # use_rslora: false
+    # use_dora: false
+    # merge: false              #   also save the merged model (base + adapter) in <output.dir>/merged
 data:
   path: data.jsonl              # JSON Lines (or a dataset saved with save_to_disk)
   prefix: "<think>\\n"           # the response prefix; a rendered file's own `prefix` column wins
@@ -28,9 +38,12 @@ grpo:
   top_p: 1.0
   top_k: 0                      # 0 disables top-k
   beta: 0.0                     # KL coefficient; > 0 loads a frozen reference model
-  loss_type: dapo               # dapo | grpo | bnpo | dr_grpo
+  loss_type: dapo               # dapo | grpo | bnpo | dr_grpo | cispo | sapo | luspo (TRL 1.16's formulas)
+  importance_sampling_level: token  # token | sequence (GSPO: one length-normalised ratio per completion)
   epsilon: 0.2
-  epsilon_high: null            # default: epsilon
+  epsilon_high: null            # default: epsilon; for cispo the clamp of the ratio itself (ScaleRL: 5.0)
+  sapo_temperature_pos: 1.0     # sapo: gate temperature where the advantage is > 0
+  sapo_temperature_neg: 1.05    # sapo: ... where it is <= 0
   scale_rewards: group          # group | batch | none
   num_iterations: 1             # optimizer steps per generated batch
   mask_truncated_completions: false
@@ -97,10 +110,26 @@ def _field(default: Any = REQUIRED, *, help: str = "", **checks: Any) -> Any:
 
 
 @dataclass
+class LoraSection:
+    """`model.lora`: peft's LoraConfig under short names (see `prefill_kit.backends.lora`)."""
+
+    r: int = _field(8, min=1)
+    alpha: float = _field(8.0, min=0.0, exclusive_min=True)
+    dropout: float = _field(0.0, min=0.0, max=1.0)
+    target_modules: list | str | None = None
+    modules_to_save: list | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    merge: bool = False
+
+
+@dataclass
 class ModelSection:
     path: str = _field()
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     tokenizer: str | None = None
+    lora: LoraSection | None = None  # None: full fine-tuning
 
 
 @dataclass
@@ -132,9 +161,12 @@ class GRPOSection:
     top_p: float = _field(1.0, min=0.0, exclusive_min=True, max=1.0)
     top_k: int = _field(0, min=0)
     beta: float = _field(0.0, min=0.0)
-    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
+    loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     epsilon: float = _field(0.2, min=0.0)
     epsilon_high: float | None = _field(None, min=0.0)
+    sapo_temperature_pos: float = _field(1.0, min=0.0, exclusive_min=True)
+    sapo_temperature_neg: float = _field(1.05, min=0.0, exclusive_min=True)
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = _field(1, min=1)
     mask_truncated_completions: bool = False
@@ -284,6 +316,12 @@ def config_from_dict(raw: dict[str, Any]) -> TrainingConfig:
     """Validate a plain dict (as read from YAML) into a TrainingConfig; ConfigError names the bad key."""
     config = _build(TrainingConfig, raw, "")
     _check_rewards(config.rewards)
+    lora = config.model.lora
+    if lora is not None:
+        for key in ("target_modules", "modules_to_save"):
+            names = getattr(lora, key)
+            if isinstance(names, list) and not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"model.lora.{key}: expected a list of module names, got {_show(names)}")
     g, t = config.grpo, config.train
     if t.per_device_train_batch_size % g.num_generations:
         raise ConfigError(f"train.per_device_train_batch_size: {t.per_device_train_batch_size} completions is not a "

@@ -142,7 +142,12 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     problems: list[Problem] = []
     if backend == "trl":
         problems += _trl_prompt_problems(tokenizer, dataset)
-    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=DTYPES[config.model.dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=DTYPES[config.model.dtype])
+    if config.model.lora is not None:  # the model as training starts: base + a fresh adapter
+        from prefill_kit.backends.lora import apply_lora
+
+        model = apply_lora(model, config.model.lora)
+    model.eval()
 
     # ---- prompts: lengths over every row, the prefix boundary on the first BOUNDARY_ROWS
     lengths = list(dataset["num_prompt_tokens"])

@@ -208,6 +208,36 @@ def test_it_learns_and_a_flipped_advantage_does_not(tiny_model_dir, data_file, t
     assert max(row["reward"] for row in flipped[-5:]) < 0.3
 
 
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "luspo", "dapo"])
+def test_accumulation_gives_the_loss_and_gradient_of_one_big_batch(tiny_model_dir, data_file, tmp_path, loss_type):
+    """16 completions in one micro-batch, or two of 8: the same rollout, so the same loss and gradient norm.
+
+    Catches a normalizer that counts the wrong window (dapo/cispo span it; the others divide by it).
+    """
+    histories = []
+    for batch, accumulation in ((16, 1), (8, 2)):
+        config = make_config(tiny_model_dir, data_file, tmp_path / f"{batch}", grpo={"loss_type": loss_type},
+                             train={"max_steps": 1, "per_device_train_batch_size": batch,
+                                    "gradient_accumulation_steps": accumulation, "max_grad_norm": 1e9})
+        histories.append(loop_module.train(config, reward_funcs=[WeightedReward("brevity", brevity, 1.0)],
+                                           progress=False).history[0])
+    one, two = histories
+    assert one["reward"] == two["reward"]  # the same rollout
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-7)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    assert one["grad_norm"] > 0
+
+
+def test_sequence_level_with_a_token_sum_loss_warns_as_trl_does(tiny_model_dir, data_file, tmp_path, caplog):
+    config = make_config(tiny_model_dir, data_file, tmp_path / "run", grpo={"importance_sampling_level": "sequence"},
+                         train={"max_steps": 1})
+    with caplog.at_level("WARNING", logger="prefill_kit.backends.builtin.loop"):
+        row = loop_module.train(config, reward_funcs=[WeightedReward("brevity", brevity, 1.0)],
+                                progress=False).history[0]
+    assert "weights each sequence by its completion length" in caplog.text
+    assert row["clip_ratio"] is not None and row["cispo_clip_ratio"] is None
+
+
 # -------------------------------------------------------------------------------------------------- resume
 
 

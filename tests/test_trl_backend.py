@@ -36,6 +36,29 @@ def test_config_maps_to_grpo_config_names():
     assert args.save_strategy == "no"
 
 
+def test_loss_family_options_map_to_grpo_config():
+    from trl import GRPOConfig
+
+    config = tiny_config(grpo={"loss_type": "sapo", "importance_sampling_level": "sequence", "epsilon_high": 5.0,
+                               "sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.3})
+    args = GRPOConfig(**grpo_config_kwargs(config))
+    assert (args.loss_type, args.importance_sampling_level, args.epsilon_high) == ("sapo", "sequence", 5.0)
+    assert (args.sapo_temperature_pos, args.sapo_temperature_neg) == (0.7, 1.3)
+    import dataclasses
+
+    defaults = grpo_config_kwargs(tiny_config())  # prefill-kit's defaults are TRL's
+    trl_defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    for name in ("loss_type", "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg"):
+        assert defaults[name] == trl_defaults[name], name
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "luspo"])
+def test_every_loss_type_is_a_grpo_config_loss_type(loss_type):
+    from trl import GRPOConfig
+
+    assert GRPOConfig(**grpo_config_kwargs(tiny_config(grpo={"loss_type": loss_type}))).loss_type == loss_type
+
+
 def test_trl_tokenization_of_a_rendered_prompt_has_one_bos(bos_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
     prompt = render_prompt(USER, load_template(bos_tokenizer_dir), "<think>\n").prompt

@@ -1,7 +1,8 @@
 """The built-in GRPO backend (`prefill_kit.backends.builtin`): a readable, accelerate-based loop.
 
 - `compute_advantages`, `combine_rewards` (advantages.py): rewards to group-relative advantages.
-- `grpo_loss`, `token_logps` (loss.py): the clipped objective, the KL term, the loss-type normalizers.
+- `grpo_loss`, `token_logps` (loss.py): TRL 1.16's loss family (clipped, GSPO, cispo, sapo, luspo), the KL term,
+  the loss-type normalizers.
 - `generate`, `completion_logps` (rollout.py): sampling and scoring of completion tokens.
 - `train(config)` (loop.py): the loop. Every backend module exposes `train(config)` with this meaning.
 """

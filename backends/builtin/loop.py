@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from prefill_kit.backends.builtin.advantages import combine_rewards, compute_adv
 from prefill_kit.backends.builtin.checkpoint import LoopState, checkpoint_step, find_checkpoint, save_checkpoint
 from prefill_kit.backends.builtin.data import prompt_indices
 from prefill_kit.backends.builtin.evaluation import eval_seed, evaluate
-from prefill_kit.backends.builtin.loss import grpo_loss
+from prefill_kit.backends.builtin.loss import WINDOW_NORMALIZED, grpo_loss, loss_warnings
 from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
 from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
 from prefill_kit.backends.common import (
@@ -51,6 +52,9 @@ from prefill_kit.run_health import HealthMonitor
 from prefill_kit.trackers import flat_config, make_trackers, tracker_values
 
 METRICS_FILE = "metrics.jsonl"
+# Loss metrics that only some loss types have: None in the rows of the others (TRL's metrics.jsonl does the same).
+LOSS_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -92,7 +96,11 @@ class TrainResult:
 
 
 def load_models(config: TrainingConfig):
-    """Tokenizer, policy, and a frozen reference model only when beta > 0 (else None)."""
+    """Tokenizer, policy, and a frozen reference model only when beta > 0 without LoRA (else None).
+
+    With `model.lora` the policy is a peft model whose adapter alone trains, and the reference is the same
+    model with the adapter switched off, so no second copy is loaded.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
@@ -101,7 +109,7 @@ def load_models(config: TrainingConfig):
     dtype = DTYPES[config.model.dtype]
     model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
     ref_model = None
-    if config.grpo.beta > 0:
+    if config.grpo.beta > 0 and config.model.lora is None:
         ref_model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype).eval()
         ref_model.requires_grad_(False)
     for module in model.modules():  # sampling and scoring must see the same distribution
@@ -113,6 +121,10 @@ def load_models(config: TrainingConfig):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if config.model.lora is not None:  # after the dropout reset: lora.dropout is the user's, kept for training
+        from prefill_kit.backends.lora import apply_lora
+
+        model = apply_lora(model, config.model.lora)
     return tokenizer, model, ref_model
 
 
@@ -159,6 +171,9 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     autocast = functools.partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=t.bf16)
     set_seed(t.seed, device_specific=True)  # each process samples differently
     run_dir = Path(out.dir)
+    if accelerator.is_main_process:
+        for message in loss_warnings(g.loss_type, g.importance_sampling_level):
+            logger.warning(message)
 
     # ---- setup: check what can be checked before loading anything; then models, data, optimizer
     check_paths(config)
@@ -178,7 +193,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     eval_generation_config = make_generation_config(
         dataclasses.replace(g, temperature=g.eval_temperature or g.temperature), tokenizer, eos_ids)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapter's
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   eps=t.adam_epsilon, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.max_steps)
@@ -188,8 +204,15 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     state = LoopState()
     # The scheduler is registered, not prepared: a prepared scheduler steps once per process.
     accelerator.register_for_checkpointing(scheduler, state)
+    if config.model.lora is not None:
+        from prefill_kit.backends.lora import register_adapter_checkpointing
+
+        register_adapter_checkpointing(accelerator)
 
     if checkpoint is not None:
+        from prefill_kit.backends.lora import check_resume_kind
+
+        check_resume_kind(checkpoint, config.model.lora)
         accelerator.load_state(str(checkpoint))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +240,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
 
         # ---- 1. rollout: generate, score, normalize (once per `num_iterations` steps)
         if iteration == 0 or state.rollout is None:
+            policy.eval()  # no dropout while sampling and scoring (only LoRA's can be non-zero)
             indices = prompt_indices(generation, num_prompts=len(dataset), prompts_per_process=prompts_per_process,
                                      process_index=rank, num_processes=world, seed=t.seed,
                                      shuffle=config.data.shuffle)
@@ -242,9 +266,11 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
             with torch.no_grad(), autocast():
                 if g.num_iterations > 1:
                     batch.old_logps = _logps_in_chunks(policy, batch, g.temperature, t.per_device_train_batch_size)
-                if ref_model is not None:
-                    batch.ref_logps = _logps_in_chunks(ref_model, batch, g.temperature,
-                                                       t.per_device_train_batch_size)
+                if g.beta > 0:  # the frozen copy, or the LoRA policy with its adapter off
+                    reference = policy if ref_model is None else ref_model
+                    with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():
+                        batch.ref_logps = _logps_in_chunks(reference, batch, g.temperature,
+                                                           t.per_device_train_batch_size)
             state.rollout_stats = _rollout_stats(accelerator, rewards, scores, totals, lengths, batch,
                                                  g.num_generations)
             state.rollout = batch.state_dict()
@@ -276,8 +302,10 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                 loss, metrics = grpo_loss(
                     logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask, loss_type=g.loss_type,
                     epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                    importance_sampling_level=g.importance_sampling_level,
+                    sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg,
                     max_completion_length=g.max_completion_length, num_items_in_batch=num_items)
-                if g.loss_type != "dapo":  # dapo's normalizer already spans the accumulation window
+                if g.loss_type not in WINDOW_NORMALIZED:  # dapo's, cispo's normalizer spans the window already
                     loss = loss / t.gradient_accumulation_steps
                 accelerator.backward(loss)
             step_loss += loss.item()
@@ -285,7 +313,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                 loss_metrics[k] = loss_metrics.get(k, 0.0) + v.item() / t.gradient_accumulation_steps
 
         # ---- 3. clip, step
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -299,7 +327,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         reduced = accelerator.reduce(torch.tensor([step_loss, *loss_metrics.values()], device=accelerator.device),
                                      reduction="mean").tolist()
         row = {"step": state.step, "loss": reduced[0], **stats,
-               "kl": None, **dict(zip(loss_metrics, reduced[1:], strict=True)),
+               **dict.fromkeys(LOSS_METRICS), **dict(zip(loss_metrics, reduced[1:], strict=True)),
                "learning_rate": learning_rate,
                "grad_norm": None if grad_norm is None else float(grad_norm),
                "step_time": time.perf_counter() - step_start}
@@ -330,8 +358,13 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with final_model_dir(run_dir, is_main=True) as staging:
-            accelerator.unwrap_model(model).save_pretrained(staging)
+            final = accelerator.unwrap_model(model)
+            final.save_pretrained(staging)  # with LoRA: the adapter, for PeftModel.from_pretrained
             tokenizer.save_pretrained(staging)
+            if config.model.lora is not None and config.model.lora.merge:
+                from prefill_kit.backends.lora import MERGED_DIR, save_merged
+
+                save_merged(final, tokenizer, staging / MERGED_DIR)
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group
         tracker.finish()
