@@ -203,10 +203,10 @@ def test_resume_refuses_a_checkpoint_of_the_other_kind(tiny_model_dir, data_file
     full["output"]["dir"] = str(tmp_path / "full")
     loop_module.train(config_from_dict(full), reward_funcs=BREVITY, progress=False)
 
-    full["output"]["resume_from"] = str(tmp_path / "lora")
+    full["output"]["dir"] = full["output"]["resume_from"] = str(tmp_path / "lora")  # resume runs in their own dir
     with pytest.raises(ConfigError, match="holds a LoRA adapter, and model.lora is not set"):
         loop_module.train(config_from_dict(full), reward_funcs=BREVITY, progress=False)
-    resumed = make_config(tiny_model_dir, data_file, tmp_path / "lora", output={"resume_from": str(tmp_path / "full")},
+    resumed = make_config(tiny_model_dir, data_file, tmp_path / "full", output={"resume_from": str(tmp_path / "full")},
                           train={"max_steps": 2})
     with pytest.raises(ConfigError, match="not a checkpoint of a LoRA run"):
         loop_module.train(resumed, reward_funcs=BREVITY, progress=False)
