@@ -86,7 +86,7 @@ def peak_rss_of_cli(rows: list[dict], n: int, tokenizer_dir: Path, num_proc: int
 
 
 def cold_memo(tokenizer) -> None:
-    """The word memo on text it has never seen (each GSM8K answer and MATH-500 problem and solution once),
+    """The piece memo on text it has never seen (each GSM8K answer and MATH-500 problem and solution once),
     so that the figures above, on repeated questions, are not read as a cache's best case only."""
     from prefill_kit.prompt_tokens import PromptTokenizer
 
@@ -146,7 +146,26 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
         print(f"{name} ratio vs batched baseline:     1 process {one / b:.2f}x, num_proc={args.num_proc} "
               f"{results[label] / b:.2f}x")
     print(f"{name} vs the floor (tokenizing rendered texts alone): 1 process {one / results[floor_key()]:.2f}x")
+    tokenization_stage(name, tokenizer, texts, base_ids)
     return results
+
+
+def tokenization_stage(name: str, tokenizer, texts: list[str], expected: list[list[int]]) -> None:
+    """The exact ids path alone, in the pipeline's slices, against whole-prompt encoding of the same texts."""
+    from prefill_kit.pipeline import BatchRenderer
+    from prefill_kit.prompt_tokens import PromptTokenizer
+
+    start = time.perf_counter()
+    tokenizer(texts, add_special_tokens=False)
+    whole = time.perf_counter() - start
+    encoder = PromptTokenizer(tokenizer)
+    start = time.perf_counter()
+    size = BatchRenderer.SLICE
+    got = [ids for i in range(0, len(texts), size) for ids in encoder.encode(texts[i:i + size])]
+    ours = time.perf_counter() - start
+    assert got == expected, "piecewise ids differ"
+    print(f"{name} tokenization stage alone: prefill-kit {len(texts) / ours:,.0f} rows/s vs whole-prompt "
+          f"{len(texts) / whole:,.0f} rows/s ({whole / ours:.2f}x), ids identical ({encoder.blocker or 'piecewise'})")
 
 
 def floor_key() -> str:

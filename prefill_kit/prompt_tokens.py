@@ -3,29 +3,23 @@
 A fast tokenizer (`tokenizers`) encodes a text in fixed stages:
 
 1. it cuts the text at added tokens (`<|im_start|>`, `</s>`, ...), leftmost-longest;
-2. it normalizes each piece between them, alone;
-3. its pre-tokenizer splits each piece into words, alone;
-4. its model (BPE, Unigram, ...) encodes each word, alone.
+2. it normalizes, pre-tokenizes and model-encodes each piece between them, alone.
 
-Stages 2-4 never look across a piece or a word, so a piece's ids are the same on every row and a
-word's ids are the same in every piece. `PromptTokenizer` runs the same stages with the tokenizer's own
-components and memoises pieces (template text recurs on every row) and words (so do most words). It
-takes this path only where the stages are provably the ones above; otherwise it encodes whole prompts.
-What stops it (`piecewise_blocker`):
+So the ids of a text are its pieces' ids, in order, with each added token's id between them. Chat prompts
+repeat the same template pieces on every row (the system prompt, `assistant\\n<think>\\n`, the newlines
+between turns): `PromptTokenizer` cuts the text as stage 1 does, memoises the pieces that recur, and sends
+only the new ones, in one batch, through the tokenizer's own backend (in Rust, without the GIL). It takes
+this path only where the stages are provably the ones above; otherwise it encodes whole prompts. What stops
+it (`piecewise_blocker`):
 
 - an added token with `lstrip`, `rstrip` or `single_word` (it eats or checks the text around it), or a
   `normalized` one (it is matched after normalization, inside the pieces);
 - special tokens encoded as text (`split_special_tokens=True`), truncation or padding set on the backend;
 - a BPE model with dropout (random by design).
 
-Stage 4 is cut finer where the vocabulary proves it safe. SentencePiece-style BPE (Mistral, Llama-2, Gemma)
-writes a space as `▁` and may keep a whole piece as one word. When no vocabulary token holds a `▁` after
-another character, no merge can join the text before a `▁` to the `▁`: the word is encoded in segments
-that each start at such a `▁`, as the model would (`sentencepiece_segments`).
-
-One stage does look at the position: a Metaspace pre-tokenizer with `prepend_scheme="first"` prepends
-its `▁` only to the piece at the very start of the text. Pieces elsewhere are pre-tokenized with a copy
-whose scheme is `"never"`, which is what `"first"` does at any other position.
+One step of stage 2 looks at the position: a Metaspace pre-tokenizer with `prepend_scheme="first"` prepends
+its `▁` only to the piece at the very start of the text. A piece elsewhere is encoded by a copy of the
+backend whose scheme is `"never"`, which is what `"first"` does at any other position.
 """
 
 from __future__ import annotations
@@ -38,7 +32,6 @@ from itertools import chain
 from typing import Any
 
 MEMO_LIMIT = 10_000  # distinct recurring pieces kept; template text needs a handful per template
-WORD_MEMO_LIMIT = 500_000  # distinct words kept (tens of MiB at most)
 
 
 def piecewise_blocker(tokenizer: Any) -> str | None:
@@ -55,56 +48,37 @@ def piecewise_blocker(tokenizer: Any) -> str | None:
             return f"added token {token.content!r} strips or checks the text around it"
         if token.normalized:
             return f"added token {token.content!r} is matched after normalization"
-    model = json.loads(backend.to_str())["model"]
-    if model.get("dropout"):
+    if getattr(backend.model, "dropout", None):
         return "BPE dropout makes encoding random"
     return None
 
 
-METASPACE = "\u2581"
+def _never_first(step: dict) -> tuple[dict, bool]:
+    """A pre-tokenizer config with each Metaspace `prepend_scheme: first` made `never`, and whether any was."""
+    if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first":
+        return {**step, "prepend_scheme": "never"}, True
+    if step.get("type") == "Sequence" and "pretokenizers" in step:
+        steps = [_never_first(s) for s in step["pretokenizers"]]
+        return {**step, "pretokenizers": [s for s, _ in steps]}, any(changed for _, changed in steps)
+    return step, False
 
 
-def sentencepiece_segments(backend: Any) -> re.Pattern | None:
-    """Where a word may be cut for the model (module docstring), or None when the vocabulary does not prove it.
-
-    BPE builds every symbol by merges whose results are vocabulary tokens. If no token holds `▁` after another
-    character, no symbol ever spans a boundary before a `▁` that follows another character, so each side is
-    merged as it would be alone. The model options that look at the whole word are excluded: a continuing-subword
-    prefix or end-of-word suffix, dropout, and `ignore_merges` (a whole segment found in the vocabulary).
-    """
-    model = json.loads(backend.to_str())["model"]
-    if model.get("type") != "BPE" or model.get("dropout") or model.get("ignore_merges") \
-            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        return None
-    vocab = backend.get_vocab(with_added_tokens=False)
-    inner = re.compile(f"[^{METASPACE}]{METASPACE}")
-    if METASPACE not in vocab or any(inner.search(token) for token in vocab):
-        return None
-    return re.compile(f"(?<=[^{METASPACE}])(?={METASPACE})")
-
-
-def _rest_pre_tokenizer(backend: Any) -> Any:
-    """The pre-tokenizer as it acts on a piece that does not start the text (module docstring); None if the same."""
-    config = json.loads(backend.to_str())
-    changed = False
-
-    def never(step: dict) -> dict:
-        nonlocal changed
-        if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first":
-            changed = True
-            return {**step, "prepend_scheme": "never"}
-        if step.get("type") == "Sequence" and "pretokenizers" in step:
-            return {**step, "pretokenizers": [never(s) for s in step["pretokenizers"]]}
-        return step
-
-    if config.get("pre_tokenizer") is None:
-        return None
-    config["pre_tokenizer"] = never(config["pre_tokenizer"])
+def rest_backend(backend: Any) -> Any:
+    """The backend as it encodes a piece that does not start the text (module docstring): `backend` itself,
+    or a copy whose Metaspace pre-tokenizers never prepend."""
+    if backend.pre_tokenizer is None:
+        return backend
+    config, changed = _never_first(json.loads(backend.pre_tokenizer.__getstate__()))
     if not changed:
-        return None
+        return backend
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(json.dumps(config)).pre_tokenizer
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.pre_tokenizer = Tokenizer.from_str(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": config, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {}, "unk_token": "<unk>"}})).pre_tokenizer
+    return copy
 
 
 class PromptTokenizer:
@@ -114,26 +88,19 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.blocker = piecewise_blocker(tokenizer)
-        self._memo: dict[str, list[int]] = {}
-        self._word_memo: dict[str, list[int]] = {}
+        self._memo: dict[Any, list[int]] = {}
         if self.blocker is not None:
             return
-        from tokenizers import Tokenizer
-
         backend = tokenizer.backend_tokenizer
-        self._backend = backend
-        self._normalizer = backend.normalizer
-        self._first_pre = backend.pre_tokenizer
-        self._rest_pre = _rest_pre_tokenizer(backend) or self._first_pre
-        self._model = Tokenizer(backend.model)  # the model alone: no added tokens, normalizer or pre-tokenizer
-        self._segments = sentencepiece_segments(backend)
+        self._first = backend
+        self._rest = rest_backend(backend)
         added = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.content}
         self._added_lists = {t: [i] for t, i in added.items()}
         alternatives = sorted(added, key=len, reverse=True)  # at one position the longest wins, as in stage 1
         self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if added else None
 
     def __getstate__(self) -> dict:
-        # The memos are caches: workers and dataset fingerprints need only the tokenizer.
+        # The memo is a cache: workers and dataset fingerprints need only the tokenizer.
         return {"tokenizer": self.tokenizer}
 
     def __setstate__(self, state: dict) -> None:
@@ -151,8 +118,8 @@ class PromptTokenizer:
         # Per-row work stays in C (split, chain, map over one lookup table): Python loops run per distinct piece.
         split, memo = self._split, self._memo
         parts = [split.split(t) if split is not None else [t] for t in texts]  # text, added, text, ..., text
-        if self._rest_pre is not self._first_pre:
-            for pieces in parts:  # a 1-tuple marks the piece that starts the text: it is pre-tokenized as such
+        if self._rest is not self._first:
+            for pieces in parts:  # a 1-tuple marks the piece that starts the text: it is encoded as such
                 if pieces[0]:
                     pieces[0] = (pieces[0],)
         counts = Counter(chain.from_iterable(pieces[::2] for pieces in parts))
@@ -168,27 +135,15 @@ class PromptTokenizer:
         return [list(chain.from_iterable(map(get, pieces))) for pieces in parts]
 
     def _encode_pieces(self, pieces: list) -> dict:
-        """Ids of distinct text pieces: normalized and pre-tokenized by the tokenizer's own components, then
-        each word through the model alone, memoised."""
-        normalizer, first_pre, rest_pre, segments = self._normalizer, self._first_pre, self._rest_pre, self._segments
-        words_of = {}
-        for piece in pieces:
-            text, pre = (piece[0], first_pre) if isinstance(piece, tuple) else (piece, rest_pre)
-            if normalizer is not None:
-                text = normalizer.normalize_str(text)
-            words = [w for w, _ in pre.pre_tokenize_str(text)] if pre is not None else [text]
-            if segments is not None:
-                words = [s for w in words for s in segments.split(w)]
-            words_of[piece] = words
-        word_memo = self._word_memo
-        if len(word_memo) > WORD_MEMO_LIMIT:  # bounded: start over rather than track recency
-            word_memo.clear()
-        new_words = [w for w in set(chain.from_iterable(words_of.values())) if w not in word_memo]
-        if new_words:
-            encoded = self._model.encode_batch_fast(new_words, add_special_tokens=False)
-            word_memo.update(zip(new_words, (e.ids for e in encoded), strict=True))
-        get = word_memo.__getitem__
-        return {piece: list(chain.from_iterable(map(get, words))) for piece, words in words_of.items()}
+        """Ids of distinct text pieces, each encoded alone by the backend (the copy for pieces not at the start)."""
+        first = [p for p in pieces if isinstance(p, tuple)]
+        rest = [p for p in pieces if not isinstance(p, tuple)]
+        ids = {}
+        for backend, group, texts in ((self._first, first, [p[0] for p in first]), (self._rest, rest, rest)):
+            if group:
+                encoded = backend.encode_batch_fast(texts, add_special_tokens=False)
+                ids.update(zip(group, (e.ids for e in encoded), strict=True))
+        return ids
 
 
 def exact_ids_tokenizer(tokenizer):

@@ -15,6 +15,7 @@ template when there is one, and are passed to the template like `transformers` p
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -57,7 +58,7 @@ class ChatTemplate:
     special_tokens: dict[str, str] = field(default_factory=dict)
     added_tokens: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def atomic_tokens(self) -> tuple[str, ...]:
         """Every token the tokenizer keeps whole: the added tokens and the special tokens passed to the template."""
         return tuple(dict.fromkeys((*self.added_tokens, *self.special_tokens.values())))

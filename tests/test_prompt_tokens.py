@@ -19,7 +19,7 @@ def whole(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def encode_in_batches(encoder: PromptTokenizer, texts: list[str], size: int = 250) -> list[list[int]]:
-    """Several batches, so that later ones hit the piece and word memos that earlier ones filled."""
+    """Several batches, so that later ones hit the piece memo that earlier ones filled."""
     return [ids for i in range(0, len(texts), size) for ids in encoder.encode(texts[i:i + size])]
 
 
@@ -32,14 +32,14 @@ def test_piecewise_equals_whole_on_random_text(family):
     tokenizer = build(family)
     encoder = PromptTokenizer(tokenizer)
     assert encoder.blocker is None  # the piecewise path is the one under test
-    # Template-like texts repeat (the piece memo), random ones mix every edge case (the word memo).
+    # Template-like texts repeat (the piece memo), random ones mix every edge case (new pieces).
     texts = random_texts(3000, seed=FAMILIES.index(family), specials=specials_of(tokenizer))
     texts += [f"{s}user\nsame template text{s}assistant\n<think>\n" for s in specials_of(tokenizer)] * 20
     assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
-    assert encoder._memo and encoder._word_memo  # both memos were used, not bypassed
-    # The vocabulary-proven segments are under test where the family is built for them.
-    assert (encoder._segments is not None) == (family in ("metaspace-first", "metaspace-always",
-                                                           "sentencepiece-legacy"))
+    assert encoder._memo  # recurring pieces were memoised, not bypassed
+    # Metaspace "first" families encode pieces after an added token with the "never" copy.
+    assert (encoder._rest is not encoder._first) == (family in ("metaspace-first", "metaspace-first-merging",
+                                                                 "unigram"))
 
 
 def test_metaspace_first_prepends_only_at_the_start_of_the_text():
