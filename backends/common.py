@@ -24,8 +24,8 @@ def load_training_data(section: DataSection, tokenizer):
     rendered file's own ids are replaced), so the model sees exactly the rendered prompt. `section.few_shot`
     puts worked examples before each raw row, as `prefill-kit render --few-shot` does.
     """
-    from prefill_kit.pipeline import as_dataset, render_dataset
-    from prefill_kit.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.pipeline import as_dataset, render_dataset
+    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
 
     path = Path(section.path)
     if not path.exists():
@@ -54,7 +54,7 @@ def write_run_config(run_dir: str | Path, config) -> None:
     """`RUN_DIR/config.yaml`: the config the run used, so a run can be read later (`plot` shows reward weights)."""
     import yaml
 
-    from prefill_kit.io import atomic_output
+    from prefill_kit.data.io import atomic_output
 
     with atomic_output(Path(run_dir) / "config.yaml") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
@@ -77,7 +77,7 @@ def with_question_column(raw, rendered, fmt: str):
     It lets a completion log show what was asked. A `question` column the data passes through is kept as is.
     `rendered` must hold one row per `raw` row (rendering fails on a bad row rather than skip it).
     """
-    from prefill_kit.formats import detect_format, to_conversation
+    from prefill_kit.data.formats import detect_format, to_conversation
 
     if "question" in rendered.column_names:
         return rendered
@@ -90,7 +90,7 @@ def few_shot_examples(section: DataSection):
     """The `data.few_shot` examples, loaded and checked against `data.prefix`; None when not configured."""
     if section.few_shot is None:
         return None
-    from prefill_kit.few_shot import load_few_shot
+    from prefill_kit.prompts.few_shot import load_few_shot
 
     f = section.few_shot
     return load_few_shot(f.path, shots=f.shots, seed=f.seed, mode=f.mode, prefix=section.prefix)
@@ -151,7 +151,7 @@ def eval_metrics(scores: list[list[float | None]], names: list[str], weights: li
     None-aware as the training metrics are: a reward's mean skips its None scores, and the total of a
     completion is the weighted sum of the scores it has (None, and skipped, when every reward returned None).
     """
-    from prefill_kit.completion_log import weighted_total
+    from prefill_kit.runs.completion_log import weighted_total
 
     def mean(values: list[float | None]) -> float | None:
         present = [v for v in values if v is not None]

@@ -14,9 +14,9 @@ TRL 1.16 has three traps for prefilled prompts, each closed here:
 The loss mask is TRL's completion mask: generated tokens only. The prefix is part of the prompt ids,
 never of `completion_ids`.
 
-Like the built-in backend, it writes completions.jsonl (`prefill_kit.completion_log`) and warns when truncation
-or zero reward spread persists (`prefill_kit.run_health`); see `CompletionRecorder` for how. Metrics go to
-metrics.jsonl and to prefill-kit's trackers (`prefill_kit.trackers`) under the built-in backend's names, so
+Like the built-in backend, it writes completions.jsonl (`prefill_kit.runs.completion_log`) and warns when truncation
+or zero reward spread persists (`prefill_kit.runs.run_health`); see `CompletionRecorder` for how. Metrics go to
+metrics.jsonl and to prefill-kit's trackers (`prefill_kit.runs.trackers`) under the built-in backend's names, so
 TRL's own `report_to` stays "none". Evaluation is TRL's (`eval_dataset`, `eval_steps`, `num_generations_eval`);
 its logged means are per batch, so `eval/reward` and `eval/rewards/<name>` are computed here over every eval
 completion, from what the rewards returned.
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from prefill_kit.config import TrainingConfig
+from prefill_kit.data.io import keep_rows_through_step
 from prefill_kit.errors import ConfigError, PrefillKitError
-from prefill_kit.io import keep_rows_through_step
-from prefill_kit.prompt_tokens import exact_ids_tokenizer
-from prefill_kit.trackers import run_name
+from prefill_kit.prompts.prompt_tokens import exact_ids_tokenizer
+from prefill_kit.runs.trackers import run_name
 
 # TRL log key -> the metric name both backends write to metrics.jsonl.
 METRIC_NAMES = {
@@ -209,7 +209,7 @@ class CompletionRecorder:
 
     def rows(self, *, step: int, advantages: list[float], weights: list[float], eos_ids: set[int]) -> list[dict]:
         """The completions.jsonl rows of the latest rollout on this process."""
-        from prefill_kit.completion_log import completion_rows, weighted_total
+        from prefill_kit.runs.completion_log import completion_rows, weighted_total
 
         call, names = self.call, list(self.scores)
         ids = [list(i) for i in call["completion_ids"]]
@@ -254,8 +254,8 @@ def _trainer_class():
     from trl import GRPOTrainer
 
     from prefill_kit.backends.common import eval_metrics
-    from prefill_kit.completion_log import gather_rows
-    from prefill_kit.run_health import zero_spread_share
+    from prefill_kit.runs.completion_log import gather_rows
+    from prefill_kit.runs.run_health import zero_spread_share
 
     class _BarOnly(ProgressCallback):
         """TRL's progress bar without its `on_log`, which prints every step's metrics dict on stdout; they are in
@@ -351,7 +351,7 @@ def _resume_step(checkpoint: str | None) -> int:
 def _metrics_callback(path: Path, reward_names: list[str], trackers: list, tracker_config: dict[str, Any]):
     from transformers import TrainerCallback
 
-    from prefill_kit.trackers import tracker_values
+    from prefill_kit.runs.trackers import tracker_values
 
     class MetricsWriter(TrainerCallback):
         """Appends TRL's logs to metrics.jsonl under the names the built-in backend uses, and sends the same
@@ -433,11 +433,11 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         load_training_data,
         write_run_config,
     )
-    from prefill_kit.completion_log import CompletionLog, check_reward_names
-    from prefill_kit.run_checks import check_paths, resolve_rewards
-    from prefill_kit.run_dir import claim_run_dir
-    from prefill_kit.run_health import HealthMonitor
-    from prefill_kit.trackers import check_trackers, flat_config, make_trackers
+    from prefill_kit.runs.completion_log import CompletionLog, check_reward_names
+    from prefill_kit.runs.run_checks import check_paths, resolve_rewards
+    from prefill_kit.runs.run_dir import claim_run_dir
+    from prefill_kit.runs.run_health import HealthMonitor
+    from prefill_kit.runs.trackers import check_trackers, flat_config, make_trackers
 
     # ---- fail on what can be checked before any model is loaded
     trl_extra_kwargs(config)

@@ -88,7 +88,7 @@ def peak_rss_of_cli(rows: list[dict], n: int, tokenizer_dir: Path, num_proc: int
 def cold_memo(tokenizer) -> None:
     """The piece memo on text it has never seen (each GSM8K answer and MATH-500 problem and solution once),
     so that the figures above, on repeated questions, are not read as a cache's best case only."""
-    from prefill_kit.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
 
     texts = []
     for name in ("gsm8k", "math500"):
@@ -113,7 +113,7 @@ TOKENIZERS = {"Qwen2.5": "qwen2.5-instruct-DERIVED", "Mistral-7B-v0.3": "mistral
 
 def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
     """Baselines, floor and prefill-kit on one tokenizer (its own chat template); outputs asserted identical."""
-    from prefill_kit.pipeline import render_dataset
+    from prefill_kit.prompts.pipeline import render_dataset
 
     print(f"\n== {name}: {args.rows:,} rows, GSM8K questions, prefix {PREFIX!r}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews the process figures)")
@@ -152,8 +152,8 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
 
 def tokenization_stage(name: str, tokenizer, texts: list[str], expected: list[list[int]]) -> None:
     """The exact ids path alone, in the pipeline's slices, against whole-prompt encoding of the same texts."""
-    from prefill_kit.pipeline import BatchRenderer
-    from prefill_kit.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.pipeline import BatchRenderer
+    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
 
     start = time.perf_counter()
     tokenizer(texts, add_special_tokens=False)

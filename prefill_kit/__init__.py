@@ -9,11 +9,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "render_prompt": "prefill_kit.render",
-    "RenderedPrompt": "prefill_kit.render",
-    "decode_escapes": "prefill_kit.render",
-    "render_dataset": "prefill_kit.pipeline",
-    "exact_ids_tokenizer": "prefill_kit.prompt_tokens",
+    "render_prompt": "prefill_kit.prompts.render",
+    "RenderedPrompt": "prefill_kit.prompts.render",
+    "decode_escapes": "prefill_kit.prompts.render",
+    "render_dataset": "prefill_kit.prompts.pipeline",
+    "exact_ids_tokenizer": "prefill_kit.prompts.prompt_tokens",
     "load_template": "prefill_kit.templates",
     "ChatTemplate": "prefill_kit.templates",
     "available_templates": "prefill_kit.templates",

@@ -99,7 +99,7 @@ from typing import Any, Literal
 from prefill_kit.errors import ConfigError
 
 BACKENDS = ("builtin", "trl")
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # output.report_to; see prefill_kit.trackers
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # output.report_to; see prefill_kit.runs.trackers
 REQUIRED = object()  # marks a field with no default; dataclasses need a default to keep the order free
 
 
@@ -285,7 +285,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 
     import yaml
 
-    from prefill_kit.render import decode_escapes
+    from prefill_kit.prompts.render import decode_escapes
 
     out = copy.deepcopy(raw)
     for item in overrides:
@@ -335,7 +335,7 @@ def config_from_dict(raw: dict[str, Any]) -> TrainingConfig:
 
 
 def _check_report_to(report_to: list) -> None:
-    """Names only; whether each tracker's package is installed is `prefill_kit.trackers.check_trackers`."""
+    """Names only; whether each tracker's package is installed is `prefill_kit.runs.trackers.check_trackers`."""
     for i, name in enumerate(report_to):
         if name not in TRACKERS:
             raise ConfigError(f"output.report_to[{i}]: unknown tracker {_show(name)}; known: {', '.join(TRACKERS)}")

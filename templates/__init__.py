@@ -25,7 +25,7 @@ from typing import Any
 import jinja2
 
 from prefill_kit.errors import TemplateError, TemplateSecurityError
-from prefill_kit.sandbox import compile_template
+from prefill_kit.templates.sandbox import compile_template
 
 # Names a message's reasoning may arrive under; transformers copies it to `reasoning_content` (what
 # templates read) and to `thinking` (gpt-oss), so templates see it whichever name the data used.

@@ -7,7 +7,9 @@ import logging
 
 import pytest
 
-from prefill_kit.completion_log import (
+from prefill_kit.config import config_from_dict
+from prefill_kit.errors import ConfigError
+from prefill_kit.runs.completion_log import (
     COMPLETIONS_FILE,
     CompletionLog,
     bounded,
@@ -16,9 +18,7 @@ from prefill_kit.completion_log import (
     is_due,
     weighted_total,
 )
-from prefill_kit.config import config_from_dict
-from prefill_kit.errors import ConfigError
-from prefill_kit.run_health import HealthMonitor, zero_spread_share
+from prefill_kit.runs.run_health import HealthMonitor, zero_spread_share
 from tests.conftest import REPO
 
 PREFIX = "<think>\n"
@@ -82,7 +82,7 @@ def test_zero_spread_share_counts_groups_whose_totals_do_not_vary():
 def test_health_monitor_warns_once_after_the_window(caplog):
     monitor = HealthMonitor(window=2, max_completion_length=16)
     issued = []
-    with caplog.at_level(logging.WARNING, logger="prefill_kit.run_health"):
+    with caplog.at_level(logging.WARNING, logger="prefill_kit.runs.run_health"):
         for step, truncated in enumerate([0.9, 0.1, 0.9, 0.9, 0.9, 1.0], start=1):
             issued += monitor.update(step, truncated, 0.0)
     assert len(issued) == 1 and issued[0].startswith("step 4: 90% of completions truncated: raise "
@@ -103,7 +103,7 @@ def test_cli_prints_library_warnings_with_tqdm_write_above_the_bar(monkeypatch):
     written = []
     monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, end="\n", nolock=False: written.append(s)))
     with _warnings_above_progress_bars():
-        logging.getLogger("prefill_kit.run_health").warning("step 3: 90% of completions truncated")
+        logging.getLogger("prefill_kit.runs.run_health").warning("step 3: 90% of completions truncated")
     assert written == ["step 3: 90% of completions truncated"]
 
 
@@ -131,11 +131,11 @@ def logged_runs(tiny_model_dir, tmp_path_factory):
     for backend, train in (("builtin", builtin.train), ("trl", trl.train)):
         run_dir = tmp_path_factory.mktemp(backend)
         handler = _Collect()
-        logging.getLogger("prefill_kit.run_health").addHandler(handler)
+        logging.getLogger("prefill_kit.runs.run_health").addHandler(handler)
         try:
             train(tiny_config(tiny_model_dir, run_dir, backend))
         finally:
-            logging.getLogger("prefill_kit.run_health").removeHandler(handler)
+            logging.getLogger("prefill_kit.runs.run_health").removeHandler(handler)
         rows = [json.loads(line) for line in (run_dir / COMPLETIONS_FILE).read_text().splitlines()]
         out[backend] = rows, handler.messages
     return out

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.few_shot import (
+from prefill_kit.prompts.few_shot import (
     Example,
     FewShot,
     answer_format_problem,
@@ -18,8 +18,8 @@ from prefill_kit.few_shot import (
     opened_block,
     with_examples,
 )
-from prefill_kit.pipeline import RenderOptions
-from prefill_kit.render_file import render_file
+from prefill_kit.prompts.pipeline import RenderOptions
+from prefill_kit.prompts.render_file import render_file
 from prefill_kit.templates import ChatTemplate, load_template
 from tests.conftest import REFERENCE_ABSENT, REPO, SHARED_REFERENCE
 from tests.test_cli_render import read_jsonl, run_cli
@@ -115,7 +115,7 @@ def test_bad_example_files_are_clear_errors(tmp_path):
     broken.write_text('{"question": "Q?", "answer": "A"}\n{oops\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"e\.jsonl:2: few-shot example: invalid JSON"):
         load_few_shot(broken, shots=1)
-    with pytest.raises(ConfigError, match="few_shot: expected prefill_kit.few_shot.load_few_shot"):
+    with pytest.raises(ConfigError, match="few_shot: expected prefill_kit.prompts.few_shot.load_few_shot"):
         RenderOptions(load_template("chatml"), few_shot=str(tmp_path / "c.jsonl"))
 
 
@@ -233,7 +233,7 @@ def test_the_same_examples_with_any_num_proc_and_batch_size(tmp_path, shots_file
 def test_the_same_examples_through_render_dataset_with_processes(shots_file, data_file, chatml):
     import datasets
 
-    from prefill_kit.pipeline import render_dataset
+    from prefill_kit.prompts.pipeline import render_dataset
 
     few = load_few_shot(shots_file, shots=3, seed=7, prefix=PREFIX)
     data = datasets.load_dataset("json", data_files=data_file, split="train")
@@ -281,7 +281,7 @@ def test_over_long_rows_get_fewer_shots_before_they_are_rejected(tmp_path, shots
 
 
 def render_one(template, tokenizer, few, row, shots: int) -> int:
-    from prefill_kit.pipeline import render_row
+    from prefill_kit.prompts.pipeline import render_row
 
     index = int(row["solution"])
     rendered = render_row({"messages": [{"role": "user", "content": f"Row {index}?"}]},

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from prefill_kit.data.formats import FORMATS, detect_format, rename_columns, to_conversation, validate_messages
 from prefill_kit.errors import DataError
-from prefill_kit.formats import FORMATS, detect_format, rename_columns, to_conversation, validate_messages
 
 USER = {"role": "user", "content": "What is 6*7?"}
 SYSTEM = {"role": "system", "content": "Be brief."}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prefill_kit.io import atomic_output, keep_rows_through_step
+from prefill_kit.data.io import atomic_output, keep_rows_through_step
 
 
 def test_keep_rows_through_step(tmp_path):

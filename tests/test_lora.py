@@ -215,7 +215,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_kind(tiny_model_dir, data_file
 def test_preflight_samples_with_the_lora_model(tiny_model_dir, data_file, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    from prefill_kit import preflight
+    from prefill_kit.runs import preflight
 
     seen = []
     original = preflight._generate

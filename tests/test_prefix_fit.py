@@ -7,8 +7,8 @@ import json
 import pytest
 
 from prefill_kit.config import config_from_dict
-from prefill_kit.prefix_fit import prefix_length_problem, solution_format_problems
 from prefill_kit.rewards import WeightedReward, parse_reward_spec
+from prefill_kit.runs.prefix_fit import prefix_length_problem, solution_format_problems
 from tests.conftest import REPO
 
 PREFIX = "<think>\n"
@@ -50,7 +50,7 @@ def test_whole_response_solutions_in_another_block_or_format_are_reported():
 @pytest.mark.usefixtures("one_torch_thread")
 def test_preflight_reports_the_examples_format_reward_and_the_fit_warnings(tiny_model_dir, tmp_path, capsys):
     from prefill_kit.cli import main
-    from prefill_kit.preflight import run_preflight
+    from prefill_kit.runs.preflight import run_preflight
 
     shots = tmp_path / "shots.jsonl"  # they close </think> (the render check) but never write <answer> tags
     shots.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"<think>\n{i}\n</think>\n{i}"}) + "\n"
@@ -80,7 +80,7 @@ def test_preflight_reports_the_examples_format_reward_and_the_fit_warnings(tiny_
 
 
 def test_preflight_on_the_shipped_examples_finds_them_in_format(tiny_model_dir):
-    from prefill_kit.preflight import run_preflight
+    from prefill_kit.runs.preflight import run_preflight
 
     raw = {"model": {"path": str(tiny_model_dir)},
            "data": {"path": str(REPO / "examples" / "math_tiny.jsonl"), "prefix": PREFIX,

@@ -8,8 +8,8 @@ import yaml
 from prefill_kit.cli import main
 from prefill_kit.config import config_from_dict
 from prefill_kit.errors import ConfigError
-from prefill_kit.preflight import prefix_tokens, run_preflight
 from prefill_kit.rewards import WeightedReward
+from prefill_kit.runs.preflight import prefix_tokens, run_preflight
 from tests.conftest import REPO
 
 PREFIX = "<think>\n"

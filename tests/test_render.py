@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from prefill_kit.errors import DataError, TemplateError
-from prefill_kit.render import decode_escapes, prefix_overlap, render_prompt
+from prefill_kit.prompts.render import decode_escapes, prefix_overlap, render_prompt
 from prefill_kit.templates import ChatTemplate, load_template
 
 HEAD = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from prefill_kit.errors import DataError
-from prefill_kit.pipeline import RenderOptions, render_dataset
-from prefill_kit.render_file import render_file
+from prefill_kit.prompts.pipeline import RenderOptions, render_dataset
+from prefill_kit.prompts.render_file import render_file
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}]}
 BAD = {"messages": [{"role": "robot", "content": "x"}]}

@@ -40,7 +40,7 @@ def test_each_limit_is_a_security_error_naming_the_template(source, message):
 
 
 def test_render_time_of_one_row_is_bounded(monkeypatch):
-    from prefill_kit import sandbox
+    from prefill_kit.templates import sandbox
 
     monkeypatch.setattr(sandbox.LIMITS, "max_seconds", 0.2)
     slow = ("{% for i in range(100000) %}{% for j in range(9) %}{{ ('x' * 1000).upper()|length }}{% endfor %}"
@@ -64,8 +64,8 @@ def test_a_render_limit_stops_the_file_render_even_when_skipping_rows(tmp_path, 
     """The template, not a row, is at fault: --on-error skip does not turn it into rejects."""
     import json
 
-    from prefill_kit.pipeline import RenderOptions
-    from prefill_kit.render_file import render_file
+    from prefill_kit.prompts.pipeline import RenderOptions
+    from prefill_kit.prompts.render_file import render_file
 
     (tmp_path / "in.jsonl").write_text(json.dumps({"messages": MESSAGES}) + "\n", encoding="utf-8")
     options = RenderOptions(ChatTemplate("{{ 'x' * 300000000 }}", "hostile.jinja"), on_error="skip")

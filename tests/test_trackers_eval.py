@@ -126,7 +126,7 @@ def test_a_missing_tracker_package_fails_before_loading_naming_it(backend, tmp_p
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_preflight_names_a_missing_tracker_package(backend, tmp_path, monkeypatch):
-    from prefill_kit.preflight import check_backend_options
+    from prefill_kit.runs.preflight import check_backend_options
 
     monkeypatch.setitem(sys.modules, "trackio", None)
     config = config_from_dict(raw_config("m", tmp_path, output={"report_to": ["trackio"]}))

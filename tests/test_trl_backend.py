@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from prefill_kit.backends.trl import check_prompt_ids, exact_ids_tokenizer, grpo_config_kwargs
 from prefill_kit.config import config_from_dict
 from prefill_kit.errors import PrefillKitError
-from prefill_kit.render import render_prompt
+from prefill_kit.prompts.render import render_prompt
 from prefill_kit.templates import load_template
 
 USER = [{"role": "user", "content": "What is 2+2?"}]

@@ -14,7 +14,7 @@ import yaml
 
 from prefill_kit.errors import ConfigError, DataError
 from prefill_kit.integrations.verl_export import _omegaconf_literal, export_verl, template_with_suffix
-from prefill_kit.pipeline import RenderOptions, render_dataset
+from prefill_kit.prompts.pipeline import RenderOptions, render_dataset
 from prefill_kit.templates import ChatTemplate, load_template
 from tests.conftest import REPO
 

@@ -43,13 +43,13 @@ from prefill_kit.backends.common import (
     load_training_data,
     write_run_config,
 )
-from prefill_kit.completion_log import CompletionLog, completion_rows, gather_rows
 from prefill_kit.config import GRPOSection, TrainingConfig
-from prefill_kit.io import keep_rows_through_step
-from prefill_kit.run_checks import check_paths, resolve_rewards
-from prefill_kit.run_dir import claim_run_dir
-from prefill_kit.run_health import HealthMonitor
-from prefill_kit.trackers import flat_config, make_trackers, tracker_values
+from prefill_kit.data.io import keep_rows_through_step
+from prefill_kit.runs.completion_log import CompletionLog, completion_rows, gather_rows
+from prefill_kit.runs.run_checks import check_paths, resolve_rewards
+from prefill_kit.runs.run_dir import claim_run_dir
+from prefill_kit.runs.run_health import HealthMonitor
+from prefill_kit.runs.trackers import flat_config, make_trackers, tracker_values
 
 METRICS_FILE = "metrics.jsonl"
 # Loss metrics that only some loss types have: None in the rows of the others (TRL's metrics.jsonl does the same).
@@ -80,7 +80,7 @@ class RolloutRecord:
     solutions: list[Any] | None = None
 
     def rows(self) -> list[dict[str, Any]]:
-        """The completions.jsonl rows of this rollout (see `prefill_kit.completion_log`)."""
+        """The completions.jsonl rows of this rollout (see `prefill_kit.runs.completion_log`)."""
         return completion_rows(step=self.step, prompt_indices=self.prompt_indices, prefixes=self.prefixes,
                                completions=self.completions, completion_lengths=self.completion_lengths,
                                truncated=self.truncated, rewards=self.rewards, reward=self.reward,

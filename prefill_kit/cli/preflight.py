@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.extras import require_train
 
     require_train("prefill-kit preflight", ("torch", "accelerate", "trl"))
-    from prefill_kit.preflight import run_preflight
+    from prefill_kit.runs.preflight import run_preflight
 
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     config = load_config(args.config, overrides)  # config errors come here, before any model is loaded
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 def format_report(report, *, color: bool = False) -> str:
     """The report as text: facts first, then samples, then the verdict with its advice."""
-    from prefill_kit.inspect_view import format_rows, show
-    from prefill_kit.run_health import percent
+    from prefill_kit.runs.inspect_view import format_rows, show
+    from prefill_kit.runs.run_health import percent
 
     r = report
     low, mean, high = r.prompt_tokens

@@ -84,8 +84,8 @@ def _json_object(text: str, flag: str) -> dict:
 def render_options(args: argparse.Namespace):
     """RenderOptions from the options `add_render_options` added (and `--continue-final` where present)."""
     from prefill_kit.errors import ConfigError
-    from prefill_kit.pipeline import RenderOptions, load_tokenizer, resolve_template
-    from prefill_kit.render import decode_escapes
+    from prefill_kit.prompts.pipeline import RenderOptions, load_tokenizer, resolve_template
+    from prefill_kit.prompts.render import decode_escapes
 
     template_kwargs = _json_object(args.template_kwargs, "--template-kwargs")
     columns = _json_object(args.columns, "--columns")
@@ -107,7 +107,7 @@ def render_options(args: argparse.Namespace):
             raise ConfigError(f"{given[0]}: give the examples with --few-shot FILE")
     few_shot = None
     if few_shot_file is not None:
-        from prefill_kit.few_shot import load_few_shot
+        from prefill_kit.prompts.few_shot import load_few_shot
 
         few_shot = load_few_shot(few_shot_file, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
                                  mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
@@ -148,14 +148,14 @@ def progress_bar(args: argparse.Namespace):
         return None
     from tqdm import tqdm
 
-    from prefill_kit.readers import count_rows
+    from prefill_kit.data.readers import count_rows
 
     return tqdm(total=count_rows(args.input), unit=" rows", file=sys.stderr, dynamic_ncols=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from prefill_kit.errors import PrefillKitError
-    from prefill_kit.render_file import render_file
+    from prefill_kit.prompts.render_file import render_file
 
     options = render_options(args)
     output = args.output or default_output(args.input, args.output_format)

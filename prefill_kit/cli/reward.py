@@ -28,8 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def read_rows(path: str) -> tuple[list[int], list[dict[str, Any]]]:
     """The 1-based line of each row of INPUT, and the rows; a row without a usable `completion` is an error
     naming its line. Lines, not row counts, name rows here as in `render`, so blank lines do not shift them."""
+    from prefill_kit.data.io import iter_jsonl
     from prefill_kit.errors import DataError
-    from prefill_kit.io import iter_jsonl
 
     lines, rows = [], []
     for line, row in iter_jsonl(path):
@@ -88,7 +88,7 @@ def _plot(scores: dict[str, list[float | None]], labels: dict[str, str], path: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prefill_kit.io import atomic_output
+    from prefill_kit.data.io import atomic_output
 
     fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.2), squeeze=False, constrained_layout=True)
     for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
@@ -109,9 +109,9 @@ def _plot(scores: dict[str, list[float | None]], labels: dict[str, str], path: s
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from prefill_kit.data.io import atomic_output
     from prefill_kit.errors import ConfigError
-    from prefill_kit.io import atomic_output
-    from prefill_kit.render import decode_escapes
+    from prefill_kit.prompts.render import decode_escapes
     from prefill_kit.rewards import parse_reward_spec
     from prefill_kit.rewards.response import completion_text
 

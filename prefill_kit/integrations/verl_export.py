@@ -11,7 +11,7 @@ export writes:
 - `verl_overrides.yaml`: the config that points verl at both and at `prefill_kit.integrations.verl`'s
   `compute_score`.
 
-Each row is rendered by `prefill_kit.pipeline` as `prefill-kit render` does, and the written template is
+Each row is rendered by `prefill_kit.prompts.pipeline` as `prefill-kit render` does, and the written template is
 checked against every rendered prompt: a row it would render differently is an error, never a silent drift.
 """
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.formats import rename_columns, to_conversation
+from prefill_kit.data.io import atomic_directory, atomic_output
+from prefill_kit.data.readers import DEFAULT_BATCH_SIZE, Record, chunk_columns, chunk_records, iter_chunks
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.formats import rename_columns, to_conversation
-from prefill_kit.io import atomic_directory, atomic_output
-from prefill_kit.pipeline import BatchRenderer, RenderOptions, detect
-from prefill_kit.readers import DEFAULT_BATCH_SIZE, Record, chunk_columns, chunk_records, iter_chunks
+from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, detect
 from prefill_kit.templates import ChatTemplate
 
 DATA_FILE = "train.parquet"

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.io import atomic_directory, atomic_output, dump_json_line
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.io import atomic_directory, atomic_output, dump_json_line
-from prefill_kit.pipeline import to_columns
+from prefill_kit.prompts.pipeline import to_columns
 
 OUTPUT_FORMATS = ("jsonl", "parquet", "hf")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", "": "hf"}

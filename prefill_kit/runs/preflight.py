@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError, PrefillKitError
-from prefill_kit.run_health import THRESHOLD, percent, truncation_advice, zero_spread_advice, zero_spread_share
+from prefill_kit.runs.run_health import THRESHOLD, percent, truncation_advice, zero_spread_advice, zero_spread_share
 
 BOUNDARY_ROWS = 1000  # rows whose prefix boundary is audited (a template merges the same way on every row)
 TRUNCATION_NOTICE = 0.25  # a truncation rate worth a (non-blocking) warning
@@ -82,7 +82,7 @@ class PreflightReport:
 
 def check_backend_options(config: TrainingConfig, backend: str) -> None:
     """Raise ConfigError for an option `backend` does not support, as training would, before any model loads."""
-    from prefill_kit.trackers import check_trackers
+    from prefill_kit.runs.trackers import check_trackers
 
     check_trackers(config.output.report_to)
     if backend == "builtin":
@@ -121,8 +121,8 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config
     from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
     from prefill_kit.backends.common import eos_token_ids, few_shot_examples, load_training_data
-    from prefill_kit.completion_log import check_reward_names, completion_rows
-    from prefill_kit.run_checks import check_paths, resolve_rewards
+    from prefill_kit.runs.completion_log import check_reward_names, completion_rows
+    from prefill_kit.runs.run_checks import check_paths, resolve_rewards
 
     backend = backend or config.backend
     check_backend_options(config, backend)
@@ -207,7 +207,7 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
 
 def _few_shot_format(few_shot, rewards) -> dict[str, float]:
     """Each configured format reward's mean over the few-shot examples' answers, scored as whole responses."""
-    from prefill_kit.prefix_fit import format_rewards
+    from prefill_kit.runs.prefix_fit import format_rewards
 
     if few_shot is None:
         return {}
@@ -218,7 +218,7 @@ def _few_shot_format(few_shot, rewards) -> dict[str, float]:
 def _fit_problems(tokenizer, checked, rewards, max_completion_length: int,
                   few_shot_format: dict[str, float]) -> list[Problem]:
     """Does the prefix fit the data: its length, the solutions' format, and the few-shot examples' format."""
-    from prefill_kit.prefix_fit import prefix_length_problem, solution_format_problems
+    from prefill_kit.runs.prefix_fit import prefix_length_problem, solution_format_problems
 
     out: list[Problem] = []
     for name, mean in few_shot_format.items():
@@ -280,7 +280,7 @@ def prefix_tokens(tokenizer, prompt_ids: Sequence[int], prefix: str) -> list[str
 
 
 def _boundary_merges(tokenizer, dataset):
-    from prefill_kit.prompt_tokens import PromptTokenizer, boundary_merges, describe_merge
+    from prefill_kit.prompts.prompt_tokens import PromptTokenizer, boundary_merges, describe_merge
 
     merged = boundary_merges(PromptTokenizer(tokenizer), list(dataset["prompt"]), list(dataset["prefix"]),
                              [list(i) for i in dataset["prompt_ids"]])

@@ -5,7 +5,7 @@ The two usual reasons for "the loss is 0 and nothing learns":
   tags or state an answer and every reward that needs one is 0;
 - every completion of a prompt scores the same (zero reward spread), so every group-relative advantage is 0.
 Preflight reports both before a run; during a run `HealthMonitor` warns once when either stays above
-`THRESHOLD` for `output.logging_steps` steps in a row. Warnings go to the `prefill_kit.run_health` logger, so
+`THRESHOLD` for `output.logging_steps` steps in a row. Warnings go to the `prefill_kit.runs.run_health` logger, so
 the caller (the CLI, a notebook, a test) decides how to show them; unconfigured, Python prints them to stderr.
 """
 

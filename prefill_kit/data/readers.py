@@ -20,8 +20,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.io import parse_json_line
 from prefill_kit.errors import DataError
-from prefill_kit.io import parse_json_line
 
 SHARD_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                   ".csv": "csv", ".arrow": "arrow"}

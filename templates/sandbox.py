@@ -47,7 +47,7 @@ LIMITS = SandboxLimits()
 
 
 def _exceeded(what: str) -> jinja2.exceptions.SecurityError:
-    return jinja2.exceptions.SecurityError(f"render limit: {what} (see prefill_kit.sandbox.LIMITS)")
+    return jinja2.exceptions.SecurityError(f"render limit: {what} (see prefill_kit.templates.sandbox.LIMITS)")
 
 
 @dataclass

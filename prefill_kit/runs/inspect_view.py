@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefill_kit.completion_log import COMPLETIONS_FILE, CONTEXT_COLUMNS, FIXED_COLUMNS
 from prefill_kit.errors import DataError
+from prefill_kit.runs.completion_log import COMPLETIONS_FILE, CONTEXT_COLUMNS, FIXED_COLUMNS
 from prefill_kit.wording import count
 
 TOTAL = "reward"
@@ -24,7 +24,7 @@ MARKS = ("«", "»")  # around the prefix in plain text
 
 def load_completions(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's completions.jsonl (`path` is the run directory or the file itself)."""
-    from prefill_kit.io import iter_jsonl
+    from prefill_kit.data.io import iter_jsonl
 
     path = Path(path)
     file = path / COMPLETIONS_FILE if path.is_dir() else path
@@ -164,7 +164,7 @@ def render_html(rows: list[dict[str, Any]], names: list[str] | None = None, *, t
 
 
 def write_html(path: str | Path, rows: list[dict[str, Any]], *, title: str) -> Path:
-    from prefill_kit.io import atomic_output
+    from prefill_kit.data.io import atomic_output
 
     with atomic_output(path) as f:
         f.write(render_html(rows, title=title))

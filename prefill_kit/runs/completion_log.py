@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.io import keep_rows_through_step
 from prefill_kit.errors import ConfigError
-from prefill_kit.io import keep_rows_through_step
 
 COMPLETIONS_FILE = "completions.jsonl"
 LEADING_COLUMNS = ("step", "prompt_index", "prefix", "completion", "completion_length", "truncated")

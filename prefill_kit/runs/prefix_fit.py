@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prefill_kit.few_shot import opened_block
+from prefill_kit.prompts.few_shot import opened_block
 from prefill_kit.rewards.format import FormatReward, TagCountReward, ThinkFormatReward
 
 PREFIX_SHARE = 0.25  # the most of max_completion_length the prefix should take, in tokens

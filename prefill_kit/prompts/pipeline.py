@@ -1,7 +1,7 @@
 """Render whole datasets: rows in, rendered rows (prompt, prefix, passthrough columns) out.
 
 `BatchRenderer` is the one place a batch of located input rows becomes output rows and rejects;
-the file pipeline (`prefill_kit.render_file`) and `render_dataset` (HF datasets) both use it.
+the file pipeline (`prefill_kit.prompts.render_file`) and `render_dataset` (HF datasets) both use it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from prefill_kit.data.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
+from prefill_kit.data.readers import Record
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
-from prefill_kit.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
 from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
-from prefill_kit.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
-from prefill_kit.readers import Record
-from prefill_kit.render import assistant_opening, render_prompt
+from prefill_kit.prompts.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
+from prefill_kit.prompts.render import assistant_opening, render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
 
 if TYPE_CHECKING:
-    from prefill_kit.few_shot import FewShot
+    from prefill_kit.prompts.few_shot import FewShot
 
 ON_ERROR = ("fail", "skip")
 ID_COLUMNS = ("prompt_ids", "num_prompt_tokens")
@@ -66,10 +66,10 @@ class RenderOptions:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"max_prompt_tokens: expected a positive integer, got {self.max_prompt_tokens}")
         if self.few_shot is not None:
-            from prefill_kit.few_shot import FewShot
+            from prefill_kit.prompts.few_shot import FewShot
 
             if not isinstance(self.few_shot, FewShot):
-                raise ConfigError("few_shot: expected prefill_kit.few_shot.load_few_shot(...), got "
+                raise ConfigError("few_shot: expected prefill_kit.prompts.few_shot.load_few_shot(...), got "
                                   f"{type(self.few_shot).__name__}")
 
 
@@ -133,7 +133,7 @@ def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int
         raise DataError(f"expected a string, got {type(prefix).__name__}", field="prefix")
     messages, examples, chosen = conversation.messages, [], None
     if options.few_shot is not None:
-        from prefill_kit import few_shot
+        from prefill_kit.prompts import few_shot
 
         if index is None:
             raise ConfigError("few-shot examples are chosen by row index, and this row has none")
@@ -362,12 +362,12 @@ def as_dataset(data):
 
     if isinstance(data, datasets.Dataset | datasets.IterableDataset):
         return data
-    from prefill_kit.readers import resolve_inputs
+    from prefill_kit.data.readers import resolve_inputs
 
     inputs = resolve_inputs(data)
     kinds = {kind for _, kind in inputs}
     if kinds == {"hf"} and len(inputs) == 1:
-        from prefill_kit.readers import _load_from_disk
+        from prefill_kit.data.readers import _load_from_disk
 
         return _load_from_disk(inputs[0][0])
     builder = {"jsonl": "json", "json": "json"}.get(next(iter(kinds)), next(iter(kinds)))
@@ -377,7 +377,7 @@ def as_dataset(data):
         return datasets.load_dataset(builder, data_files=[str(p) for p, _ in inputs], split="train")
     except Exception as exc:  # datasets wraps parser errors in many types; name the input
         if builder == "json" and kinds == {"jsonl"}:
-            from prefill_kit.readers import first_unreadable_line
+            from prefill_kit.data.readers import first_unreadable_line
 
             for path, _ in inputs:  # the located error (line, column in the line), not pyarrow's "row 1"
                 if (located := first_unreadable_line(path)) is not None:
@@ -396,8 +396,8 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
     non-conversation column, `solution` and, with a tokenizer, `prompt_ids` and `num_prompt_tokens`;
     for `GRPOTrainer(train_dataset=...)` pass `prefill_kit.exact_ids_tokenizer(tokenizer)` as its
     `processing_class`, or TRL adds a second BOS on BOS-adding tokenizers. Bad rows raise DataError naming the row,
-    or with `on_error="skip"` are dropped and logged (logger `prefill_kit.pipeline`).
-    `few_shot` (`prefill_kit.few_shot.load_few_shot`) puts worked examples before each row and adds
+    or with `on_error="skip"` are dropped and logged (logger `prefill_kit.prompts.pipeline`).
+    `few_shot` (`prefill_kit.prompts.few_shot.load_few_shot`) puts worked examples before each row and adds
     `few_shot_indices`.
     """
     import datasets

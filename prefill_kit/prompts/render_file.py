@@ -1,4 +1,4 @@
-"""Render an input file (any type `prefill_kit.readers` reads) to an output file, streaming.
+"""Render an input file (any type `prefill_kit.data.readers` reads) to an output file, streaming.
 
 Memory stays bounded whatever the input size: the input is read in chunks of `batch_size` rows,
 at most `2 * num_proc` chunks are in flight, and each chunk is written as soon as it and all
@@ -19,13 +19,13 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.io import atomic_output
+from prefill_kit.data.readers import DEFAULT_BATCH_SIZE, Chunk, chunk_columns, chunk_records, iter_chunks
+from prefill_kit.data.writers import ENCODERS, open_sink, output_format, rejects_path
 from prefill_kit.errors import TemplateError
 from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
-from prefill_kit.io import atomic_output
-from prefill_kit.pipeline import BatchRenderer, RenderOptions, detect, output_columns
-from prefill_kit.prompt_tokens import BoundaryMerge
-from prefill_kit.readers import DEFAULT_BATCH_SIZE, Chunk, chunk_columns, chunk_records, iter_chunks
-from prefill_kit.writers import ENCODERS, open_sink, output_format, rejects_path
+from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, detect, output_columns
+from prefill_kit.prompts.prompt_tokens import BoundaryMerge
 
 
 @dataclass
@@ -116,7 +116,7 @@ def _check_template(options: RenderOptions) -> None:
     """
     import jinja2
 
-    from prefill_kit.sandbox import compile_template
+    from prefill_kit.templates.sandbox import compile_template
 
     try:
         compile_template(options.template.source)

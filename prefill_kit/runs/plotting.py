@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.io import iter_jsonl
 from prefill_kit.errors import DataError
-from prefill_kit.io import iter_jsonl
 
 PANELS = (("reward", "reward: total (solid) = sum of weight x score of each reward (broken lines); dots: eval"),
           ("loss", "loss"), ("kl", "KL"),
@@ -100,7 +100,7 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None) -> P
     """Save `draw_runs(run_dirs)`; `output` defaults to `curves.png` in the first run directory."""
     import matplotlib.pyplot as plt
 
-    from prefill_kit.io import atomic_output
+    from prefill_kit.data.io import atomic_output
 
     fig = draw_runs(run_dirs)
     output = Path(output) if output is not None else Path(run_dirs[0]) / "curves.png"
