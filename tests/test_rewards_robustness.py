@@ -45,7 +45,8 @@ def test_hang_case_returns_within_the_bound_and_is_counted():
     reward.warm_up()
     start = time.monotonic()
     assert reward([HANG, r"\boxed{\sqrt{4}}"], solution=["3", "2"]) == [0.0, 1.0]
-    assert time.monotonic() - start < 2.0 + 3.0  # the bound plus restarting nothing on the critical path
+    # the bound plus slack for a loaded 2-core machine; without the bound the HANG case runs for minutes
+    assert time.monotonic() - start < 2.0 + 10.0
     assert reward.stats.timeouts == 1
     # the killed worker was replaced: the pool still answers
     assert reward([r"\boxed{\sqrt{9}}"], solution=["3"]) == [1.0]
