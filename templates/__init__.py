@@ -127,8 +127,8 @@ def _from_tokenizer_config(path: Path, name: str | None, template_file: Path | N
         raise TemplateError(f"{path}: cannot read tokenizer config: {exc}") from None
     special = _special_tokens(config)
     decoder = config.get("added_tokens_decoder")
-    added = tuple(t["content"] for t in decoder.values() if isinstance(t, dict) and isinstance(t.get("content"), str)) \
-        if isinstance(decoder, dict) else ()
+    entries = decoder.values() if isinstance(decoder, dict) else ()
+    added = tuple(t["content"] for t in entries if isinstance(t, dict) and isinstance(t.get("content"), str))
     if template_file is not None:
         return ChatTemplate(template_file.read_text(encoding="utf-8"), str(template_file), special, added)
     source = config.get("chat_template")

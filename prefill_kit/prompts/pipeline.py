@@ -168,15 +168,7 @@ def _rendered_row(row: dict[str, Any], options: RenderOptions, opening: str) -> 
     if prefix is not None and prefix != after:
         raise DataError(f"the rendered prompt ends with {after!r} after the assistant opening, not with the "
                         f"row's prefix {prefix!r}", field="prefix")
-    return {**row, "prompt": prompt, "prefix": after}
-
-
-def add_prompt_ids(rows: list[dict[str, Any]], tokenizer) -> None:
-    """Tokenize prompts as rendered: `add_special_tokens=False`, so a template's BOS is the only one."""
-    encoder = tokenizer if isinstance(tokenizer, PromptTokenizer) else PromptTokenizer(tokenizer)
-    for row, row_ids in zip(rows, encoder.encode([r["prompt"] for r in rows]), strict=True):
-        row["prompt_ids"] = row_ids
-        row["num_prompt_tokens"] = len(row_ids)
+    return {**row, "prefix": after}
 
 
 def detect(columns: list[str], options: RenderOptions) -> str:

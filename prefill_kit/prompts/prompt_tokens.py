@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
+from prefill_kit.errors import ConfigError
+
 MEMO_LIMIT = 10_000  # distinct recurring pieces kept; template text needs a handful per template
 
 
@@ -73,12 +75,9 @@ def rest_backend(backend: Any) -> Any:
         return backend
     from tokenizers import Tokenizer
 
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.pre_tokenizer = Tokenizer.from_str(json.dumps({
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-        "pre_tokenizer": config, "post_processor": None, "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {}, "unk_token": "<unk>"}})).pre_tokenizer
-    return copy
+    whole = json.loads(backend.to_str())
+    whole["pre_tokenizer"] = config
+    return Tokenizer.from_str(json.dumps(whole))
 
 
 class PromptTokenizer:
@@ -157,8 +156,6 @@ def exact_ids_tokenizer(tokenizer):
     import copy
 
     from tokenizers import processors
-
-    from prefill_kit.errors import ConfigError
 
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("model.tokenizer: the TRL backend needs a fast tokenizer (tokenizer.json) so that "
