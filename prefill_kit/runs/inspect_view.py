@@ -126,7 +126,8 @@ table { border-collapse: collapse; width: 100%; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: right; }
 th { background: #f3f3f3; position: sticky; top: 0; }
 th:last-child { text-align: left; }
-td.text { text-align: left; white-space: pre-wrap; font-family: ui-monospace, monospace; max-width: 60em; }
+td.text { text-align: left; white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace;
+          max-width: 60em; }
 td.context { max-width: 25em; color: #444; }
 mark.prefix { background: #cfe8ff; color: #024; }
 tr.truncated td.tokens { color: #b00; }
