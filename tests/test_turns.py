@@ -20,6 +20,10 @@ STOP = {"chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", 
 # What each template writes after that stop token, before the next turn.
 AFTER_STOP = {"chatml": "\n", "qwen2.5": "\n", "qwen3": "\n", "phi4": "", "deepseek-r1": "", "llama3": "",
               "mistral": "", "gemma": "\n"}
+# Where the scripted conversation is not append-only: DeepSeek-R1 strips the reasoning; Mistral writes a space
+# before the turn that render puts the prefix right after [/INST]; Qwen3 strips reasoning before the last
+# user query and drops the empty think block it writes in the last turn.
+REWRITES = {("deepseek-r1", "<think>\n"), ("mistral", "<think>\n"), ("qwen3", ""), ("qwen3", "<think>\n")}
 TOOL_TEMPLATES = ("chatml", "qwen2.5", "qwen3", "llama3", "phi4")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
                                             "parameters": {"type": "object",
@@ -117,10 +121,12 @@ def test_scripted_trajectory_is_token_in_token_out(name, family, prefix):
     assert traj.mask == expected
     # where rendering is append-only, the trajectory is the template's rendering of the conversation
     append_only = True
+    assert any(bridge.rewrites for bridge, _, _ in checks) == ((name, prefix) in REWRITES)
     for bridge, text_so_far, rendered in checks:
         append_only = append_only and bridge.rewrites is None
         assert bridge.text.startswith(AFTER_STOP[name])
-        assert text_so_far.endswith(bridge.text)
+        assert text_so_far.endswith(bridge.text) and rendered.endswith(bridge.text)
+        assert rendered[:len(rendered) - len(bridge.text)].endswith(STOP[name])  # the bridge starts at the stop
         if append_only:
             assert text_so_far == rendered
         else:

@@ -139,12 +139,27 @@ def _check_history(history: list[dict[str, Any]], new_messages: list[dict[str, A
                             field=f"new_messages[{i}]")
 
 
-def _bridge(history, new_messages, template, prefix, kwargs, tools, encoder, model_turn=None):
-    """(TurnBridge, old text, stop token). `model_turn`: what the model sampled after its prompt (through its
-    stop token), when known; else the template's rendering of `history[-1]` stands for it."""
+def _bridge(history, new_messages, template, prefix, kwargs, tools, encoder, model_turn=None, prompt=None):
+    """(TurnBridge, old text, stop token, the whole conversation's RenderedPrompt). `model_turn`: what the model
+    sampled after its prompt (through its stop token), when known; else the template's rendering of
+    `history[-1]` stands for it. `prompt`: `history[:-1]` rendered (the previous call's whole rendering).
+
+    With `model_turn`, where the whole rendering begins with the old text, which ends with an added token, the
+    bridge is the rest: one render. Otherwise the history is rendered too, to find the stop token and the rewrite.
+    """
     _check_history(history, new_messages)
     atomic = _atomic(template, encoder)
-    prompt = render_prompt(history[:-1], template, prefix, template_kwargs=kwargs, tools=tools)
+    conversation = [*history, *new_messages]
+    if prompt is None:
+        prompt = render_prompt(history[:-1], template, prefix, template_kwargs=kwargs, tools=tools)
+    if model_turn is not None:
+        old = prompt.prompt + model_turn
+        found = last_added_token(model_turn, atomic)
+        whole = render_prompt(conversation, template, prefix, template_kwargs=kwargs, tools=tools)
+        if found is not None and found[0] == len(model_turn) and whole.prompt.startswith(old):
+            text = whole.prompt[len(old):]
+            ids = _bridge_ids(encoder, found[1], text) if encoder is not None else None
+            return TurnBridge(text, ids, None, whole.prefix), old, found[1], whole
     content = message_text(history[-1].get("content"))
     if not content.startswith(prompt.prefix):
         raise DataError(f"the model's turn must start with its prompt's effective prefix {prompt.prefix!r} (the "
@@ -159,7 +174,6 @@ def _bridge(history, new_messages, template, prefix, kwargs, tools, encoder, mod
     else:  # the template writes this very turn otherwise than it continues its own prompt (it strips reasoning)
         old = prompt.prompt + content[len(prompt.prefix):] + _turn_end(history, template, kwargs, tools, atomic,
                                                                        rendered[:stop_end])
-    conversation = [*history, *new_messages]
     whole = render_prompt(conversation, template, prefix, template_kwargs=kwargs, tools=tools)
     end = _nth_end(whole.prompt, stop, rendered[:stop_end].count(stop), template)
     text = whole.prompt[end:]
@@ -168,7 +182,7 @@ def _bridge(history, new_messages, template, prefix, kwargs, tools, encoder, mod
         rewrite = _rewrite(old, whole.prompt[:end], conversation, len(history) - 1, len(prompt.prompt),
                            template, kwargs, tools, atomic)
     ids = _bridge_ids(encoder, stop, text) if encoder is not None else None
-    return TurnBridge(text, ids, rewrite, whole.prefix), old, stop
+    return TurnBridge(text, ids, rewrite, whole.prefix), old, stop, whole
 
 
 def _turn_end(history, template, kwargs, tools, atomic, rendered: str) -> str:
@@ -291,6 +305,7 @@ class TrajectoryBuilder:
         self._bridges: list[TurnBridge] = []
         self._turn_starts: list[int] = []
         self._sampled: str | None = None
+        self._rendered = rendered  # the conversation before the model's current turn, rendered
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -320,8 +335,9 @@ class TrajectoryBuilder:
         """Tool results or a user message after the model's turn: appends the bridge and returns it."""
         if self._sampled is None:
             raise DataError("new messages need a finished model turn before them", field="new_messages")
-        bridge, _, stop = _bridge(self._conversation, new_messages, self.template, self.prefix,
-                                  self.template_kwargs, self.tools, self._encoder, model_turn=self._sampled)
+        bridge, _, stop, self._rendered = _bridge(
+            self._conversation, new_messages, self.template, self.prefix, self.template_kwargs, self.tools,
+            self._encoder, model_turn=self._sampled, prompt=self._rendered)
         if not self._sampled.endswith(stop) or self._ids[-1] != _stop_id(self._encoder, stop):
             raise DataError("the model's turn did not end with its stop token (it was cut off): the rollout ends "
                             "there", field="ids")
