@@ -14,6 +14,8 @@ _EXPORTS = {
     "decode_escapes": "prefill_kit.prompts.render",
     "render_dataset": "prefill_kit.prompts.pipeline",
     "exact_ids_tokenizer": "prefill_kit.prompts.prompt_tokens",
+    "turn_bridge": "prefill_kit.prompts.turns",
+    "TurnBridge": "prefill_kit.prompts.turns",
     "load_template": "prefill_kit.templates",
     "ChatTemplate": "prefill_kit.templates",
     "available_templates": "prefill_kit.templates",

@@ -203,8 +203,23 @@ MUTATIONS = [
     Mutation("a LoRA resume loads no adapter", "backends/lora.py",
              "load_adapter_weights(accelerator.unwrap_model(models.pop(0)), Path(input_dir))", "models.pop(0)",
              ("tests/test_lora.py", "-k", "resume_with")),
+    # issue 17: the multi-turn bridge and token-in-token-out trajectories
+    Mutation("a bridge doubles the prefix", "prefill_kit/prompts/turns.py",
+             "text = whole.prompt[len(old):]\n", "text = whole.prompt[len(old):] + whole.prefix\n",
+             ("tests/test_turns.py", "-k", "prefix_once or qwen-gpt2")),
+    Mutation("a tool result inside the mask", "prefill_kit/prompts/turns.py",
+             "self._mask += [0] * len(bridge.ids)", "self._mask += [1] * len(bridge.ids)",
+             ("tests/test_turns.py", "-k", "token_in_token_out and qwen2.5-qwen")),
+    Mutation("a sampled id re-encoded", "prefill_kit/prompts/turns.py",
+             "        self._ids += ids\n", "        self._ids += self._encoder.encode([text])[0]\n",
+             ("tests/test_turns.py", "-k", "never_re_encoded")),
+    Mutation("the bridge is cut before the stop token's trailing text", "prefill_kit/prompts/turns.py",
+             "rendered[:stop_end].count(stop)", "rendered[:stop_end].count(stop) - 1",
+             ("tests/test_turns.py", "-k", "consecutive_tool_results or qwen3_rewrite")),
+    Mutation("a bridge after a rewrite doubles the prefix", "prefill_kit/prompts/turns.py",
+             "    text = whole.prompt[end:]\n", "    text = whole.prompt[end:] + whole.prefix\n",
+             ("tests/test_turns.py", "-k", "deepseek_r1_bridge")),
 ]
-
 
 def make_copy(root: Path) -> None:
     """The project as it installs, under `root`."""

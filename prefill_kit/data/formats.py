@@ -177,6 +177,24 @@ def to_conversation(row: dict[str, Any], fmt: str) -> Conversation:
         raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}") from None
 
 
+def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A row's `tools` column: JSON schemas for the template, as a list of objects or a JSON string of one
+    (how many datasets store them); None when absent. The column also passes through unchanged."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        import json
+
+        try:
+            tools = json.loads(tools)
+        except ValueError as exc:
+            raise DataError(f"expected a JSON list of tool schemas, got invalid JSON: {exc}", field="tools") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"expected a list of tool schemas (objects), got {type(tools).__name__}", field="tools")
+    return tools or None
+
+
 def validate_messages(messages: Any, field: str) -> list[dict[str, Any]]:
     """Check OpenAI-style messages: a non-empty list of {role, content}; content a string or typed parts."""
     if not isinstance(messages, list) or not messages:

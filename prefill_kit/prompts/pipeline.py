@@ -14,7 +14,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prefill_kit.data.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
+from prefill_kit.data.formats import (
+    FORMATS,
+    consumed_columns,
+    detect_format,
+    rename_columns,
+    row_tools,
+    to_conversation,
+)
 from prefill_kit.data.readers import Record
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
@@ -141,7 +148,8 @@ def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int
         examples = [options.few_shot.examples[i] for i in chosen]
         messages = few_shot.with_examples(messages, examples, options.few_shot.mode)
     rendered = render_prompt(messages, options.template, prefix,
-                             continue_final=options.continue_final, template_kwargs=options.template_kwargs)
+                             continue_final=options.continue_final, template_kwargs=options.template_kwargs,
+                             tools=row_tools(row))
     out = {"prompt": rendered.prompt, "prefix": rendered.prefix}
     if chosen is not None:
         few_shot.check_verbatim(rendered.prompt, examples, options.template.name, options.few_shot.mode)

@@ -100,7 +100,8 @@ def message_text(content: Any) -> str:
 
 
 def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate | str | Path, prefix: str = "", *,
-                  continue_final: bool = False, template_kwargs: dict[str, Any] | None = None) -> RenderedPrompt:
+                  continue_final: bool = False, template_kwargs: dict[str, Any] | None = None,
+                  tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
     """Render `messages` with `template` into a prompt that ends with `prefix`, written once.
 
     `template` is a loaded `ChatTemplate` or a spec for `load_template` (`"deepseek-r1"`, a `.jinja` file,
@@ -112,6 +113,7 @@ def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate | str |
       open (transformers' `continue_final_message`) and its text becomes the prefix, after `prefix`
       is applied to its beginning if it does not already start with it.
     - The returned prefix is the effective prefix (module docstring).
+    - `tools` (JSON schemas) go to the template as `apply_chat_template(..., tools=...)` passes them.
 
     Raises `DataError` for an empty conversation and `TemplateError` when the template fails.
     """
@@ -120,6 +122,8 @@ def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate | str |
     if not messages:
         raise DataError("empty conversation", field="messages")
     kwargs = dict(template_kwargs or {})
+    if tools is not None:
+        kwargs["tools"] = tools
     if continue_final:
         return _render_continue_final(messages, template, prefix, kwargs)
 
