@@ -253,7 +253,7 @@ def _trainer_class():
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
-    from prefill_kit.backends.common import eval_metrics
+    from prefill_kit.prompts.training_data import eval_metrics
     from prefill_kit.runs.completion_log import gather_rows
     from prefill_kit.runs.run_health import zero_spread_share
 
@@ -426,17 +426,17 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from prefill_kit.backends.common import (
+    from prefill_kit.prompts.training_data import (
         eos_token_ids,
         final_model_dir,
         load_eval_data,
         load_training_data,
         write_run_config,
     )
+    from prefill_kit.runs.checks import check_paths, resolve_rewards
     from prefill_kit.runs.completion_log import CompletionLog, check_reward_names
-    from prefill_kit.runs.run_checks import check_paths, resolve_rewards
-    from prefill_kit.runs.run_dir import claim_run_dir
     from prefill_kit.runs.run_health import HealthMonitor
+    from prefill_kit.runs.session import claim_run_dir
     from prefill_kit.runs.trackers import check_trackers, flat_config, make_trackers
 
     # ---- fail on what can be checked before any model is loaded

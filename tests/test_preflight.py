@@ -99,8 +99,8 @@ def test_over_long_prompts_are_reported(tiny_model_dir):
 def _prompt_lengths(model_dir):
     from transformers import AutoTokenizer
 
-    from prefill_kit.backends.common import load_training_data
     from prefill_kit.config import DataSection
+    from prefill_kit.prompts.training_data import load_training_data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_training_data(DataSection(path=str(REPO / "examples" / "math_tiny.jsonl"), prefix=PREFIX), tokenizer)

@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefill_kit.backends import builtin, trl
-from prefill_kit.backends.common import eval_metrics, load_eval_data
 from prefill_kit.backends.trl import grpo_config_kwargs, one_record_set
 from prefill_kit.config import DataSection, config_from_dict
 from prefill_kit.errors import ConfigError, PrefillKitError
+from prefill_kit.prompts.training_data import eval_metrics, load_eval_data
 from prefill_kit.rewards import format_reward
 from tests import recording_reward
 from tests.conftest import REPO

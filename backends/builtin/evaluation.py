@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from prefill_kit.backends.builtin.rollout import completion_mask_from_eos, generate
-from prefill_kit.backends.builtin.scoring import WeightedRewardLike, score_completions
-from prefill_kit.backends.common import eval_metrics
+from prefill_kit.grpo.rollout import completion_mask_from_eos, generate
+from prefill_kit.grpo.scoring import WeightedRewardLike, score_completions
+from prefill_kit.prompts.training_data import eval_metrics
 
 
 def process_shard(num_rows: int, process_index: int, num_processes: int) -> range:

@@ -29,26 +29,26 @@ from typing import Any
 
 import torch
 
-from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages, nanstd
 from prefill_kit.backends.builtin.checkpoint import LoopState, checkpoint_step, find_checkpoint, save_checkpoint
-from prefill_kit.backends.builtin.data import prompt_indices
 from prefill_kit.backends.builtin.evaluation import eval_seed, evaluate
-from prefill_kit.backends.builtin.loss import WINDOW_NORMALIZED, grpo_loss, loss_warnings
-from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, generate
-from prefill_kit.backends.builtin.scoring import WeightedRewardLike, reward_weights, score_completions
-from prefill_kit.backends.common import (
+from prefill_kit.config import GRPOSection, TrainingConfig
+from prefill_kit.data.io import keep_rows_through_step
+from prefill_kit.grpo.advantages import combine_rewards, compute_advantages, nanstd
+from prefill_kit.grpo.loss import WINDOW_NORMALIZED, grpo_loss, loss_warnings
+from prefill_kit.grpo.prompt_order import prompt_indices
+from prefill_kit.grpo.rollout import Rollout, completion_logps, generate
+from prefill_kit.grpo.scoring import WeightedRewardLike, reward_weights, score_completions
+from prefill_kit.prompts.training_data import (
     eos_token_ids,
     final_model_dir,
     load_eval_data,
     load_training_data,
     write_run_config,
 )
-from prefill_kit.config import GRPOSection, TrainingConfig
-from prefill_kit.data.io import keep_rows_through_step
+from prefill_kit.runs.checks import check_paths, resolve_rewards
 from prefill_kit.runs.completion_log import CompletionLog, completion_rows, gather_rows
-from prefill_kit.runs.run_checks import check_paths, resolve_rewards
-from prefill_kit.runs.run_dir import claim_run_dir
 from prefill_kit.runs.run_health import HealthMonitor
+from prefill_kit.runs.session import claim_run_dir
 from prefill_kit.runs.trackers import flat_config, make_trackers, tracker_values
 
 METRICS_FILE = "metrics.jsonl"
@@ -381,7 +381,7 @@ def _log_row(accelerator, run_dir: Path, row: dict[str, Any]) -> None:
 
 def _lengths(batch: Rollout, eos_ids: list[int]) -> torch.Tensor:
     """Completion lengths up to and including the first EOS, whatever mask_truncated_completions did."""
-    from prefill_kit.backends.builtin.rollout import completion_mask_from_eos
+    from prefill_kit.grpo.rollout import completion_mask_from_eos
 
     return completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).cpu()
 

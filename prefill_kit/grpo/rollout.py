@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from prefill_kit.backends.builtin.loss import token_logps
+from prefill_kit.grpo.loss import token_logps
 
 
 @dataclass

@@ -116,13 +116,13 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages
-    from prefill_kit.backends.builtin.data import prompt_indices
     from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config
-    from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
-    from prefill_kit.backends.common import eos_token_ids, few_shot_examples, load_training_data
+    from prefill_kit.grpo.advantages import combine_rewards, compute_advantages
+    from prefill_kit.grpo.prompt_order import prompt_indices
+    from prefill_kit.grpo.scoring import reward_weights, score_completions
+    from prefill_kit.prompts.training_data import eos_token_ids, few_shot_examples, load_training_data
+    from prefill_kit.runs.checks import check_paths, resolve_rewards
     from prefill_kit.runs.completion_log import check_reward_names, completion_rows
-    from prefill_kit.runs.run_checks import check_paths, resolve_rewards
 
     backend = backend or config.backend
     check_backend_options(config, backend)
@@ -248,7 +248,7 @@ def _generate(model, prompt_ids, g, generation_config, eos_ids, pad_token_id, *,
     import torch
     from tqdm.auto import tqdm
 
-    from prefill_kit.backends.builtin.rollout import completion_mask_from_eos, generate
+    from prefill_kit.grpo.rollout import completion_mask_from_eos, generate
 
     ids_out: list[list[int]] = []
     truncated: list[bool] = []
