@@ -142,9 +142,9 @@ MUTATIONS = [
              'require_train("prefill-kit train", ("torch", "accelerate", "trl"))', "pass",
              ("tests/test_extras.py",)),
     # trackers and evaluation during training (issue 12)
-    Mutation("trackers get their own metric names", "backends/builtin/loop.py",
-             'accelerator.log(tracker_values(row), step=row["step"])',
-             'accelerator.log({"train/" + k: v for k, v in tracker_values(row).items()}, step=row["step"])',
+    Mutation("trackers get their own metric names", "prefill_kit/runs/session.py",
+             'tracker.log(tracker_values(row), step=row["step"])',
+             'tracker.log({"train/" + k: v for k, v in tracker_values(row).items()}, step=row["step"])',
              ("tests/test_trackers_eval.py", "-k", "tensorboard_holds and builtin")),
     Mutation("a resumed run keeps the stopped run's later TensorBoard points", "prefill_kit/runs/trackers.py",
              "purge_step=resume_step + 1)", ")",
@@ -203,6 +203,16 @@ MUTATIONS = [
     Mutation("a LoRA resume loads no adapter", "backends/lora.py",
              "load_adapter_weights(accelerator.unwrap_model(models.pop(0)), Path(input_dir))", "models.pop(0)",
              ("tests/test_lora.py", "-k", "resume_with")),
+    # issue 22: the layers (data < prompts, rewards < grpo < runs < backends < cli) and the shared run session
+    Mutation("the data layer imports the renderer again", "prefill_kit/data/writers.py",
+             "from prefill_kit.data.io import atomic_directory, atomic_output, dump_json_line\n",
+             "from prefill_kit.data.io import atomic_directory, atomic_output, dump_json_line\n"
+             "import prefill_kit.prompts.render  # noqa\n",
+             ("tests/test_layers.py", "-k", "no_module_level_import")),
+    Mutation("a checkpoint inside the run directory is not found", "prefill_kit/runs/session.py",
+             "    found = last_checkpoint(path, (marker,)) if path.is_dir() else None\n",
+             "    found = None\n",
+             ("tests/test_builtin_train.py", "-k", "resume")),
 ]
 
 
