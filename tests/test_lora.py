@@ -221,7 +221,8 @@ def test_preflight_samples_with_the_lora_model(tiny_model_dir, data_file, tmp_pa
 
     seen = []
     original = preflight.sample_and_score
-    monkeypatch.setattr(preflight, "sample_and_score", lambda model, *a, **k: seen.append(model) or original(model, *a, **k))
+    monkeypatch.setattr(preflight, "sample_and_score",
+                        lambda model, *a, **k: seen.append(model) or original(model, *a, **k))
     config = make_config(tiny_model_dir, data_file, tmp_path / "run")
     preflight.run_preflight(config, num_prompts=2, progress=False, reward_funcs=BREVITY)
     assert isinstance(seen[0], PeftModel) and seen[0].peft_config["default"].r == LORA["r"]
