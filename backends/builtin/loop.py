@@ -103,7 +103,6 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     if config.trl:
         raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend does "
@@ -137,10 +136,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
         dataclasses.replace(g, temperature=g.eval_temperature or g.temperature), tokenizer, eos_ids)
 
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapter's
-    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  eps=t.adam_epsilon, weight_decay=t.weight_decay)
-    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.warmup_steps,
-                              num_training_steps=t.max_steps)
+    optimizer, scheduler = _optimizer_and_schedule(trainable, t)
     model, optimizer = accelerator.prepare(model, optimizer)
     if ref_model is not None:
         ref_model.to(accelerator.device)
@@ -206,14 +202,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
             state.rollout = state.rollout_stats = None  # the next step generates afresh: nothing to carry
 
         # ---- 4. log
-        reduced = accelerator.reduce(torch.tensor([step_loss, *loss_metrics.values()], device=accelerator.device),
-                                     reduction="mean").tolist()
-        row = {"step": state.step, "loss": reduced[0], **stats,
-               **dict.fromkeys(LOSS_METRICS), **dict(zip(loss_metrics, reduced[1:], strict=True)),
-               "learning_rate": learning_rate,
-               "grad_norm": None if grad_norm is None else float(grad_norm),
-               "step_time": time.perf_counter() - step_start}
-        row["clip_ratio"] = row.pop("clip_ratio/region_mean")
+        row = _metrics_row(accelerator, state.step, step_loss, loss_metrics, stats, learning_rate=learning_rate,
+                           grad_norm=grad_norm, step_time=time.perf_counter() - step_start)
         history.append(row)
         if accelerator.is_main_process:
             session.health.update(state.step, stats["truncated_ratio"], stats["zero_std_ratio"])
@@ -246,6 +236,29 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     accelerator.wait_for_everyone()
     session.finish()
     return TrainResult(session.dir, state.step, history, eval_history)
+
+
+def _optimizer_and_schedule(trainable, t):
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    return optimizer, get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=t.warmup_steps,
+                                    num_training_steps=t.max_steps)
+
+
+def _metrics_row(accelerator, step: int, step_loss: float, loss_metrics: dict[str, float], stats: dict[str, Any],
+                 *, learning_rate: float, grad_norm, step_time: float) -> dict[str, Any]:
+    """The metrics.jsonl row of one step: the loss and loss metrics averaged over processes, the rollout's stats."""
+    reduced = accelerator.reduce(torch.tensor([step_loss, *loss_metrics.values()], device=accelerator.device),
+                                 reduction="mean").tolist()
+    row = {"step": step, "loss": reduced[0], **stats,
+           **dict.fromkeys(LOSS_METRICS), **dict(zip(loss_metrics, reduced[1:], strict=True)),
+           "learning_rate": learning_rate,
+           "grad_norm": None if grad_norm is None else float(grad_norm),
+           "step_time": step_time}
+    row["clip_ratio"] = row.pop("clip_ratio/region_mean")
+    return row
 
 
 def _with_advantages_and_logps(accelerator, batch: Rollout, totals: torch.Tensor, policy, ref_model,
