@@ -14,30 +14,6 @@ from prefill_kit.config import LoraSection
 from prefill_kit.errors import ConfigError, PrefillKitError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
-MERGED_DIR = "merged"  # <output.dir>/merged: base + adapter, a plain transformers model
-
-
-def lora_config(section: LoraSection):
-    """peft's `LoraConfig` for `model.lora` (a causal LM; unset options keep peft's defaults)."""
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="CAUSAL_LM", r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
-                      target_modules=section.target_modules, modules_to_save=section.modules_to_save,
-                      bias=section.bias, use_rslora=section.use_rslora, use_dora=section.use_dora)
-
-
-def apply_lora(model, section: LoraSection):
-    """`model` wrapped in a fresh adapter (a `PeftModel`): only the adapter's parameters require grad.
-
-    peft initialises the adapter's B matrix to zero, so the wrapped model computes what the base does
-    until the first update.
-    """
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, lora_config(section))
-    except ValueError as exc:  # e.g. no default target modules for this architecture, or a name that matches none
-        raise ConfigError(f"model.lora: peft cannot add an adapter to this model: {exc}") from None
 
 
 def register_adapter_checkpointing(accelerator) -> None:
@@ -83,13 +59,3 @@ def load_adapter_weights(peft_model, directory: Path) -> None:
     if result.unexpected_keys:
         raise PrefillKitError(f"{path}: the adapter does not fit model.lora: unexpected weights "
                               f"{', '.join(result.unexpected_keys[:3])}...")
-
-
-def save_merged(peft_model, tokenizer, directory: Path) -> None:
-    """Save base + adapter as one plain model (and the tokenizer) in `directory`.
-
-    Merges in place: call it last, after the adapter itself was saved.
-    """
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)

@@ -27,18 +27,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import math
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 from prefill_kit.config import TrainingConfig
-from prefill_kit.data.io import keep_rows_through_step
-from prefill_kit.errors import ConfigError, PrefillKitError
+from prefill_kit.errors import PrefillKitError
 from prefill_kit.prompts.prompt_tokens import exact_ids_tokenizer
-from prefill_kit.runs.trackers import run_name
+from prefill_kit.runs.trl_config import check_prompt_ids, eval_temperature, grpo_config_kwargs, trl_extra_kwargs
 
 # TRL log key -> the metric name both backends write to metrics.jsonl.
 METRIC_NAMES = {
@@ -57,114 +54,6 @@ METRIC_NAMES = {
     "step_time": "step_time",
     "grad_norm": "grad_norm",
 }
-
-
-def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
-    """The config, under TRL's `GRPOConfig` names. Pure, so the mapping is testable on its own."""
-    g, t, o = config.grpo, config.train, config.output
-    return {
-        "output_dir": o.dir,
-        "num_generations": g.num_generations,
-        "max_completion_length": g.max_completion_length,
-        "temperature": g.temperature,
-        "top_p": g.top_p,
-        "top_k": g.top_k,
-        "beta": g.beta,
-        "loss_type": g.loss_type,
-        "importance_sampling_level": g.importance_sampling_level,
-        "epsilon": g.epsilon,
-        "epsilon_high": g.epsilon_high if g.epsilon_high is not None else g.epsilon,
-        "sapo_temperature_pos": g.sapo_temperature_pos,
-        "sapo_temperature_neg": g.sapo_temperature_neg,
-        "scale_rewards": g.scale_rewards,
-        "num_iterations": g.num_iterations,
-        "mask_truncated_completions": g.mask_truncated_completions,
-        "learning_rate": t.learning_rate,
-        "per_device_train_batch_size": t.per_device_train_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "max_steps": t.max_steps,
-        "warmup_steps": t.warmup_steps,
-        "lr_scheduler_type": t.lr_scheduler_type,
-        "weight_decay": t.weight_decay,
-        "adam_beta1": t.adam_beta1,
-        "adam_beta2": t.adam_beta2,
-        "adam_epsilon": t.adam_epsilon,
-        "max_grad_norm": t.max_grad_norm,
-        "seed": t.seed,
-        "data_seed": t.seed,
-        "bf16": t.bf16,
-        "activation_checkpointing": t.gradient_checkpointing,  # transformers 5.24's name; the old one warns
-        "shuffle_dataset": config.data.shuffle,
-        "logging_steps": o.logging_steps,
-        "save_strategy": "steps" if o.save_steps else "no",
-        "save_steps": o.save_steps or 500,
-        "run_name": run_name(o),
-        # prefill-kit's trackers get the metrics rows; transformers' callbacks would log them renamed (module doc)
-        "report_to": "none",
-        **_eval_kwargs(config),
-        # Without a GPU, say so: that is what makes the processes `accelerate launch` starts join over gloo
-        # instead of each training alone.
-        "use_cpu": not _has_accelerator(),
-        "disable_tqdm": False,
-        "remove_unused_columns": False,
-    }
-
-
-def _eval_kwargs(config: TrainingConfig) -> dict[str, Any]:
-    """TRL's evaluation settings: every `eval_steps` steps (and after the last, see `_final_eval_callback`)."""
-    g, t = config.grpo, config.train
-    if not config.data.eval_path:
-        return {"eval_strategy": "no"}
-    prompts_per_batch = max(1, t.per_device_train_batch_size // g.eval_num_generations)
-    return {"eval_strategy": "steps", "eval_steps": t.eval_steps, "num_generations_eval": g.eval_num_generations,
-            "per_device_eval_batch_size": prompts_per_batch * g.eval_num_generations}
-
-
-def _eval_temperature(config: TrainingConfig) -> float | None:
-    """The temperature eval sampling must switch to, or None when it is the training one."""
-    g = config.grpo
-    return g.eval_temperature if g.eval_temperature not in (None, g.temperature) else None
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.accelerator.is_available()
-
-
-def trl_extra_kwargs(config: TrainingConfig) -> dict[str, Any]:
-    """The `trl:` section, checked: each key must be a `GRPOConfig` field that prefill-kit does not set itself."""
-    import dataclasses
-
-    from trl import GRPOConfig
-
-    known = {f.name for f in dataclasses.fields(GRPOConfig)}
-    mapped = grpo_config_kwargs(config)
-    owned = {"reward_weights", "model_init_kwargs"}  # set from `rewards:` and `model:`
-    instead = {"report_to": "output.report_to", "run_name": "output.run_name", "eval_steps": "train.eval_steps",
-               "eval_strategy": "train.eval_steps", "num_generations_eval": "grpo.eval_num_generations",
-               "per_device_eval_batch_size": "train.per_device_train_batch_size"}
-    for key in config.trl:
-        if key not in known:
-            raise ConfigError(f"trl.{key}: not an option of TRL's GRPOConfig")
-        if key in instead:
-            raise ConfigError(f"trl.{key}: prefill-kit sets this from its own config; set {instead[key]} instead")
-        if key in mapped or key in owned:
-            raise ConfigError(f"trl.{key}: prefill-kit sets this from its own config; set it there instead")
-    if config.trl.get("use_vllm") and _eval_temperature(config) is not None:
-        raise ConfigError("grpo.eval_temperature: with trl.use_vllm the TRL backend samples eval completions at "
-                          "grpo.temperature; remove grpo.eval_temperature or set it equal")
-    return dict(config.trl)
-
-
-def check_prompt_ids(tokenizer, dataset, *, rows: int = 16) -> None:
-    """Tokenize a sample of prompts the way TRL will; they must equal the rendered `prompt_ids`."""
-    sample = dataset.select(range(min(rows, len(dataset))))
-    made = tokenizer(text=list(sample["prompt"]))["input_ids"]
-    for i, (ids, expected) in enumerate(zip(made, sample["prompt_ids"], strict=True)):
-        if list(ids) != list(expected):
-            raise PrefillKitError(f"row {i + 1}: TRL would feed the model {len(ids)} prompt tokens {list(ids)[:8]}..., "
-                                  f"not the {len(expected)} rendered ones {list(expected)[:8]}...")
 
 
 # A column added to the training data so that each completion can be traced to its data row: TRL passes every
@@ -253,8 +142,7 @@ def _trainer_class():
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
-    from prefill_kit.backends.common import eval_metrics
-    from prefill_kit.runs.completion_log import gather_rows
+    from prefill_kit.runs.completion_log import eval_metrics, gather_rows
     from prefill_kit.runs.run_health import zero_spread_share
 
     class _BarOnly(ProgressCallback):
@@ -341,27 +229,12 @@ def _trainer_class():
     return PrefillKitGRPOTrainer
 
 
-def _resume_step(checkpoint: str | None) -> int:
-    if checkpoint is None:
-        return 0
-    state = Path(checkpoint) / "trainer_state.json"
-    return int(json.loads(state.read_text(encoding="utf-8")).get("global_step", 0)) if state.is_file() else 0
-
-
-def _metrics_callback(path: Path, reward_names: list[str], trackers: list, tracker_config: dict[str, Any]):
+def _metrics_callback(session, reward_names: list[str]):
     from transformers import TrainerCallback
 
-    from prefill_kit.runs.trackers import tracker_values
-
     class MetricsWriter(TrainerCallback):
-        """Appends TRL's logs to metrics.jsonl under the names the built-in backend uses, and sends the same
-        rows to the trackers (main process only)."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                for tracker in trackers:
-                    tracker.start()
-                    tracker.store_init_configuration(tracker_config)
+        """Hands TRL's logs to the session (metrics.jsonl and the trackers) under the names the built-in backend
+        uses (main process only)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -378,15 +251,7 @@ def _metrics_callback(path: Path, reward_names: list[str], trackers: list, track
                 row.update((k, v) for k, v in logs.items() if k.startswith("eval/"))
             else:
                 return
-            with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            for tracker in trackers:
-                tracker.log(tracker_values(row), step=row["step"])
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                for tracker in trackers:
-                    tracker.finish()
+            session.log(row)
 
     return MetricsWriter()
 
@@ -403,56 +268,32 @@ def _final_eval_callback():
     return FinalEval()
 
 
-def _resume_checkpoint(resume_from: str | None) -> str | None:
-    if not resume_from:
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    path = Path(resume_from)
-    if not path.is_dir():
-        raise ConfigError(f"output.resume_from: {resume_from}: no such directory")
-    if (path / "trainer_state.json").is_file():
-        return str(path)
-    last = get_last_checkpoint(str(path))
-    if last is None:
-        raise ConfigError(f"output.resume_from: {resume_from}: holds no TRL checkpoint-N directory")
-    return last
-
-
-def train(config: TrainingConfig) -> dict[str, Any]:
-    """Run GRPO with TRL's `GRPOTrainer`; returns a summary of the run."""
-    import torch
+def train(config: TrainingConfig):
+    """Run GRPO with TRL's `GRPOTrainer`; returns a `TrainResult`, as the built-in backend does."""
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from prefill_kit.backends.common import (
-        eos_token_ids,
-        final_model_dir,
-        load_eval_data,
-        load_training_data,
-        write_run_config,
-    )
-    from prefill_kit.runs.completion_log import CompletionLog, check_reward_names
-    from prefill_kit.runs.run_checks import check_paths, resolve_rewards
-    from prefill_kit.runs.run_dir import claim_run_dir
-    from prefill_kit.runs.run_health import HealthMonitor
-    from prefill_kit.runs.trackers import check_trackers, flat_config, make_trackers
+    from prefill_kit.grpo.policy import load_model, load_tokenizer, lora_config
+    from prefill_kit.grpo.rollout import eos_token_ids
+    from prefill_kit.prompts.training_data import load_eval_data, load_training_data
+    from prefill_kit.runs.checks import check_paths, run_rewards
+    from prefill_kit.runs.completion_log import check_reward_names
+    from prefill_kit.runs.session import RunSession, TrainResult
+    from prefill_kit.runs.trackers import check_trackers
 
     # ---- fail on what can be checked before any model is loaded
     trl_extra_kwargs(config)
     check_trackers(config.output.report_to)  # a missing tracker package
     check_paths(config)
-    rewards = resolve_rewards(config.rewards)
+    rewards = run_rewards(config)
     check_reward_names([r.name for r in rewards])
     args = GRPOConfig(**grpo_config_kwargs(config), **trl_extra_kwargs(config),
                       reward_weights=[r.weight for r in rewards])
-    claim_run_dir(config, is_main=args.process_index == 0)
+    session = RunSession(config, is_main=args.process_index == 0, checkpoint_marker="trainer_state.json")
+    session.claim()
     PartialState().wait_for_everyone()  # the old run is gone before any process writes
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(config)
     dataset = load_training_data(config.data, tokenizer)
     exact = exact_ids_tokenizer(tokenizer)
     check_prompt_ids(exact, dataset)
@@ -462,37 +303,18 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         check_prompt_ids(exact, eval_dataset)
         eval_dataset = eval_dataset.add_column(PROMPT_INDEX_COLUMN, list(range(len(eval_dataset))))
 
-    dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
-    out_dir = Path(config.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.process_index == 0:
-        write_run_config(out_dir, config)
-    metrics_path = out_dir / "metrics.jsonl"
-    resume = _resume_checkpoint(config.output.resume_from)
-    keep_rows_through_step(metrics_path, _resume_step(resume))
-    trackers = make_trackers(config.output, resume_step=_resume_step(resume))
+    model = load_model(config, with_lora=False)  # TRL wraps it; with beta > 0 its reference is the adapter off
+    session.dir.mkdir(parents=True, exist_ok=True)
+    session.start(session.resume_step, [r.name for r in rewards])
     recorder = CompletionRecorder()
-    o = config.output
-    completion_log = CompletionLog(out_dir, every=o.log_completions_steps, max_rows=o.log_completions_max,
-                                   reward_names=[r.name for r in rewards], resume_step=_resume_step(resume),
-                                   is_main=args.process_index == 0)
     lora = config.model.lora
-    peft_config = None
-    if lora is not None:  # TRL wraps the model; with beta > 0 its reference is the model with the adapter off
-        from prefill_kit.backends.lora import lora_config
-
-        peft_config = lora_config(lora)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=exact,
-        peft_config=peft_config,
+        peft_config=lora_config(lora) if lora is not None else None,
         reward_funcs=[recorder.wrap(r.name, r.fn) for r in rewards],
-        callbacks=[_metrics_callback(metrics_path, [r.name for r in rewards], trackers,
-                                     flat_config(config.to_dict())),
-                   _final_eval_callback()],
-        eval_temperature=_eval_temperature(config),
-        recorder=recorder, completion_log=completion_log,
-        health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
+        callbacks=[_metrics_callback(session, [r.name for r in rewards]), _final_eval_callback()],
+        eval_temperature=eval_temperature(config),
+        recorder=recorder, completion_log=session.completion_log, health=session.health,
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -501,15 +323,12 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.modeling_utils",
                                 message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|"
                                         r"gradient_checkpointing_disable)` is deprecated")
-        result = trainer.train(resume_from_checkpoint=resume)
-    is_main = trainer.accelerator.is_main_process
-    with final_model_dir(out_dir, is_main=is_main) as staging:
+        result = trainer.train(resume_from_checkpoint=None if session.checkpoint is None else str(session.checkpoint))
+    session.finish()
+    with session.final_model_dir(is_main=trainer.accelerator.is_main_process) as staging:
         trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(staging))  # every process: DeepSpeed/FSDP gather the weights here (and the tokenizer)
-        if is_main and lora is not None and lora.merge:
-            from prefill_kit.backends.lora import MERGED_DIR, save_merged
-
-            save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staging / MERGED_DIR)
+        session.save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staging)
         trainer.accelerator.wait_for_everyone()
-    return {"backend": "trl", "steps": trainer.state.global_step, "train_loss": result.training_loss,
-            "seconds": time.perf_counter() - start, "output_dir": str(out_dir), "metrics": str(metrics_path)}
+    return TrainResult(session.dir, trainer.state.global_step, train_loss=result.training_loss,
+                       seconds=time.perf_counter() - start)

@@ -12,7 +12,7 @@ Each backend runs in its own child process (so that each peak RSS is its own), o
 the same machine. Prints the median seconds per optimizer step (first step excluded: warm-up), the peak
 RSS, the ratio builtin / TRL, and where the built-in step spends its time.
 
-`--lora`: both train the same LoRA adapter (`LORA`, through `prefill_kit.backends.lora.lora_config`) with
+`--lora`: both train the same LoRA adapter (`LORA`, through `prefill_kit.grpo.policy.lora_config`) with
 beta = BETA, so both take the reference log-probs from the model with its adapter switched off. A third
 child, the built-in backend with the same adapter at beta = 0 (no reference at all), shows that the
 reference costs no second copy of the weights: equal peak RSS, where a copy would add the model's size.
@@ -143,8 +143,8 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, lora: bool = Fal
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from prefill_kit.backends.lora import lora_config
     from prefill_kit.config import LoraSection
+    from prefill_kit.grpo.policy import lora_config
     from prefill_kit.prompts.pipeline import render_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -15,8 +15,8 @@ import torch
 
 from prefill_kit.backends.builtin import completion_logps, completion_mask_from_eos, generate, grpo_loss
 from prefill_kit.backends.builtin import loop as loop_module
-from prefill_kit.backends.common import load_training_data
 from prefill_kit.config import DataSection, config_from_dict
+from prefill_kit.prompts.training_data import load_training_data
 from prefill_kit.rewards import WeightedReward
 from tests.conftest import free_port
 
@@ -95,7 +95,7 @@ def test_generate_masks_up_to_the_first_eos_and_keeps_groups_together(mask_trunc
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_prompt_sharding_is_disjoint_and_covers_each_epoch(world):
-    from prefill_kit.backends.builtin.data import prompt_indices
+    from prefill_kit.grpo.prompt_order import prompt_indices
 
     n, per = 12, 2
     steps_per_epoch = n // (per * world)

@@ -182,7 +182,7 @@ def test_question_and_solution_are_logged_only_when_the_data_has_them():
 
 
 def test_the_question_is_the_last_user_message_in_every_format():
-    from prefill_kit.backends.common import last_user_text
+    from prefill_kit.prompts.training_data import last_user_text
 
     assert last_user_text([{"role": "system", "content": "s"}, {"role": "user", "content": "first"},
                            {"role": "assistant", "content": "a"}, {"role": "user", "content": "second"},
@@ -194,8 +194,8 @@ def test_the_question_is_the_last_user_message_in_every_format():
 
 
 def test_training_data_gets_a_question_column_from_any_conversation_format(tmp_path, tiny_tokenizer):
-    from prefill_kit.backends.common import load_training_data
     from prefill_kit.config import DataSection
+    from prefill_kit.prompts.training_data import load_training_data
 
     rows = [{"query": "2+2?", "response": "4", "history": [["hi", "hello"]]},
             {"query": "3+3?", "response": "6", "history": []}]

@@ -322,8 +322,8 @@ def test_cli_few_shot_errors_and_skipped_examples(tmp_path, data_file):
 
 
 def test_training_config_renders_with_few_shot(tmp_path, shots_file, data_file, tiny_tokenizer):
-    from prefill_kit.backends.common import load_training_data
     from prefill_kit.config import config_from_dict
+    from prefill_kit.prompts.training_data import load_training_data
 
     raw = {"model": {"path": "m"}, "output": {"dir": "o"},
            "data": {"path": data_file, "prefix": PREFIX, "template": "chatml",
@@ -342,8 +342,8 @@ def test_training_config_renders_with_few_shot(tmp_path, shots_file, data_file, 
 
 
 def test_training_config_refuses_few_shot_on_rendered_data(tmp_path, shots_file, tiny_tokenizer):
-    from prefill_kit.backends.common import load_training_data
     from prefill_kit.config import config_from_dict
+    from prefill_kit.prompts.training_data import load_training_data
 
     rendered = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "x", "prefix": "", "solution": "1"}])
     config = config_from_dict({"model": {"path": "m"}, "output": {"dir": "o"},

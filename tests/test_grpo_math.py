@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefill_kit.backends.builtin import combine_rewards, compute_advantages, grpo_loss, token_logps
-from prefill_kit.backends.builtin.advantages import nanstd
+from prefill_kit.grpo.advantages import nanstd
 
 EPS = 1e-4  # TRL's std epsilon
 NAN = float("nan")
@@ -278,7 +278,7 @@ def test_luspo_at_token_level_masks_padding():
       for t in ("bnpo", "dr_grpo", "dapo", "cispo")],
 ])
 def test_loss_warnings_are_trls(loss_type, level, expected):
-    from prefill_kit.backends.builtin.loss import loss_warnings
+    from prefill_kit.grpo.loss import loss_warnings
 
     got = loss_warnings(loss_type, level)
     assert len(got) == len(expected) and all(e in g for e, g in zip(expected, got, strict=True))

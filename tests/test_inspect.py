@@ -11,7 +11,7 @@ import pytest
 from prefill_kit.cli import main
 from prefill_kit.config import config_from_dict
 from prefill_kit.rewards import WeightedReward
-from prefill_kit.runs.inspect_view import format_rows, load_completions, render_html, select, show
+from prefill_kit.runs.inspect import format_rows, load_completions, render_html, select, show
 from tests.conftest import REPO
 
 PREFIX = "<think>\n"

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from prefill_kit.backends import trl as trl_backend
 from prefill_kit.backends.builtin import loop as loop_module
-from prefill_kit.backends.lora import lora_config
 from prefill_kit.config import config_from_dict
 from prefill_kit.errors import ConfigError
+from prefill_kit.grpo.policy import lora_config
 from prefill_kit.rewards import WeightedReward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -159,9 +159,11 @@ def test_builtin_trains_the_adapter_against_the_base_as_reference(tiny_model_dir
 def test_builtin_resume_with_lora_is_exact(tiny_model_dir, data_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from prefill_kit.grpo import rollout
+
     sampled_in_training_mode = []
-    original = loop_module.generate
-    monkeypatch.setattr(loop_module, "generate", lambda model, *a, **k: sampled_in_training_mode.append(
+    original = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda model, *a, **k: sampled_in_training_mode.append(
         model.training) or original(model, *a, **k))
 
     # a reused rollout (checkpoint 3 falls between its two iterations), accumulation, LoRA dropout (RNG)
@@ -218,8 +220,9 @@ def test_preflight_samples_with_the_lora_model(tiny_model_dir, data_file, tmp_pa
     from prefill_kit.runs import preflight
 
     seen = []
-    original = preflight._generate
-    monkeypatch.setattr(preflight, "_generate", lambda model, *a, **k: seen.append(model) or original(model, *a, **k))
+    original = preflight.sample_and_score
+    monkeypatch.setattr(preflight, "sample_and_score",
+                        lambda model, *a, **k: seen.append(model) or original(model, *a, **k))
     config = make_config(tiny_model_dir, data_file, tmp_path / "run")
     preflight.run_preflight(config, num_prompts=2, progress=False, reward_funcs=BREVITY)
     assert isinstance(seen[0], PeftModel) and seen[0].peft_config["default"].r == LORA["r"]

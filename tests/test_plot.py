@@ -8,7 +8,7 @@ import pytest
 
 from prefill_kit.cli import main
 from prefill_kit.errors import DataError
-from prefill_kit.runs.plotting import _series, read_metrics
+from prefill_kit.runs.plots import _series, read_metrics
 
 
 def write_run(path, rows):
@@ -73,7 +73,7 @@ def _config(run, rewards):
 def test_panels_without_data_are_left_out_and_legends_sit_beside_the_data(tmp_path):
     import matplotlib.pyplot as plt
 
-    from prefill_kit.runs.plotting import draw_runs
+    from prefill_kit.runs.plots import draw_runs
 
     run = write_run(tmp_path / "run", rows(0.0))  # kl is None throughout: beta == 0
     _config(run, [{"name": "format", "weight": 0.5}])
@@ -93,7 +93,7 @@ def test_panels_without_data_are_left_out_and_legends_sit_beside_the_data(tmp_pa
 def test_unknown_weights_are_said_not_guessed(tmp_path):
     import matplotlib.pyplot as plt
 
-    from prefill_kit.runs.plotting import draw_runs
+    from prefill_kit.runs.plots import draw_runs
 
     fig = draw_runs([write_run(tmp_path / "run", rows(0.0))])  # no config.yaml
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["run: total", "run: format (x?)"]

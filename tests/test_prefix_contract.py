@@ -71,8 +71,8 @@ def test_a_closed_empty_reasoning_block_and_an_opening_prefix_conflict():
 
 
 def test_conflict_stops_render_and_training_data(tmp_path, tiny_tokenizer):
-    from backends.common import load_training_data
     from prefill_kit.config import DataSection
+    from prefill_kit.prompts.training_data import load_training_data
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": USER}) + "\n")

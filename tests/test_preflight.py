@@ -99,8 +99,8 @@ def test_over_long_prompts_are_reported(tiny_model_dir):
 def _prompt_lengths(model_dir):
     from transformers import AutoTokenizer
 
-    from prefill_kit.backends.common import load_training_data
     from prefill_kit.config import DataSection
+    from prefill_kit.prompts.training_data import load_training_data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_training_data(DataSection(path=str(REPO / "examples" / "math_tiny.jsonl"), prefix=PREFIX), tokenizer)
@@ -143,9 +143,9 @@ def test_trl_backend_preflight_checks_the_prompt_ids_trl_will_make(bos_tokenizer
     report = run_preflight(config, backend="trl", num_prompts=1, progress=False, reward_funcs=reward)
     assert report.backend == "trl" and not any("TRL backend" in p.message for p in report.problems)
 
-    from prefill_kit.backends import trl
+    from prefill_kit.runs import preflight
 
-    monkeypatch.setattr(trl, "exact_ids_tokenizer", lambda tokenizer: tokenizer)  # TRL's default: a second BOS
+    monkeypatch.setattr(preflight, "exact_ids_tokenizer", lambda tokenizer: tokenizer)  # TRL's default: a second BOS
     report = run_preflight(config, backend="trl", num_prompts=1, progress=False, reward_funcs=reward)
     trl_problems = [p.message for p in report.blocking if p.message.startswith("TRL backend")]
     assert len(trl_problems) == 1 and trl_problems[0].startswith("TRL backend: row 1: TRL would feed the model")

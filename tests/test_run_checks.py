@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefill_kit.backends import builtin, trl
 from prefill_kit.config import config_from_dict
 from prefill_kit.errors import ConfigError
-from prefill_kit.runs.run_checks import check_model_source
-from prefill_kit.runs.run_dir import check_run_dir, last_checkpoint
+from prefill_kit.runs.checks import check_model_source
+from prefill_kit.runs.session import check_run_dir, last_checkpoint
 from tests.conftest import REPO
 
 BACKENDS = {"builtin": builtin.train, "trl": trl.train}

@@ -12,11 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefill_kit.backends import builtin, trl
-from prefill_kit.backends.common import eval_metrics, load_eval_data
-from prefill_kit.backends.trl import grpo_config_kwargs, one_record_set
+from prefill_kit.backends.trl import one_record_set
 from prefill_kit.config import DataSection, config_from_dict
 from prefill_kit.errors import ConfigError, PrefillKitError
+from prefill_kit.prompts.training_data import load_eval_data
 from prefill_kit.rewards import format_reward
+from prefill_kit.runs.completion_log import eval_metrics
+from prefill_kit.runs.trl_config import grpo_config_kwargs
 from tests import recording_reward
 from tests.conftest import REPO
 
@@ -158,7 +160,7 @@ def test_trl_section_cannot_set_what_output_and_eval_options_set(tmp_path):
 
 
 def test_trl_refuses_an_eval_temperature_vllm_would_not_use(eval_file, tmp_path):
-    from prefill_kit.backends.trl import trl_extra_kwargs
+    from prefill_kit.runs.trl_config import trl_extra_kwargs
 
     sections = eval_sections(eval_file)
     with pytest.raises(ConfigError, match="grpo.eval_temperature: with trl.use_vllm"):

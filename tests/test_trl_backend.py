@@ -6,10 +6,11 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from prefill_kit.backends.trl import check_prompt_ids, exact_ids_tokenizer, grpo_config_kwargs
 from prefill_kit.config import config_from_dict
 from prefill_kit.errors import PrefillKitError
+from prefill_kit.prompts.prompt_tokens import exact_ids_tokenizer
 from prefill_kit.prompts.render import render_prompt
+from prefill_kit.runs.trl_config import check_prompt_ids, grpo_config_kwargs
 from prefill_kit.templates import load_template
 
 USER = [{"role": "user", "content": "What is 2+2?"}]

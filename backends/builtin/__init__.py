@@ -7,10 +7,10 @@
 - `train(config)` (loop.py): the loop. Every backend module exposes `train(config)` with this meaning.
 """
 
-from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages
 from prefill_kit.backends.builtin.loop import RolloutRecord, TrainResult, train
-from prefill_kit.backends.builtin.loss import NORMALIZERS, grpo_loss, token_logps
-from prefill_kit.backends.builtin.rollout import Rollout, completion_logps, completion_mask_from_eos, generate
+from prefill_kit.grpo.advantages import combine_rewards, compute_advantages
+from prefill_kit.grpo.loss import NORMALIZERS, grpo_loss, token_logps
+from prefill_kit.grpo.rollout import Rollout, completion_logps, completion_mask_from_eos, generate
 
 __all__ = ["NORMALIZERS", "Rollout", "RolloutRecord", "TrainResult", "combine_rewards", "completion_logps",
            "completion_mask_from_eos", "compute_advantages", "generate", "grpo_loss", "token_logps", "train"]

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefill_kit.errors import ConfigError
-
 PREFIX = "checkpoint-"
 
 
@@ -59,20 +57,3 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, tokenizer=None) -> Pa
         tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself when it is a checkpoint, else the latest `checkpoint-<step>` inside it (a run directory)."""
-    path = Path(path)
-    if (path / "checkpoint.json").is_file():
-        return path
-    found = sorted((p for p in path.glob(f"{PREFIX}*") if (p / "checkpoint.json").is_file()),
-                   key=lambda p: int(p.name.removeprefix(PREFIX)))
-    if not found:
-        raise ConfigError(f"output.resume_from: {path} is neither a checkpoint nor a run directory with one")
-    return found[-1]
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint was saved at (known before its state is loaded)."""
-    return int(json.loads((checkpoint / "checkpoint.json").read_text(encoding="utf-8"))["step"])

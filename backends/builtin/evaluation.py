@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from prefill_kit.backends.builtin.rollout import completion_mask_from_eos, generate
-from prefill_kit.backends.builtin.scoring import WeightedRewardLike, score_completions
-from prefill_kit.backends.common import eval_metrics
+from prefill_kit.grpo.rollout import sample_and_score
+from prefill_kit.grpo.scoring import WeightedRewardLike, none_if_nan
+from prefill_kit.runs.completion_log import eval_metrics
 
 
 def process_shard(num_rows: int, process_index: int, num_processes: int) -> range:
@@ -50,17 +50,9 @@ def evaluate(policy, dataset, *, rewards: Sequence[WeightedRewardLike], tokenize
     with forked_rng(accelerator.device, seed):
         for start in range(shard.start, shard.stop, prompts_per_batch):
             rows = dataset[start:min(start + prompts_per_batch, shard.stop)]  # column -> list, one per prompt
-            with autocast():
-                batch = generate(policy, rows["prompt_ids"], num_generations=num_generations,
-                                 generation_config=generation_config, eos_token_ids=eos_ids,
-                                 pad_token_id=tokenizer.pad_token_id)
-            lengths = completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).tolist()
-            ids_list = [ids[:n].tolist() for ids, n in zip(batch.completion_ids.cpu(), lengths, strict=True)]
-            completions = tokenizer.batch_decode(ids_list, skip_special_tokens=True)
-            columns = {k: [v for v in values for _ in range(num_generations)] for k, values in rows.items()}
-            prompts = columns.pop("prompt")
-            scores = score_completions(rewards, prompts=prompts, completions=completions, completion_ids=ids_list,
-                                       columns=columns)  # (b, K), NaN for None
-            local += [[None if v != v else v for v in row] for row in scores.tolist()]
+            scored = sample_and_score(policy, rows, rewards=rewards, tokenizer=tokenizer,
+                                      num_generations=num_generations, generation_config=generation_config,
+                                      eos_ids=eos_ids, autocast=autocast)
+            local += [[none_if_nan(v) for v in row] for row in scored.scores.tolist()]  # (b, K)
     every = gather_object(local) if accelerator.num_processes > 1 else local
     return eval_metrics(every, [r.name for r in rewards], [float(r.weight) for r in rewards])

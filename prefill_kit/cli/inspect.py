@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_kit.runs.inspect_view import format_rows, load_completions, reward_names, select, write_html
+    from prefill_kit.runs.inspect import format_rows, load_completions, reward_names, select, write_html
 
     rows = load_completions(args.run_dir)
     names = reward_names(rows)

@@ -16,7 +16,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from prefill_kit.extras import require_train
-    from prefill_kit.runs.plotting import plot_runs
+    from prefill_kit.runs.plots import plot_runs
 
     require_train("prefill-kit plot", ("matplotlib",))
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 def format_report(report, *, color: bool = False) -> str:
     """The report as text: facts first, then samples, then the verdict with its advice."""
-    from prefill_kit.runs.inspect_view import format_rows, show
+    from prefill_kit.runs.inspect import format_rows, show
     from prefill_kit.runs.run_health import percent
 
     r = report

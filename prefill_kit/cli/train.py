@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def resume_hint(run_dir: str) -> str:
     """Where an interrupted run can continue from: its last whole checkpoint, if it wrote one."""
-    from prefill_kit.runs.run_dir import last_checkpoint
+    from prefill_kit.runs.session import last_checkpoint
 
     checkpoint = last_checkpoint(run_dir)
     if checkpoint is None:

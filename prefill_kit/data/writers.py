@@ -18,10 +18,18 @@ from typing import Any
 
 from prefill_kit.data.io import atomic_directory, atomic_output, dump_json_line
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.prompts.pipeline import to_columns
 
 OUTPUT_FORMATS = ("jsonl", "parquet", "hf")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", "": "hf"}
+
+
+def to_columns(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list]:
+    """Rows as a column dict with exactly `columns`; a key outside them is an error, not a silent drop."""
+    extra = {k for r in rows for k in r} - set(columns)
+    if extra:
+        raise DataError(f"columns {sorted(extra)} appear after the first batch fixed the output columns "
+                        f"{columns}; write JSON Lines, or give every row the same columns")
+    return {c: [r.get(c) for r in rows] for c in columns}
 
 
 def output_format(output: str, explicit: str | None = None) -> str:

@@ -23,6 +23,7 @@ from prefill_kit.data.formats import (
     to_conversation,
 )
 from prefill_kit.data.readers import Record
+from prefill_kit.data.writers import to_columns
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
 from prefill_kit.prompts.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
@@ -324,15 +325,6 @@ class BatchRenderer:
             if merged:
                 i, whole, split = merged[0]
                 result.merge_example = describe_merge(self.options.tokenizer, kept[i].where, whole, split)
-
-
-def to_columns(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, list]:
-    """Rows as a column dict with exactly `columns`; a key outside them is an error, not a silent drop."""
-    extra = {k for r in rows for k in r} - set(columns)
-    if extra:
-        raise DataError(f"columns {sorted(extra)} appear after the first batch fixed the output columns "
-                        f"{columns}; write JSON Lines, or give every row the same columns")
-    return {c: [r.get(c) for r in rows] for c in columns}
 
 
 class _MapRenderer:

@@ -51,6 +51,22 @@ def weighted_total(scores: Sequence[float | None], weights: Sequence[float]) -> 
     return sum(s * w for s, w in present) if present else None
 
 
+def eval_metrics(scores: list[list[float | None]], names: list[str], weights: list[float]) -> dict[str, float | None]:
+    """`eval/reward` and `eval/rewards/<name>` over every eval completion (one row of scores per completion).
+
+    None-aware as the training metrics are: a reward's mean skips its None scores, and the total of a
+    completion is the weighted sum of the scores it has (None, and skipped, when every reward returned None).
+    """
+    def mean(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return sum(present) / len(present) if present else None
+
+    out = {"eval/reward": mean([weighted_total(row, weights) for row in scores])}
+    for k, name in enumerate(names):
+        out[f"eval/rewards/{name}"] = mean([row[k] for row in scores])
+    return out
+
+
 def completion_rows(*, step: int, prompt_indices: Sequence[int], prefixes: Sequence[str],
                     completions: Sequence[str], completion_lengths: Sequence[int], truncated: Sequence[bool],
                     rewards: dict[str, Sequence[float | None]], reward: Sequence[float | None],

@@ -10,6 +10,7 @@ It trains nothing and prints nothing but a progress bar; `prefill-kit preflight`
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
@@ -20,7 +21,18 @@ from typing import Any, Literal
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError, PrefillKitError
+from prefill_kit.grpo.advantages import compute_advantages
+from prefill_kit.grpo.policy import load_model, load_tokenizer
+from prefill_kit.grpo.prompt_order import prompt_indices
+from prefill_kit.grpo.rollout import eos_token_ids, make_generation_config, sample_and_score
+from prefill_kit.prompts.prompt_tokens import PromptTokenizer, boundary_merges, describe_merge, exact_ids_tokenizer
+from prefill_kit.prompts.training_data import few_shot_examples, load_training_data
+from prefill_kit.runs.checks import check_paths, run_rewards
+from prefill_kit.runs.completion_log import check_reward_names, completion_rows
+from prefill_kit.runs.prefix_fit import format_rewards, prefix_length_problem, solution_format_problems
 from prefill_kit.runs.run_health import THRESHOLD, percent, truncation_advice, zero_spread_advice, zero_spread_share
+from prefill_kit.runs.trackers import check_trackers
+from prefill_kit.runs.trl_config import check_prompt_ids, grpo_config_kwargs, trl_extra_kwargs
 
 BOUNDARY_ROWS = 1000  # rows whose prefix boundary is audited (a template merges the same way on every row)
 TRUNCATION_NOTICE = 0.25  # a truncation rate worth a (non-blocking) warning
@@ -82,8 +94,6 @@ class PreflightReport:
 
 def check_backend_options(config: TrainingConfig, backend: str) -> None:
     """Raise ConfigError for an option `backend` does not support, as training would, before any model loads."""
-    from prefill_kit.runs.trackers import check_trackers
-
     check_trackers(config.output.report_to)
     if backend == "builtin":
         if config.trl:
@@ -92,10 +102,9 @@ def check_backend_options(config: TrainingConfig, backend: str) -> None:
         return
     if backend != "trl":
         raise ConfigError(f"backend: expected builtin or trl, got {backend!r}")
-    from prefill_kit.backends.trl import grpo_config_kwargs, trl_extra_kwargs
+    from trl import GRPOConfig
 
     extra = trl_extra_kwargs(config)
-    from trl import GRPOConfig
 
     try:  # TRL's own checks of the combination (batch sizes, generation settings, ...)
         with warnings.catch_warnings():  # transformers' deprecation notes about its own defaults
@@ -114,39 +123,23 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     (objects with `name`, `fn`, `weight`) replace `config.rewards` when given.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prefill_kit.backends.builtin.advantages import combine_rewards, compute_advantages
-    from prefill_kit.backends.builtin.data import prompt_indices
-    from prefill_kit.backends.builtin.loop import DTYPES, make_generation_config
-    from prefill_kit.backends.builtin.scoring import reward_weights, score_completions
-    from prefill_kit.backends.common import eos_token_ids, few_shot_examples, load_training_data
-    from prefill_kit.runs.completion_log import check_reward_names, completion_rows
-    from prefill_kit.runs.run_checks import check_paths, resolve_rewards
+    from tqdm.auto import tqdm
 
     backend = backend or config.backend
     check_backend_options(config, backend)
     check_paths(config)
     if num_prompts < 1:
         raise ConfigError(f"prompts: expected a positive number, got {num_prompts}")
-    rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
-    if not rewards:
-        raise ConfigError("rewards: at least one reward is needed")
+    rewards = run_rewards(config, reward_funcs)
     check_reward_names([r.name for r in rewards])
     g = config.grpo
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(config)
     dataset = load_training_data(config.data, tokenizer)
     problems: list[Problem] = []
     if backend == "trl":
         problems += _trl_prompt_problems(tokenizer, dataset)
-    model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=DTYPES[config.model.dtype])
-    if config.model.lora is not None:  # the model as training starts: base + a fresh adapter
-        from prefill_kit.backends.lora import apply_lora
-
-        model = apply_lora(model, config.model.lora)
+    model = load_model(config)  # the model as training starts: with model.lora, base + a fresh adapter
     model.eval()
 
     # ---- prompts: lengths over every row, the prefix boundary on the first BOUNDARY_ROWS
@@ -156,23 +149,22 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     checked = dataset.select(range(min(BOUNDARY_ROWS, len(dataset))))
     merges, merge_example = _boundary_merges(tokenizer, checked)
 
-    # ---- sample and score completions for the prompts the run starts with
+    # ---- sample and score completions for the prompts the run starts with (the built-in loop's rollout)
     n = min(num_prompts, len(dataset))
     indices = prompt_indices(0, num_prompts=len(dataset), prompts_per_process=n, process_index=0, num_processes=1,
                              seed=config.train.seed, shuffle=config.data.shuffle)
     rows = dataset[indices]
     torch.manual_seed(config.train.seed)
     eos_ids = eos_token_ids(tokenizer, model)
-    completion_ids, truncated = _generate(
-        model, rows["prompt_ids"], g, make_generation_config(g, tokenizer, eos_ids), eos_ids, tokenizer.pad_token_id,
-        chunk=max(1, config.train.per_device_train_batch_size // g.num_generations), progress=progress,
-        bf16=config.train.bf16)
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    columns = {k: [v for v in values for _ in range(g.num_generations)] for k, values in rows.items()}
-    prompts = columns.pop("prompt")
-    scores = score_completions(rewards, prompts=prompts, completions=completions, completion_ids=completion_ids,
-                               columns=columns)  # (B, K), NaN for None
-    totals = combine_rewards(scores, reward_weights(rewards))
+    autocast = functools.partial(torch.autocast, model.device.type, dtype=torch.bfloat16, enabled=config.train.bf16)
+    with tqdm(total=n, desc="preflight: generating", unit="prompt", file=sys.stderr, disable=not progress) as bar:
+        rollout = sample_and_score(
+            model, rows, rewards=rewards, tokenizer=tokenizer, num_generations=g.num_generations,
+            generation_config=make_generation_config(g, tokenizer, eos_ids), eos_ids=eos_ids,
+            chunk=max(1, config.train.per_device_train_batch_size // g.num_generations), autocast=autocast,
+            on_chunk=bar.update)
+    completions, columns, scores, totals = rollout.completions, rollout.columns, rollout.scores, rollout.totals
+    truncated = rollout.truncated
     advantages = compute_advantages(totals, g.num_generations, g.scale_rewards)
 
     summaries = [_summary(r.name, float(r.weight), scores[:, k].tolist()) for k, r in enumerate(rewards)]
@@ -182,7 +174,7 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     zero_spread = zero_spread_share(total_list, g.num_generations)
     samples = completion_rows(
         step=0, prompt_indices=[i for i in indices for _ in range(g.num_generations)], prefixes=columns["prefix"],
-        completions=completions, completion_lengths=[len(i) for i in completion_ids], truncated=truncated,
+        completions=completions, completion_lengths=rollout.lengths, truncated=truncated,
         rewards={r.name: scores[:, k].tolist() for k, r in enumerate(rewards)}, reward=totals.tolist(),
         advantages=advantages.tolist())[:num_samples]
 
@@ -207,8 +199,6 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
 
 def _few_shot_format(few_shot, rewards) -> dict[str, float]:
     """Each configured format reward's mean over the few-shot examples' answers, scored as whole responses."""
-    from prefill_kit.runs.prefix_fit import format_rewards
-
     if few_shot is None:
         return {}
     answers = [e.answer for e in few_shot.examples]
@@ -218,8 +208,6 @@ def _few_shot_format(few_shot, rewards) -> dict[str, float]:
 def _fit_problems(tokenizer, checked, rewards, max_completion_length: int,
                   few_shot_format: dict[str, float]) -> list[Problem]:
     """Does the prefix fit the data: its length, the solutions' format, and the few-shot examples' format."""
-    from prefill_kit.runs.prefix_fit import prefix_length_problem, solution_format_problems
-
     out: list[Problem] = []
     for name, mean in few_shot_format.items():
         if mean < 1.0:
@@ -239,33 +227,6 @@ def _fit_problems(tokenizer, checked, rewards, max_completion_length: int,
     return out
 
 
-def _generate(model, prompt_ids, g, generation_config, eos_ids, pad_token_id, *, chunk: int, progress: bool,
-              bf16: bool = False):
-    """Completion ids (cut after EOS) and truncation flags, `chunk` prompts at a time with a progress bar.
-
-    Samples under the same bf16 autocast as the built-in training loop when `train.bf16` is set.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from prefill_kit.backends.builtin.rollout import completion_mask_from_eos, generate
-
-    ids_out: list[list[int]] = []
-    truncated: list[bool] = []
-    with tqdm(total=len(prompt_ids), desc="preflight: generating", unit="prompt", file=sys.stderr,
-              disable=not progress) as bar:
-        for start in range(0, len(prompt_ids), chunk):
-            part = prompt_ids[start:start + chunk]
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                batch = generate(model, part, num_generations=g.num_generations,
-                                 generation_config=generation_config, eos_token_ids=eos_ids, pad_token_id=pad_token_id)
-            lengths = completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).tolist()
-            ids_out += [ids[:n].tolist() for ids, n in zip(batch.completion_ids, lengths, strict=True)]
-            truncated += batch.is_truncated.tolist()
-            bar.update(len(part))
-    return ids_out, truncated
-
-
 def prefix_tokens(tokenizer, prompt_ids: Sequence[int], prefix: str) -> list[str]:
     """The prompt's last tokens that together hold `prefix`, each decoded: the prefix as the model sees it.
 
@@ -280,8 +241,6 @@ def prefix_tokens(tokenizer, prompt_ids: Sequence[int], prefix: str) -> list[str
 
 
 def _boundary_merges(tokenizer, dataset):
-    from prefill_kit.prompts.prompt_tokens import PromptTokenizer, boundary_merges, describe_merge
-
     merged = boundary_merges(PromptTokenizer(tokenizer), list(dataset["prompt"]), list(dataset["prefix"]),
                              [list(i) for i in dataset["prompt_ids"]])
     if not merged:
@@ -292,8 +251,6 @@ def _boundary_merges(tokenizer, dataset):
 
 def _trl_prompt_problems(tokenizer, dataset) -> list[Problem]:
     """The TRL backend tokenizes prompts itself: it must give the rendered ids (see backends/trl.py)."""
-    from prefill_kit.backends.trl import check_prompt_ids, exact_ids_tokenizer
-
     try:
         check_prompt_ids(exact_ids_tokenizer(tokenizer), dataset)
     except PrefillKitError as exc:

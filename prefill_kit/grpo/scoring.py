@@ -44,5 +44,15 @@ def score_completions(rewards: Sequence[WeightedRewardLike], *, prompts: list[st
     return out
 
 
+def none_if_nan(value: float) -> float | None:
+    """The one rule between the two spellings of "this reward cannot judge": NaN in tensors, None in lists."""
+    return None if value != value else value
+
+
+def nullable(values: torch.Tensor) -> list[float | None]:
+    """A (B,) score tensor as the list rewards and logs use: None where it holds NaN."""
+    return [none_if_nan(v) for v in values.tolist()]
+
+
 def reward_weights(rewards: Sequence[WeightedRewardLike]) -> torch.Tensor:
     return torch.tensor([float(r.weight) for r in rewards], dtype=torch.float32)

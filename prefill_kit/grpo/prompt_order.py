@@ -1,4 +1,4 @@
-"""Which training prompts each process uses at each step (loading them is `prefill_kit.backends.common`)."""
+"""Which training prompts each process uses at each step (loading them is `prefill_kit.prompts.training_data`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +49,6 @@ def load_training_data(section: DataSection, tokenizer):
     return dataset.map(tokenize, batched=True)
 
 
-def write_run_config(run_dir: str | Path, config) -> None:
-    """`RUN_DIR/config.yaml`: the config the run used, so a run can be read later (`plot` shows reward weights)."""
-    import yaml
-
-    from prefill_kit.data.io import atomic_output
-
-    with atomic_output(Path(run_dir) / "config.yaml") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)
-
-
 def last_user_text(messages: list[dict[str, Any]]) -> str | None:
     """The text of the last user message (its text parts joined), or None when no user spoke."""
     for message in reversed(messages):
@@ -96,42 +85,6 @@ def few_shot_examples(section: DataSection):
     return load_few_shot(f.path, shots=f.shots, seed=f.seed, mode=f.mode, prefix=section.prefix)
 
 
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return sorted({*ids, tokenizer.eos_token_id} - {None})
-
-
-@contextlib.contextmanager
-def final_model_dir(run_dir: str | Path, *, is_main: bool):
-    """A fresh directory to save the final model into; its files move into `run_dir` only when saving finished.
-
-    Each file lands by `os.replace`, so an interrupted save leaves no half-written weights in the run
-    directory. Only the main process moves files; the others may write to the directory too (distributed
-    saves) but leave the moving to it.
-    """
-    import os
-    import shutil
-
-    run_dir = Path(run_dir)
-    staging = run_dir / ".final-model.tmp"
-    if is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    try:
-        yield staging
-        if is_main:
-            for item in staging.iterdir():
-                target = run_dir / item.name
-                if item.is_dir():
-                    shutil.rmtree(target, ignore_errors=True)
-                os.replace(item, target)
-    finally:
-        if is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def load_eval_data(section: DataSection, tokenizer):
     """The held-out prompts of `section.eval_path`, rendered exactly as the training data (None without one)."""
     import dataclasses
@@ -143,21 +96,3 @@ def load_eval_data(section: DataSection, tokenizer):
     if Path(section.eval_path).resolve() == Path(section.path).resolve():
         raise ConfigError(f"data.eval_path: {section.eval_path} is the training data; eval rows must be held out")
     return load_training_data(dataclasses.replace(section, path=section.eval_path), tokenizer)
-
-
-def eval_metrics(scores: list[list[float | None]], names: list[str], weights: list[float]) -> dict[str, float | None]:
-    """`eval/reward` and `eval/rewards/<name>` over every eval completion (one row of scores per completion).
-
-    None-aware as the training metrics are: a reward's mean skips its None scores, and the total of a
-    completion is the weighted sum of the scores it has (None, and skipped, when every reward returned None).
-    """
-    from prefill_kit.runs.completion_log import weighted_total
-
-    def mean(values: list[float | None]) -> float | None:
-        present = [v for v in values if v is not None]
-        return sum(present) / len(present) if present else None
-
-    out = {"eval/reward": mean([weighted_total(row, weights) for row in scores])}
-    for k, name in enumerate(names):
-        out[f"eval/rewards/{name}"] = mean([row[k] for row in scores])
-    return out

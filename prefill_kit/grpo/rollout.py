@@ -7,13 +7,18 @@ of the prompt the model conditions on and never enters the completion or its mas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from prefill_kit.backends.builtin.loss import token_logps
+from prefill_kit.config import GRPOSection
+from prefill_kit.grpo.advantages import combine_rewards
+from prefill_kit.grpo.loss import token_logps
+from prefill_kit.grpo.scoring import WeightedRewardLike, reward_weights, score_completions
 
 
 @dataclass
@@ -108,3 +113,82 @@ def completion_logps(model, batch: Rollout, temperature: float) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    logits_to_keep=num_completion + 1).logits  # (B, C+1, V)
     return token_logps(logits[:, :-1], batch.completion_ids, temperature)  # (B, C)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({*ids, tokenizer.eos_token_id} - {None})
+
+
+def make_generation_config(grpo: GRPOSection, tokenizer, eos_ids: list[int]):
+    """The sampling settings of a rollout.
+
+    Every sampling knob is explicit: a None would be filled from transformers' defaults (top_k=50), and
+    sampling from a truncated distribution while scoring the full one is off-policy. top_k=0 disables it.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, max_new_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
+        top_k=grpo.top_k, repetition_penalty=1.0, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, disable_compile=True)
+
+
+@dataclass
+class ScoredRollout:
+    """Completions of some prompts, sampled and scored: what the loop, evaluation and preflight all need.
+
+    One entry (or row) per completion, the `num_generations` completions of a prompt adjacent.
+    """
+
+    batch: Rollout | None  # the tensors the loss needs; None when the prompts were sampled in several chunks
+    completion_ids: list[list[int]]  # cut after the first EOS (TRL's `completion_ids` for rewards)
+    completions: list[str]  # decoded without special tokens
+    lengths: list[int]  # tokens up to and including the first EOS
+    truncated: list[bool]  # no EOS within max_completion_length
+    prompts: list[str]
+    columns: dict[str, list[Any]]  # every other data column (with `prefix`), one value per completion
+    scores: torch.Tensor  # (B, K): each reward's score, NaN where it returned None
+    totals: torch.Tensor  # (B,): the weighted total, NaN where no reward could judge
+
+
+def sample_and_score(policy, rows: dict[str, list[Any]], *, rewards: Sequence[WeightedRewardLike], tokenizer,
+                     num_generations: int, generation_config, eos_ids: list[int],
+                     mask_truncated_completions: bool = False, chunk: int | None = None,
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     on_chunk: Callable[[int], None] | None = None) -> ScoredRollout:
+    """Sample `num_generations` completions of each prompt in `rows` (column -> list), then score them all.
+
+    Prompts are sampled `chunk` at a time (all at once when None; `on_chunk` hears each chunk's prompt count),
+    and the rewards are called once, with TRL's arguments, after the last chunk.
+    """
+    prompt_ids = rows["prompt_ids"]
+    chunk = chunk or max(1, len(prompt_ids))
+    batches = []
+    for start in range(0, len(prompt_ids), chunk):
+        part = prompt_ids[start:start + chunk]
+        with autocast():
+            batches.append(generate(policy, part, num_generations=num_generations,
+                                    generation_config=generation_config, eos_token_ids=eos_ids,
+                                    pad_token_id=tokenizer.pad_token_id,
+                                    mask_truncated_completions=mask_truncated_completions))
+        if on_chunk is not None:
+            on_chunk(len(part))
+    ids_list: list[list[int]] = []
+    lengths: list[int] = []
+    truncated: list[bool] = []
+    for batch in batches:
+        ends = completion_mask_from_eos(batch.completion_ids, eos_ids).sum(dim=1).tolist()  # (b,)
+        ids_list += [ids[:n].tolist() for ids, n in zip(batch.completion_ids.cpu(), ends, strict=True)]
+        lengths += ends
+        truncated += batch.is_truncated.tolist()
+    completions = tokenizer.batch_decode(ids_list, skip_special_tokens=True)
+    columns = {k: [v for v in values for _ in range(num_generations)] for k, values in rows.items()}
+    prompts = columns.pop("prompt")
+    scores = score_completions(rewards, prompts=prompts, completions=completions, completion_ids=ids_list,
+                               columns=columns)  # (B, K)
+    return ScoredRollout(batch=batches[0] if len(batches) == 1 else None, completion_ids=ids_list,
+                         completions=completions, lengths=lengths, truncated=truncated, prompts=prompts,
+                         columns=columns, scores=scores, totals=combine_rewards(scores, reward_weights(rewards)))

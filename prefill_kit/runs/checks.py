@@ -123,6 +123,13 @@ def resolve_rewards(spec: str | Sequence[Mapping[str, Any] | str]):
     rewards = []
     for i, entry in enumerate(spec):
         rewards += _named(f"rewards[{i}]", lambda entry=entry: parse_reward_spec([entry]))
+    return rewards
+
+
+def run_rewards(config, reward_funcs: Sequence[Any] | None = None) -> list:
+    """The rewards a run scores with: `reward_funcs` when given (objects with `name`, `fn`, `weight`), else
+    `config.rewards` resolved; a run needs at least one."""
+    rewards = list(reward_funcs) if reward_funcs is not None else resolve_rewards(config.rewards)
     if not rewards:
         raise ConfigError("rewards: at least one reward is needed")
     return rewards
