@@ -241,3 +241,16 @@ def test_split_special_tokens_set_on_the_tokenizer_blocks_the_cut():
     texts = ["<|im_start|>user\nhi<|im_end|>"] * 70
     assert encoder.encode(texts) == whole(tokenizer, texts)
     assert whole(tokenizer, texts[:1])[0] != whole(build("qwen"), texts[:1])[0]
+
+
+@pytest.mark.parametrize("route", ["piecewise", "whole"])
+def test_a_bos_adding_post_processor_adds_nothing_on_either_route(route):
+    from tokenizers import processors
+
+    tokenizer = many_added("metaspace-first")
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    texts = random_texts(300, seed=31, specials=("<s>", "[INST]", "<unused9>", "abc"))
+    assert tokenizer(texts[:5])["input_ids"][0][0] == bos  # the plain call would add it
+    assert encode_in_batches(PromptTokenizer(tokenizer, route=route), texts) == whole(tokenizer, texts)
