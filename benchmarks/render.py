@@ -1,15 +1,25 @@
 """Benchmark: render + tokenize GSM8K-size conversations, prefill-kit vs the `datasets.map` a TRL user writes.
 
-    python benchmarks/render.py [--rows 100000] [--num-proc 2] [--rss-rows 1000000] [--tokenizers Qwen2.5,...]
+    python benchmarks/render.py [--rows 20000] [--repeats 3] [--num-proc 2] [--rss-rows 1000000]
+                                [--tokenizers Qwen2.5,Mistral-7B-v0.3,Gemma-3-like]
 
-Same process, same rows, outputs asserted identical (prompt text and prompt ids). Prints rows/s for
-the baseline (per-example and batched `datasets.map` with `apply_chat_template(..., tokenize=False,
-add_generation_prompt=True) + prefix`, then the tokenizer with `add_special_tokens=False`), for
-`prefill_kit.render_dataset` in one process and with `--num-proc`, and the floor: batch-tokenizing
-the already rendered texts alone. `--rss-rows` also renders a generated JSON Lines file of that many
-rows with `prefill-kit render` in a child process and reports its peak RSS.
+Same process, same rows, outputs asserted identical (prompt text and prompt ids). Per tokenizer it prints
+rows/s (median of `--repeats` runs) for:
 
-Runs on the Qwen2.5 (byte-level BPE) and Mistral-7B-v0.3 (SentencePiece-style Metaspace) tokenizers.
+- the baselines: per-example and batched `datasets.map` with `apply_chat_template(..., tokenize=False,
+  add_generation_prompt=True) + prefix`, then the tokenizer with `add_special_tokens=False`;
+- the tokenize-only floor: batch-tokenizing the already rendered texts alone;
+- the 2-core ceiling: 2 / (render CPU + tokenize CPU per row), each measured single-threaded (CPU time,
+  which other processes on the machine barely move);
+- `prefill_kit.render_dataset` with 1 and `--num-proc` processes, as ratios to the batched baseline and
+  as fractions of the ceiling;
+- the ids stage alone (`PromptTokenizer`, the route it measures) against whole-prompt batch tokenization,
+  here and on every family of tests/tokenizer_families.py (plus one with 3,000 added tokens).
+
+Tokenizers: Qwen2.5 (byte-level BPE), Mistral-7B-v0.3 (Metaspace) and Gemma-3-like: Mistral's vocabulary
+with 6,400 more added tokens (Gemma-3 has 6,415: `<unusedN>`, turn markers, HTML tags, whitespace runs)
+and Gemma-3's chat template. `--rss-rows` also renders a generated JSON Lines file of that many rows with
+`prefill-kit render` in a child process and reports its peak RSS.
 Needs ../shared/reference (GSM8K test set, the tokenizers); exits with a message where it is absent.
 """
 
@@ -19,23 +29,51 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference"
 PREFIX = "<think>\n"
 
 
+REPEATS = 3
+
+
 def timed(label: str, fn, rows: int, results: dict):
-    start = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - start
+    """Run `fn` REPEATS times; record and print the median rows/s."""
+    times, out = [], None
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     results[label] = rows / seconds
-    print(f"{label:<44} {rows / seconds:>10,.0f} rows/s  ({seconds:.2f} s)", flush=True)
+    print(f"{label:<48} {rows / seconds:>10,.0f} rows/s  (median {seconds:.2f} s of {REPEATS})", flush=True)
     return out
+
+
+def cpu_per_row(fn, rows: int, single_thread: bool = False) -> float:
+    """Median CPU seconds per row of `fn` (all threads of this process), optionally with tokenizers' pool off."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    if single_thread:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        times = []
+        for _ in range(REPEATS):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    return statistics.median(times) / rows
 
 
 def column(dataset, name: str) -> list:
@@ -108,28 +146,53 @@ def cold_memo(tokenizer) -> None:
           f"prefill-kit {len(texts) / ours:,.0f} texts/s ({floor / ours:.2f}x), ids identical")
 
 
-TOKENIZERS = {"Qwen2.5": "qwen2.5-instruct-DERIVED", "Mistral-7B-v0.3": "mistral-7b-instruct-v0.3"}
+TOKENIZERS = {"Qwen2.5": "qwen2.5-instruct-DERIVED", "Mistral-7B-v0.3": "mistral-7b-instruct-v0.3",
+              "Gemma-3-like": "mistral-7b-instruct-v0.3"}
+LABELS = {"per": "baseline: datasets.map per example", "batched": "baseline: datasets.map batched",
+          "floor": "floor: tokenizer(rendered texts) alone", "one": "prefill-kit render_dataset, 1 process"}
+
+
+def load_tokenizer(name: str):
+    """The named tokenizer; Gemma-3-like adds 6,400 added tokens to Mistral's and uses Gemma-3's template."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(REFERENCE / "tokenizers" / TOKENIZERS[name]))
+    if name == "Gemma-3-like":
+        tags = ("table", "tr", "td", "th", "thead", "tbody", "b", "i", "u", "p", "div", "span", "h1", "h2", "h3")
+        extra = ([f"<unused{i}>" for i in range(6242)] + ["<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                 "<end_of_image>", "<image_soft_token>", "[@BOS@]", "<mask>"] + [f"<{t}>" for t in tags]
+                 + [f"</{t}>" for t in tags] + ["\n" * k for k in range(2, 32)] + [" " * k for k in range(2, 32)]
+                 + ["\t" * k for k in range(1, 32)] + ["▁" * k for k in range(2, 32)])
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra], special_tokens=True)
+        tokenizer.chat_template = (REFERENCE / "templates" / "gemma-3-it.jinja").read_text(encoding="utf-8")
+    return tokenizer
 
 
 def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
-    """Baselines, floor and prefill-kit on one tokenizer (its own chat template); outputs asserted identical."""
-    from prefill_kit.prompts.pipeline import render_dataset
+    """Baselines, floor, ceiling and prefill-kit on one tokenizer (its own chat template); outputs identical."""
+    from prefill_kit.prompts.pipeline import render_dataset, resolve_template
 
-    print(f"\n== {name}: {args.rows:,} rows, GSM8K questions, prefix {PREFIX!r}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} (other work on the machine skews the process figures)")
+    added = len(tokenizer.backend_tokenizer.get_added_tokens_decoder())
+    print(f"\n== {name} ({added:,} added tokens): {args.rows:,} rows, GSM8K questions, prefix {PREFIX!r}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the machine skews wall "
+          "times)", flush=True)
     results: dict[str, float] = {}
-    base = timed("baseline: datasets.map per example", lambda: baseline_per_example(dataset, tokenizer),
-                 args.rows, results)
-    if not args.skip_batched_baseline:
-        batched = timed("baseline: datasets.map batched", lambda: baseline_batched(dataset, tokenizer),
-                        args.rows, results)
-        assert column(batched, "prompt_ids") == column(base, "prompt_ids")
-    texts = column(base, "prompt")
-    timed("floor: tokenizer(rendered texts) alone", lambda: tokenizer(texts, add_special_tokens=False),
-          args.rows, results)
-    ours = timed("prefill-kit render_dataset, 1 process",
-                 lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX), args.rows, results)
+    base = timed(LABELS["per"], lambda: baseline_per_example(dataset, tokenizer), args.rows, results)
+    batched = timed(LABELS["batched"], lambda: baseline_batched(dataset, tokenizer), args.rows, results)
     base_ids = column(base, "prompt_ids")
+    assert column(batched, "prompt_ids") == base_ids
+    texts = column(base, "prompt")
+    timed(LABELS["floor"], lambda: tokenizer(texts, add_special_tokens=False), args.rows, results)
+    template = resolve_template(None, tokenizer)
+    render_cpu = cpu_per_row(lambda: render_dataset(dataset, template=template, prefix=PREFIX), args.rows)
+    tokenize_cpu = cpu_per_row(lambda: tokenizer(texts, add_special_tokens=False), args.rows, single_thread=True)
+    ceiling = 2 / (render_cpu + tokenize_cpu)
+    results["ceiling"] = ceiling
+    print(f"{'2-core ceiling: 2 / (render + tokenize CPU)':<48} {ceiling:>10,.0f} rows/s  (render "
+          f"{render_cpu * 1e6:.0f} us + tokenize {tokenize_cpu * 1e6:.0f} us CPU per row, single-threaded)")
+    ours = timed(LABELS["one"], lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX), args.rows,
+                 results)
     assert column(ours, "prompt") == texts, "prompt text differs from the baseline"
     assert column(ours, "prompt_ids") == base_ids, "prompt ids differ from the baseline"
     label = f"prefill-kit render_dataset, num_proc={args.num_proc}"
@@ -137,73 +200,98 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
                                                  num_proc=args.num_proc), args.rows, results)
     assert column(ours_n, "prompt_ids") == base_ids, "prompt ids differ from the baseline (num_proc)"
     print("outputs identical: prompt text and prompt ids")
-    one = results["prefill-kit render_dataset, 1 process"]
-    baseline = results["baseline: datasets.map per example"]
-    print(f"{name} ratio vs per-example baseline: 1 process {one / baseline:.2f}x, "
-          f"num_proc={args.num_proc} {results[label] / baseline:.2f}x")
-    if "baseline: datasets.map batched" in results:
-        b = results["baseline: datasets.map batched"]
-        print(f"{name} ratio vs batched baseline:     1 process {one / b:.2f}x, num_proc={args.num_proc} "
-              f"{results[label] / b:.2f}x")
-    print(f"{name} vs the floor (tokenizing rendered texts alone): 1 process {one / results[floor_key()]:.2f}x")
-    tokenization_stage(name, tokenizer, texts, base_ids)
+    b, per = results[LABELS["batched"]], results[LABELS["per"]]
+    for procs, key in ((1, LABELS["one"]), (args.num_proc, label)):
+        print(f"{name} prefill-kit, {procs} process{'es' if procs > 1 else ''}: {results[key] / b:.2f}x the batched "
+              f"baseline ({results[key] / per:.2f}x per-example), {results[key] / ceiling:.2f} of the 2-core ceiling")
+    results["ids"] = tokenization_stage(name, tokenizer, texts, base_ids)
     return results
 
 
-def tokenization_stage(name: str, tokenizer, texts: list[str], expected: list[list[int]]) -> None:
-    """The exact ids path alone, in the pipeline's slices, against whole-prompt encoding of the same texts."""
+def tokenization_stage(name: str, tokenizer, texts: list[str], expected: list[list[int]]) -> float:
+    """The exact ids path alone, in the pipeline's slices, against whole-prompt batch encoding of the same
+    texts; the route (piecewise or whole) is the one `PromptTokenizer` measures on its first slice."""
     from prefill_kit.prompts.pipeline import BatchRenderer
     from prefill_kit.prompts.prompt_tokens import PromptTokenizer
 
-    start = time.perf_counter()
-    tokenizer(texts, add_special_tokens=False)
-    whole = time.perf_counter() - start
-    encoder = PromptTokenizer(tokenizer)
-    start = time.perf_counter()
     size = BatchRenderer.SLICE
-    got = [ids for i in range(0, len(texts), size) for ids in encoder.encode(texts[i:i + size])]
-    ours = time.perf_counter() - start
-    assert got == expected, "piecewise ids differ"
-    print(f"{name} tokenization stage alone: prefill-kit {len(texts) / ours:,.0f} rows/s vs whole-prompt "
-          f"{len(texts) / whole:,.0f} rows/s ({whole / ours:.2f}x), ids identical ({encoder.blocker or 'piecewise'})")
+    whole, ours, routes = [], [], set()
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        tokenizer(texts, add_special_tokens=False)
+        whole.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        encoder = PromptTokenizer(tokenizer)  # setup included: the cutter is cached per process
+        got = [ids for i in range(0, len(texts), size) for ids in encoder.encode(texts[i:i + size])]
+        ours.append(time.perf_counter() - start)
+        assert got == expected, "ids differ"
+        routes.add(encoder.route)
+    whole_s, ours_s = statistics.median(whole), statistics.median(ours)
+    print(f"{name} ids stage alone: prefill-kit {len(texts) / ours_s:,.0f} rows/s vs whole-prompt "
+          f"{len(texts) / whole_s:,.0f} rows/s ({whole_s / ours_s:.2f}x), ids identical, route "
+          f"{' / '.join(sorted(map(str, routes)))}", flush=True)
+    return whole_s / ours_s
 
 
-def floor_key() -> str:
-    return "floor: tokenizer(rendered texts) alone"
+def families_ids_stage(questions: list[str], rows: int) -> None:
+    """The ids stage on every family of tests/tokenizer_families.py and on one with 3,000 added tokens."""
+    sys.path.insert(0, str(ROOT))
+    from tokenizers import AddedToken
+
+    from tests.tokenizer_families import FAMILIES, build
+
+    print(f"\n== ids stage on the test families (tiny tokenizers), {rows:,} chat-rendered GSM8K questions")
+    for family in (*FAMILIES, "qwen + 3,000 added tokens"):
+        tokenizer = build(family.split(" ")[0])
+        if "added" in family:
+            tokenizer.add_tokens([AddedToken(f"<unused{i}>", special=True, normalized=False) for i in range(3000)],
+                                 special_tokens=True)
+        if "<|im_start|>" in tokenizer.get_vocab():
+            texts = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+                     f"<|im_start|>assistant\n{PREFIX}" for q in questions]
+        else:
+            texts = [f"<s>[INST] {q}[/INST]{PREFIX}" for q in questions]
+        texts = [texts[i % len(texts)] for i in range(rows)]
+        tokenization_stage(family, tokenizer, texts, tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def main() -> None:
+    global REPEATS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--rss-rows", type=int, default=0, help="also measure the CLI's peak RSS on this many rows")
-    parser.add_argument("--skip-batched-baseline", action="store_true")
     parser.add_argument("--tokenizers", default=",".join(TOKENIZERS), help="which of " + ", ".join(TOKENIZERS))
+    parser.add_argument("--skip-families", action="store_true", help="skip the ids stage on the test families")
     args = parser.parse_args()
+    REPEATS = args.repeats
     data_file = REFERENCE / "data" / "gsm8k" / "test.jsonl"
     if not data_file.is_file() or not (REFERENCE / "tokenizers").is_dir():
         raise SystemExit(f"needs {data_file} and {REFERENCE / 'tokenizers'} (../shared/reference); not found")
 
     import datasets
-    from transformers import AutoTokenizer
 
     datasets.disable_caching()
     datasets.disable_progress_bars()
     gsm8k = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [{"messages": [{"role": "user", "content": r["question"]}], "solution": r["answer"]} for r in gsm8k]
     dataset = datasets.Dataset.from_list([rows[i % len(rows)] for i in range(args.rows)])
-    targets = {"Qwen2.5": 2.5}
+    summary = {}
     for name in args.tokenizers.split(","):
-        tokenizer = AutoTokenizer.from_pretrained(str(REFERENCE / "tokenizers" / TOKENIZERS[name]))
-        results = compare(name, tokenizer, dataset, args)
-        one = results["prefill-kit render_dataset, 1 process"]
-        if name in targets:
-            ratio = one / results["baseline: datasets.map per example"]
-            print(f"{name} target: 1 process >= {targets[name]}x the per-example baseline: {ratio:.2f}x")
-        else:
-            print(f"{name} target: not below the floor: {one / results[floor_key()]:.2f}x")
+        tokenizer = load_tokenizer(name)
+        summary[name] = compare(name, tokenizer, dataset, args)
         if name == "Qwen2.5":
             cold_memo(tokenizer)
+    if not args.skip_families:
+        families_ids_stage([r["question"] for r in gsm8k], args.rows)
+    print(f"\n== targets (1 process >= 1.3x batched and >= 0.85 of the ceiling; num_proc={args.num_proc} >= 1.8x "
+          "batched; ids stage >= 1.0x whole)")
+    for name, r in summary.items():
+        b = r[LABELS["batched"]]
+        n = r[f"prefill-kit render_dataset, num_proc={args.num_proc}"]
+        print(f"{name:<16} 1 process {r[LABELS['one']] / b:.2f}x batched, {r[LABELS['one']] / r['ceiling']:.2f} of "
+              f"ceiling; num_proc={args.num_proc} {n / b:.2f}x batched; ids stage {r['ids']:.2f}x whole")
     print(f"\nload average after the timed runs: {os.getloadavg()[0]:.1f}")
     print(f"peak RSS of this process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
     if args.rss_rows:

@@ -229,6 +229,25 @@ MUTATIONS = [
              "    found = last_checkpoint(path, (marker,)) if path.is_dir() else None\n",
              "    found = None\n",
              ("tests/test_builtin_train.py", "-k", "resume")),
+    # issue 19: the added-token cutter (trie, cache), the Metaspace rest backend, the whole route
+    Mutation("the added-token trie prefers the shorter token", "prefill_kit/prompts/prompt_tokens.py",
+             'return chain + ("(?:" + body + ")?" if None in node else body)',
+             'return chain + ("(?:" + body + ")??" if None in node else body)',
+             ("tests/test_prompt_tokens.py", "-k", "leftmost_longest or many_added")),
+    Mutation("the added-token cutter is cached by the number of tokens", "prefill_kit/prompts/prompt_tokens.py",
+             "    key = tokens\n", "    key = len(tokens)\n",
+             ("tests/test_prompt_tokens.py", "-k", "cutter or cached")),
+    Mutation("the rest backend drops the normalizer", "prefill_kit/prompts/prompt_tokens.py",
+             "rest.normalizer = backend.normalizer", "pass",
+             ("tests/test_prompt_tokens.py", "-k", "random_text and unigram")),
+    Mutation("the whole route adds special tokens", "prefill_kit/prompts/prompt_tokens.py",
+             "self._first.encode_batch_fast(list(texts), add_special_tokens=False)",
+             "self._first.encode_batch_fast(list(texts), add_special_tokens=True)",
+             ("tests/test_prompt_tokens.py", "-k", "post_processor")),
+    Mutation("split_special_tokens on the tokenizer is ignored", "prefill_kit/prompts/prompt_tokens.py",
+             'if backend.encode_special_tokens or getattr(tokenizer, "split_special_tokens", False):',
+             "if backend.encode_special_tokens:",
+             ("tests/test_prompt_tokens.py", "-k", "split_special_tokens")),
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import AddedToken
 
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer, piecewise_blocker
+from prefill_kit.prompts.prompt_tokens import PromptTokenizer, added_token_splitter, piecewise_blocker
 from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 from tests.tokenizer_families import CHATML, FAMILIES, SENTENCEPIECE, build, random_texts
 
@@ -30,7 +30,7 @@ def specials_of(tokenizer) -> tuple[str, ...]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_piecewise_equals_whole_on_random_text(family):
     tokenizer = build(family)
-    encoder = PromptTokenizer(tokenizer)
+    encoder = PromptTokenizer(tokenizer, route="piecewise")
     assert encoder.blocker is None  # the piecewise path is the one under test
     # Template-like texts repeat (the piece memo), random ones mix every edge case (new pieces).
     texts = random_texts(3000, seed=FAMILIES.index(family), specials=specials_of(tokenizer))
@@ -46,7 +46,7 @@ def test_metaspace_first_prepends_only_at_the_start_of_the_text():
     # The bug this guards: a piece after an added token encoded alone gets "▁" prepended ("▁<" instead of "<").
     tokenizer = build("metaspace-first")
     texts = ["[/INST]<think>\n", "<think>\n", "[INST]x", "x[INST]x", " x"]
-    assert PromptTokenizer(tokenizer).encode(texts) == whole(tokenizer, texts)
+    assert PromptTokenizer(tokenizer, route="piecewise").encode(texts) == whole(tokenizer, texts)
     after, alone = whole(tokenizer, texts[:2])
     assert after[1:] != alone  # the same text tokenizes differently after an added token than alone
 
@@ -59,8 +59,8 @@ def test_added_tokens_of_every_kind(family, kind):
                "rstrip": {"rstrip": True}, "single_word": {"single_word": True}}[kind]
     token = AddedToken("<think>", special=kind == "special", normalized=options.pop("normalized", False), **options)
     tokenizer.add_tokens([token], special_tokens=kind == "special")
-    encoder = PromptTokenizer(tokenizer)
     exact_piecewise = kind in ("special", "plain")
+    encoder = PromptTokenizer(tokenizer, route="piecewise" if exact_piecewise else None)
     assert (encoder.blocker is None) == exact_piecewise, encoder.blocker
     texts = random_texts(1500, seed=7, specials=specials_of(tokenizer)) + ["a <think> b", "<think>x", "x<think>"]
     assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
@@ -80,7 +80,7 @@ def test_piecewise_equals_whole_on_real_tokenizers(name):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / name)
-    encoder = PromptTokenizer(tokenizer)
+    encoder = PromptTokenizer(tokenizer, route="piecewise")
     assert encoder.blocker is None
     specials = ("<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
     texts = random_texts(2000, seed=11, specials=specials)
@@ -138,3 +138,120 @@ def test_rendered_rows_have_whole_prompt_ids_on_mistral():
     assert list(out["prompt_ids"]) == whole(tokenizer, list(out["prompt"]))
     out = render_rows(None, tokenizer, 400, seed=9)
     assert list(out["prompt_ids"]) == whole(tokenizer, list(out["prompt"]))
+
+
+# Many added tokens (Gemma-3 has 6,415): the cutter is a trie-shaped pattern, exact leftmost-longest.
+
+def flat_splitter(tokens):
+    """The plain reference: one alternation, longest first (what stage 1 picks at one position)."""
+    import re
+
+    return re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")")
+
+
+MANY = ([f"<unused{i}>" for i in range(3000)] + [f"<unused{i}" for i in range(0, 3000, 7)]  # prefixes of others
+        + ["ab", "abc", "abcd", "bcd", "cd", "b", "<", "<t", "<th", "<think", "<think>", "\n\n", "\n\n\n", "  ",
+           "XY", "YZ", "XYZ 0", "é", "e\u0301", "\u4f60\u597d", "\U0001f600x", "ll", "'ll", "[/", "]]"])
+
+
+def many_added(family: str, tokens=MANY):
+    tokenizer = build(family)
+    tokenizer.add_tokens([AddedToken(t, special=i % 2 == 0, normalized=False) for i, t in enumerate(tokens)],
+                         special_tokens=False)
+    return tokenizer
+
+
+@pytest.mark.parametrize(("tokens", "text", "pieces"), [
+    ({"ab", "abc", "bcd"}, "abcd", ["", "abc", "d"]),  # the longest at the leftmost position, not "a"+"bcd"
+    ({"ab", "abcd"}, "abcx", ["", "ab", "cx"]),  # a longer candidate fails: back to the shorter one
+    ({"bc", "abcd"}, "abce", ["a", "bc", "e"]),  # none at 0: the next position
+    ({"b", "abc"}, "abcb", ["", "abc", "", "b", ""]),
+    ({"aa"}, "aaa", ["", "aa", "a"]),  # non-overlapping, left to right
+    ({"<a>", "<a", "a>"}, "<<a>>", ["<", "<a>", ">"]),
+])
+def test_splitter_is_leftmost_longest(tokens, text, pieces):
+    assert added_token_splitter(frozenset(tokens)).split(text) == pieces
+    assert flat_splitter(tokens).split(text) == pieces
+
+
+def test_splitter_equals_the_flat_alternation_on_random_text():
+    texts = random_texts(3000, seed=19, specials=tuple(MANY[-40:]) + ("<unused12>", "<unused123", "<unused2999>"))
+    fast, slow = added_token_splitter(frozenset(MANY)), flat_splitter(MANY)
+    assert [fast.split(t) for t in texts] == [slow.split(t) for t in texts]
+
+
+def test_splitter_is_cached_per_set_of_tokens():
+    # Built once per set in a process (forked workers inherit it); another set, even of equal size, is another.
+    first = added_token_splitter(frozenset({"<a>", "<b>"}))
+    assert added_token_splitter(frozenset({"<b>", "<a>"})) is first
+    other = added_token_splitter(frozenset({"<a>", "<c>"}))
+    assert other.split("x<c>y") == ["x", "<c>", "y"] and first.split("x<c>y") == ["x<c>y"]
+
+
+@pytest.mark.parametrize("route", ["piecewise", "whole"])
+@pytest.mark.parametrize("family", ["qwen", "metaspace-first", "unigram"])
+def test_many_added_tokens_encode_as_whole(family, route):
+    tokenizer = many_added(family)
+    specials = tuple(MANY[-30:]) + ("<unused5>", "<unused1234>", "<unused29", "<|im_end|>", "</s>")
+    texts = random_texts(2000, seed=23, specials=specials)
+    texts += [f"<unused7>user\nsame template text<unused8>assistant\n<think>\n{t}" for t in texts[:300]]
+    encoder = PromptTokenizer(tokenizer, route=route)
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+
+
+def test_tokenizers_with_equally_many_added_tokens_do_not_share_a_cutter():
+    one = many_added("qwen", [f"<u{i}>" for i in range(500)])
+    two = many_added("qwen", [f"<v{i}>" for i in range(500)])
+    texts = ["<u1>x<v1>y", "<v2><u2>"] * 40
+    for tokenizer in (one, two, one):
+        assert PromptTokenizer(tokenizer, route="piecewise").encode(texts) == whole(tokenizer, texts)
+
+
+@pytest.mark.parametrize("family", ["qwen", "metaspace-first"])
+def test_the_route_is_measured_once_and_both_are_exact(family):
+    tokenizer = build(family)
+    encoder = PromptTokenizer(tokenizer)
+    texts = random_texts(600, seed=29, specials=specials_of(tokenizer))
+    few = PromptTokenizer.CALIBRATE_ROWS - 1
+    assert encoder.encode(texts[:few]) == whole(tokenizer, texts[:few])
+    assert encoder.route is None  # too few rows to measure
+    assert encoder.encode(texts[:200]) == whole(tokenizer, texts[:200])
+    assert encoder.route in PromptTokenizer.ROUTES and set(encoder.timings) == set(PromptTokenizer.ROUTES)
+    decided = encoder.route
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+    assert encoder.route == decided
+    for route in PromptTokenizer.ROUTES:  # either choice gives the same ids
+        assert encode_in_batches(PromptTokenizer(tokenizer, route=route), texts) == whole(tokenizer, texts)
+
+
+def test_a_route_cannot_be_forced_past_a_blocker():
+    tokenizer = build("qwen")
+    tokenizer.add_tokens([AddedToken("<think>", lstrip=True, normalized=False)])
+    with pytest.raises(ValueError, match="blocker"):
+        PromptTokenizer(tokenizer, route="piecewise")
+    assert PromptTokenizer(tokenizer).route.startswith("whole: ")
+
+
+def test_split_special_tokens_set_on_the_tokenizer_blocks_the_cut():
+    # transformers copies `split_special_tokens` onto the backend at each call, not before the first.
+    tokenizer = build("qwen")
+    tokenizer.split_special_tokens = True
+    assert not tokenizer.backend_tokenizer.encode_special_tokens
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker is not None
+    texts = ["<|im_start|>user\nhi<|im_end|>"] * 70
+    assert encoder.encode(texts) == whole(tokenizer, texts)
+    assert whole(tokenizer, texts[:1])[0] != whole(build("qwen"), texts[:1])[0]
+
+
+@pytest.mark.parametrize("route", ["piecewise", "whole"])
+def test_a_bos_adding_post_processor_adds_nothing_on_either_route(route):
+    from tokenizers import processors
+
+    tokenizer = many_added("metaspace-first")
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    texts = random_texts(300, seed=31, specials=("<s>", "[INST]", "<unused9>", "abc"))
+    assert tokenizer(texts[:5])["input_ids"][0][0] == bos  # the plain call would add it
+    assert encode_in_batches(PromptTokenizer(tokenizer, route=route), texts) == whole(tokenizer, texts)

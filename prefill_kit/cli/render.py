@@ -180,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
           f"prefix: {options.prefix!r}  output: {output}", file=sys.stderr)
     print(f"rows in: {summary.rows_in}  out: {summary.rows_out}  rejected: {summary.rejected}  "
           f"format: {summary.format}", file=sys.stderr)
+    if summary.ids_route is not None:
+        print(f"prompt ids: {summary.ids_route}", file=sys.stderr)
     if summary.rejected:
         first = summary.first_reject
         where = f"line {first['line']}" if "line" in first else f"row {first['row']}"

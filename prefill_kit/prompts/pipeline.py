@@ -210,6 +210,7 @@ class BatchResult:
     merge_example: BoundaryMerge | None = None
     shots_trimmed: int = 0
     shots_short: int = 0
+    ids_route: str | None = None  # how prompt_ids were computed (`PromptTokenizer.route`)
 
 
 def reject_entry(record: Record, reason: str, field_name: str | None) -> dict[str, Any]:
@@ -224,15 +225,20 @@ class BatchRenderer:
 
     With a tokenizer, rows are rendered in slices and each slice is tokenized on a background thread
     while the next one renders: the tokenizer releases the GIL, so Jinja and BPE run side by side.
-    Picklable (the thread is not carried), so worker processes and `datasets.map` can carry it.
+    The slice that picks the encoder's route (`PromptTokenizer.route`) is encoded in the foreground, so that
+    its CPU-time measurement holds the tokenizer's work only. `encoder` shares one already built (a forked
+    worker takes its parent's, with its added-token cutter and memo). Picklable (the thread is not carried),
+    so worker processes and `datasets.map` can carry it.
     """
 
     SLICE = 256
 
-    def __init__(self, options: RenderOptions, fmt: str) -> None:
+    def __init__(self, options: RenderOptions, fmt: str, encoder: PromptTokenizer | None = None) -> None:
         self.options = options
         self.fmt = fmt
-        self.encoder = PromptTokenizer(options.tokenizer) if options.tokenizer is not None else None
+        if encoder is None and options.tokenizer is not None:
+            encoder = PromptTokenizer(options.tokenizer)
+        self.encoder = encoder
         self._thread: ThreadPoolExecutor | None = None
         self._opening = assistant_opening(options.template, options.template_kwargs) if fmt == "prompt" else None
 
@@ -250,12 +256,18 @@ class BatchRenderer:
             first_row = len(result.rows)
             self._render(records[start:start + self.SLICE], result, kept)
             if self.encoder is not None and len(result.rows) > first_row:
+                prompts = [r["prompt"] for r in result.rows[first_row:]]
+                if self.encoder.route is None:  # not measured yet: measure with nothing else of ours running
+                    done: Future = Future()
+                    done.set_result(self.encoder.encode(prompts))
+                    pending.append(done)
+                    continue
                 if self._thread is None:
                     self._thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-kit-tokenize")
-                prompts = [r["prompt"] for r in result.rows[first_row:]]
                 pending.append(self._thread.submit(self.encoder.encode, prompts))
         if pending:
             self._add_ids(result, kept, [ids for future in pending for ids in future.result()])
+            result.ids_route = self.encoder.route or "piecewise (too few rows to measure)"
         return result
 
     def _render(self, records: list[Record], result: BatchResult, kept: list[Record]) -> None:
@@ -465,7 +477,8 @@ def _render_shard(index: int) -> str | tuple:
     data, function, shards, batch_size, directory, fingerprint = _shard_job
     start, stop = shards[index]
     path = os.path.join(directory, f"prefill-kit-{fingerprint}-{index:05d}.arrow")
-    renderer = BatchRenderer(function.renderer.options, function.renderer.fmt)  # no thread from the parent
+    parent = function.renderer  # its encoder (cutter, memo) is inherited; its thread is not
+    renderer = BatchRenderer(parent.options, parent.fmt, parent.encoder)
     shard_function = _MapRenderer(renderer, function.columns, function.out_columns, offset=start)
     try:
         data.select(range(start, stop)).map(shard_function, batched=True, batch_size=batch_size, with_indices=True,

@@ -45,6 +45,7 @@ class RenderSummary:
     sample: list[dict[str, Any]] = field(default_factory=list)
     shots_trimmed: int = 0  # rows given fewer few-shot examples to fit max_prompt_tokens
     shots_short: int = 0  # rows with fewer examples than asked because too few ask another question
+    ids_route: str | None = None  # how prompt_ids were computed (`PromptTokenizer.route`)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class _ChunkResult:
     sample: list[dict[str, Any]]
     shots_trimmed: int
     shots_short: int
+    ids_route: str | None
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class _Job:
         result = self.renderer(records)
         return _ChunkResult(len(records), len(result.rows), self.encode(result.rows, self.columns), result.rejects,
                             result.merges, result.merge_example, result.rows[: self.sample], result.shots_trimmed,
-                            result.shots_short)
+                            result.shots_short, result.ids_route)
 
 
 _worker_job: _Job | None = None
@@ -182,6 +184,7 @@ def _tally(summary: RenderSummary, result: _ChunkResult, sample: int) -> None:
     summary.shots_trimmed += result.shots_trimmed
     summary.shots_short += result.shots_short
     summary.merge_example = summary.merge_example or result.merge_example
+    summary.ids_route = summary.ids_route or result.ids_route
     summary.sample.extend(result.sample[: sample - len(summary.sample)])
     if summary.rows_in != summary.rows_out + summary.rejected:  # a bookkeeping bug, never bad data
         raise AssertionError(f"rows in {summary.rows_in} != out {summary.rows_out} + rejected {summary.rejected}")
