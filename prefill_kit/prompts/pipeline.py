@@ -87,19 +87,24 @@ def load_tokenizer(spec: Any):
 
 def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplate:
     """The template to render with: `template` (a ChatTemplate or spec), else the tokenizer's own,
-    with the tokenizer's special tokens; `chatml` when neither is given."""
+    with the tokenizer's special tokens; `chatml` when neither is given.
+
+    A given template (a file, a shipped name, a directory) gets the tokenizer's `bos_token`, `eos_token`, ...
+    too, as `apply_chat_template` passes them: without them a template that writes `{{ bos_token }}` renders
+    no BOS, silently, and one that computes with it fails on every row.
+    """
     added = _added_tokens(tokenizer)
+    special = {k: v for k in SPECIAL_TOKEN_KEYS if isinstance(v := getattr(tokenizer, k, None), str)}
     if isinstance(template, ChatTemplate):
-        return _with_added(template, added)
+        return _with_tokens(template, special, added)
     if template is not None:
-        return _with_added(load_template(template), added)
+        return _with_tokens(load_template(template), special, added)
     if tokenizer is None:
         return load_template("chatml")
     source = getattr(tokenizer, "chat_template", None)
     if not isinstance(source, str):
         raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                             "pass --template")
-    special = {k: v for k in SPECIAL_TOKEN_KEYS if isinstance(v := getattr(tokenizer, k, None), str)}
     return ChatTemplate(source, f"{getattr(tokenizer, 'name_or_path', 'tokenizer')} (chat_template)", special, added)
 
 
@@ -109,10 +114,13 @@ def _added_tokens(tokenizer: Any) -> tuple[str, ...]:
     return tuple(str(getattr(t, "content", t)) for t in decoder.values())
 
 
-def _with_added(template: ChatTemplate, added: tuple[str, ...]) -> ChatTemplate:
-    if not added:
+def _with_tokens(template: ChatTemplate, special: dict[str, str], added: tuple[str, ...]) -> ChatTemplate:
+    """`template` with the tokenizer's special tokens (they win: the tokenizer is what encodes the prompt) and
+    added tokens."""
+    if not special and not added:
         return template
-    return dataclasses.replace(template, added_tokens=tuple(dict.fromkeys((*template.added_tokens, *added))))
+    return dataclasses.replace(template, special_tokens={**template.special_tokens, **special},
+                               added_tokens=tuple(dict.fromkeys((*template.added_tokens, *added))))
 
 
 def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int | None = None,
