@@ -22,17 +22,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_render_options(p)
     p.add_argument("--continue-final", action="store_true",
                    help="continue a trailing assistant message instead of treating it as the reference answer")
-    p.add_argument("--pass-rendered", action="store_true",
-                   help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
-    p.add_argument("--few-shot", metavar="FILE",
-                   help="worked examples (question + answer in the target format, any input format) to put "
-                        "before each row")
-    p.add_argument("--shots", type=positive_int, default=None, metavar="K",
-                   help="examples per row (needs --few-shot; default: 4)")
-    p.add_argument("--few-shot-seed", type=int, default=None, metavar="S",
-                   help="seed of the per-row choice of examples (default: 0)")
-    p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
-                   help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered prompts, prefix highlighted")
     p.set_defaults(func=run)
@@ -63,6 +52,17 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                    help="reject prompts longer than N tokens (needs --tokenizer)")
     p.add_argument("--check-tokens", action="store_true",
                    help="count rows whose prefix tokenizes differently alone than in the prompt (needs --tokenizer)")
+    p.add_argument("--pass-rendered", action="store_true",
+                   help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
+    p.add_argument("--few-shot", metavar="FILE",
+                   help="worked examples (question + answer in the target format, any input format) to put "
+                        "before each row")
+    p.add_argument("--shots", type=positive_int, default=None, metavar="K",
+                   help="examples per row (needs --few-shot; default: 4)")
+    p.add_argument("--few-shot-seed", type=int, default=None, metavar="S",
+                   help="seed of the per-row choice of examples (default: 0)")
+    p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
+                   help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -97,11 +97,10 @@ def render_options(args: argparse.Namespace):
         raise ConfigError("--max-prompt-tokens and --check-tokens count tokens: they need --tokenizer")
     if getattr(args, "num_proc", 1) < 1 or args.batch_size < 1:
         raise ConfigError("--num-proc and --batch-size: expected positive integers")
-    few_shot_file = getattr(args, "few_shot", None)  # render's own options; `export` has none of them
+    few_shot_file = args.few_shot
     if few_shot_file is None:
-        given = [flag for flag, value in (("--shots", getattr(args, "shots", None)),
-                                          ("--few-shot-seed", getattr(args, "few_shot_seed", None)),
-                                          ("--few-shot-mode", getattr(args, "few_shot_mode", None)))
+        given = [flag for flag, value in (("--shots", args.shots), ("--few-shot-seed", args.few_shot_seed),
+                                          ("--few-shot-mode", args.few_shot_mode))
                  if value is not None]
         if given:
             raise ConfigError(f"{given[0]}: give the examples with --few-shot FILE")
@@ -116,7 +115,7 @@ def render_options(args: argparse.Namespace):
     tokenizer = load_tokenizer(args.tokenizer)
     return RenderOptions(resolve_template(args.template, tokenizer), prefix, getattr(args, "continue_final", False),
                          template_kwargs, args.format, tokenizer, columns, args.on_error,
-                         args.max_prompt_tokens, args.check_tokens, pass_rendered=getattr(args, "pass_rendered", False),
+                         args.max_prompt_tokens, args.check_tokens, pass_rendered=args.pass_rendered,
                          few_shot=few_shot)
 
 
