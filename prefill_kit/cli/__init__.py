@@ -41,19 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every way out is one line on stderr and an exit code, never a traceback.
 
-    2: an error the library raised on purpose; 130: Ctrl-C (the work already unwound its temp files);
+    2: an error the library raised on purpose; 130: Ctrl-C (the work already unwound its temp files); 143
+    (128 + SIGTERM): `timeout` or a job scheduler stopped it, unwound as Ctrl-C is;
     141 (128 + SIGPIPE, what a shell reports for a killed writer): the reader of stdout went away,
     as with `| head`.
     """
+    from prefill_kit.interrupts import Terminated, sigterm_as_interrupt
+
     command = "prefill-kit"
     try:
-        args = build_parser().parse_args(argv)
-        command = f"prefill-kit {args.command}"
-        with _warnings_above_progress_bars():
-            return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            command = f"prefill-kit {args.command}"
+            with _warnings_above_progress_bars():
+                return int(args.func(args) or 0)
     except PrefillKitError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130

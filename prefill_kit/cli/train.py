@@ -73,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         backend.train(config)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as exc:
+        from prefill_kit.interrupts import Terminated
+
+        stopped = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
     else:
         if PartialState().is_main_process:
             print(run_summary(config), file=sys.stderr)
@@ -85,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     gc.collect()
     if os.environ.get("RANK", "0") == "0":  # not PartialState(): no collective calls on the way out
-        print(f"prefill-kit train: interrupted; {resume_hint(config.output.dir)}", file=sys.stderr)
-    return 130
+        print(f"prefill-kit train: {stopped[0]}; {resume_hint(config.output.dir)}", file=sys.stderr)
+    return stopped[1]
 
 
 def resume_hint(run_dir: str) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from prefill_kit.data.formats import FORMATS, consumed_columns, detect_format, rename_columns, to_conversation
 from prefill_kit.data.readers import Record
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
-from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
+from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
 from prefill_kit.prompts.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.prompts.render import assistant_opening, render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
@@ -447,7 +447,7 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
         # Forked workers get `job` as it is in memory: fork passes initializer arguments without pickling.
         with interrupts_ignored_by_new_processes():  # Ctrl-C is the parent's to handle (see prefill_kit.interrupts)
             pool = multiprocessing.get_context("fork").Pool(len(shards), initializer=_init_shard_worker,
-                                                            initargs=(job,))
+                                                            initargs=(job, os.getpid()))
         with pool:
             paths = []
             for outcome in pool.imap(_render_shard, range(len(shards))):
@@ -462,9 +462,10 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
     return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
 
 
-def _init_shard_worker(job: tuple) -> None:
+def _init_shard_worker(job: tuple, parent: int) -> None:
     global _shard_job
     ignore_interrupts()
+    leave_signals_to_parent(parent)
     _shard_job = job
 
 
