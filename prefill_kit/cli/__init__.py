@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from prefill_kit.interrupts import Terminated, sigterm_as_interrupt
 
+    _quiet_core_install()
     command = "prefill-kit"
     try:
         with sigterm_as_interrupt():
@@ -67,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 141
+
+
+def _quiet_core_install() -> None:
+    """Without torch (the core install) transformers advises at import that models are unavailable; prefill-kit's
+    core needs only its tokenizers, so the advice is noise on every `--tokenizer` run."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torch") is None:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _warnings_above_progress_bars():

@@ -90,7 +90,9 @@ def render_options(args: argparse.Namespace):
     template_kwargs = _json_object(args.template_kwargs, "--template-kwargs")
     columns = _json_object(args.columns, "--columns")
     if args.prefix_file:
-        prefix = Path(args.prefix_file).read_text(encoding="utf-8")
+        from prefill_kit.data.io import read_text_file
+
+        prefix = read_text_file(args.prefix_file, "--prefix-file")
     else:
         prefix = decode_escapes(args.prefix)
     if args.tokenizer is None and (args.max_prompt_tokens is not None or args.check_tokens):
@@ -188,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         _print_few_shot(options.few_shot, summary)
     if options.check_tokens:
         _print_audit(summary)
+    if summary.rows_in and not summary.rows_out:
+        raise PrefillKitError(f"all {summary.rows_in} rows were rejected (see {summary.rejects_path})")
     return 0
 
 

@@ -74,15 +74,34 @@ class RenderOptions:
 
 
 def load_tokenizer(spec: Any):
-    """A tokenizer object as is, or `AutoTokenizer.from_pretrained(spec)` for a local directory."""
+    """A tokenizer object as is, or `AutoTokenizer.from_pretrained(spec)` for a local directory.
+
+    Any failure of the loader is a TemplateError naming the directory: loaders raise OSError, ValueError,
+    TypeError (a T5 tokenizer.json), ImportError (tekken.json without mistral-common), KeyError, ...
+    """
     if spec is None or not isinstance(spec, str | bytes) and not hasattr(spec, "__fspath__"):
         return spec
+    text = os.fsdecode(spec)
+    path = os.path.expanduser(text)
+    if not os.path.exists(path) and (os.path.isabs(path) or text.startswith((".", "~")) or text.count("/") > 1):
+        raise TemplateError(f"tokenizer {text}: no such directory")
+    if os.path.isdir(path):
+        files = set(os.listdir(path))
+        if "tokenizer.model" in files and not files & {"tokenizer.json", "tokenizer_config.json"}:
+            raise TemplateError(f"tokenizer {text}: the directory holds a SentencePiece tokenizer.model but neither "
+                                "tokenizer.json nor tokenizer_config.json, which say how to load it (the tokenizer "
+                                "class, the special tokens): copy them from the model's repository")
     from transformers import AutoTokenizer
 
+    cached = not os.path.exists(path)  # a model id: only from the local Hugging Face cache, never a download
     try:
-        return AutoTokenizer.from_pretrained(str(spec))
-    except (OSError, ValueError) as exc:
-        raise TemplateError(f"cannot load tokenizer {spec}: {exc}") from None
+        return AutoTokenizer.from_pretrained(path, local_files_only=cached)
+    except Exception as exc:  # noqa: BLE001 - third-party loaders raise many types; the CLI prints one line
+        if cached:
+            raise TemplateError(f"tokenizer {text}: no such directory, and no model of that id in the local "
+                                "Hugging Face cache") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TemplateError(f"cannot load tokenizer {text}: {type(exc).__name__}: {reason}") from None
 
 
 def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplate:

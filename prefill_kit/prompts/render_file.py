@@ -22,7 +22,7 @@ from typing import Any
 from prefill_kit.data.io import atomic_output
 from prefill_kit.data.readers import DEFAULT_BATCH_SIZE, Chunk, chunk_columns, chunk_records, iter_chunks
 from prefill_kit.data.writers import ENCODERS, open_sink, output_format, rejects_path
-from prefill_kit.errors import TemplateError
+from prefill_kit.errors import DataError, TemplateError
 from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
 from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, detect, output_columns
 from prefill_kit.prompts.prompt_tokens import BoundaryMerge
@@ -148,6 +148,8 @@ def render_file(source: str | Path, output: str, options: RenderOptions, *, outp
         seen.append(chunk)
         if (in_columns := chunk_columns(chunk)) is not None:
             break
+    if not seen:
+        raise DataError("no rows: the input is empty", source=str(source))
     summary.format = detect(in_columns, options) if in_columns is not None else None
     columns = output_columns(in_columns, summary.format, options) if in_columns is not None else ["prompt", "prefix"]
     chunks = chain(seen, chunks)

@@ -1,0 +1,96 @@
+"""What a new user meets (issue 18): one line on stderr, the right exit code, no traceback, no leftovers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+EXAMPLE = REPO / "examples" / "math_tiny.jsonl"
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefill_kit", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def one_error_line(result: subprocess.CompletedProcess, command: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"prefill-kit {command}: error: "), line
+    return line
+
+
+def test_reward_of_a_missing_file(tmp_path):
+    line = one_error_line(run_cli("reward", "nothere.jsonl", "--rewards", "format", cwd=tmp_path), "reward")
+    assert line.endswith("nothere.jsonl: no such file")
+
+
+def test_render_with_a_missing_prefix_file(tmp_path):
+    line = one_error_line(run_cli("render", str(EXAMPLE), "--prefix-file", "nothere.txt", "-o", "out.jsonl",
+                                  cwd=tmp_path), "render")
+    assert line.endswith("nothere.txt: no such file (given as --prefix-file)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _t5_like(directory):
+    """A tokenizer directory whose loader raises something other than OSError/ValueError."""
+    from tokenizers import Tokenizer, models
+
+    directory.mkdir()
+    Tokenizer(models.Unigram([("<pad>", 0.0), ("a", -1.0)])).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+
+
+def _tekken(directory):
+    directory.mkdir()
+    (directory / "tekken.json").write_text("{}")
+
+
+def _sentencepiece_only(directory):
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes(b"\x0a\x00")
+
+
+@pytest.mark.parametrize("make, expected", [
+    (_t5_like, "cannot load tokenizer bad: "),
+    (_tekken, "cannot load tokenizer bad: "),
+    (_sentencepiece_only, "holds a SentencePiece tokenizer.model but neither tokenizer.json nor tokenizer_config.json"),
+], ids=["t5", "tekken", "sentencepiece-only"])
+def test_a_tokenizer_the_loader_cannot_load(tmp_path, make, expected):
+    make(tmp_path / "bad")
+    result = run_cli("render", str(EXAMPLE), "--tokenizer", "bad", "-o", "out.jsonl", cwd=tmp_path)
+    assert expected in one_error_line(result, "render")
+    assert "tiktoken" not in result.stderr
+
+
+@pytest.mark.parametrize("spec", ["/nope", "./nope", "nope"])
+def test_a_tokenizer_directory_that_is_not_there(tmp_path, spec):
+    line = one_error_line(run_cli("export", "verl", str(EXAMPLE), "-o", "out", "--tokenizer", spec, cwd=tmp_path),
+                          "export")
+    assert f"tokenizer {spec}: no such directory" in line and "Repo id" not in line
+
+
+def test_an_empty_input_is_an_error_and_writes_nothing(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    line = one_error_line(run_cli("render", "empty.jsonl", "-o", "out.jsonl", cwd=tmp_path), "render")
+    assert line.endswith("empty.jsonl: no rows: the input is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
+def test_an_unclosed_json_object_is_reported_at_the_end_of_its_line(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"completion": "x"}\n{"completion": "y"\n')
+    line = one_error_line(run_cli("reward", "c.jsonl", "--rewards", "format", cwd=tmp_path), "reward")
+    assert line.endswith("c.jsonl:2: invalid JSON: Expecting ',' delimiter at the end of the line")
+
+
+def test_every_row_rejected_is_an_error(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"problem": 1}\n{"problem": 2}\n')
+    result = run_cli("render", "d.jsonl", "-o", "out.jsonl", "--on-error", "skip", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == ("prefill-kit render: error: all 2 rows were rejected "
+                                              "(see out.rejects.jsonl)")
