@@ -136,12 +136,11 @@ def load_eval_data(section: DataSection, tokenizer):
     """The held-out prompts of `section.eval_path`, rendered exactly as the training data (None without one)."""
     import dataclasses
 
-    from prefill_kit.errors import ConfigError
+    from prefill_kit.runs.run_checks import check_eval_held_out
 
     if not section.eval_path:
         return None
-    if Path(section.eval_path).resolve() == Path(section.path).resolve():
-        raise ConfigError(f"data.eval_path: {section.eval_path} is the training data; eval rows must be held out")
+    check_eval_held_out(section.path, section.eval_path)
     return load_training_data(dataclasses.replace(section, path=section.eval_path), tokenizer)
 
 

@@ -24,15 +24,24 @@ _MARKER = {"model.path": "config.json", "model.tokenizer": "tokenizer_config.jso
 
 
 def check_paths(config: TrainingConfig) -> None:
-    """The model, tokenizer and data paths of the config exist (locally, or on the Hub where that is meant)."""
+    """The model, tokenizer and data paths of the config exist (locally, or on the Hub where that is meant), and
+    the eval data is held out. Train (both backends) and preflight call this one function, so that preflight
+    never calls ready what train refuses."""
     check_model_source("model.path", config.model.path)
     if config.model.tokenizer:
         check_model_source("model.tokenizer", config.model.tokenizer)
     check_data_path("data.path", config.data.path)
     if config.data.eval_path:
         check_data_path("data.eval_path", config.data.eval_path)
+        check_eval_held_out(config.data.path, config.data.eval_path)
     if config.data.few_shot is not None:
         check_data_path("data.few_shot.path", config.data.few_shot.path)
+
+
+def check_eval_held_out(path: str, eval_path: str) -> None:
+    """Eval rows scored on the training file measure memorisation, not generalisation."""
+    if Path(eval_path).resolve() == Path(path).resolve():
+        raise ConfigError(f"data.eval_path: {eval_path} is the training data; eval rows must be held out")
 
 
 def check_data_path(key: str, path: str) -> None:
