@@ -94,3 +94,24 @@ def test_every_row_rejected_is_an_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == ("prefill-kit render: error: all 2 rows were rejected "
                                               "(see out.rejects.jsonl)")
+
+
+def test_reward_warns_when_most_completions_already_start_with_the_prefix(tmp_path):
+    """Issue 18: `--prefix '<think>\\n'` on completions that start with it gave format 0.0 everywhere, silently."""
+    rows = [{"completion": "<think>\nadd them\n</think>\n<answer>4</answer>"}] * 3
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doubled = run_cli("reward", "c.jsonl", "--rewards", "format", "--prefix", r"<think>\n", cwd=tmp_path)
+    assert doubled.returncode == 0, doubled.stderr
+    assert "warning: 3 of 3 completions already start with their prefix" in doubled.stderr
+    assert "--completions-include-prefix" in doubled.stderr
+    assert "format (x1)                    0.0000" in doubled.stdout  # the scores stay as they are
+    right = run_cli("reward", "c.jsonl", "--rewards", "format", "--completions-include-prefix", cwd=tmp_path)
+    assert right.returncode == 0 and "warning" not in right.stderr
+    assert "format (x1)                    1.0000" in right.stdout
+
+
+def test_reward_does_not_warn_when_few_completions_start_with_the_prefix(tmp_path):
+    rows = [{"completion": "add them\n</think>\n<answer>4</answer>"}] * 2 + [{"completion": "<think>\nx</think>"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli("reward", "c.jsonl", "--rewards", "format", "--prefix", r"<think>\n", cwd=tmp_path)
+    assert result.returncode == 0 and "warning" not in result.stderr
