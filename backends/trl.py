@@ -492,7 +492,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                    _final_eval_callback()],
         eval_temperature=_eval_temperature(config),
         recorder=recorder, completion_log=completion_log,
-        health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length),
+        health=HealthMonitor(window=o.logging_steps, max_completion_length=config.grpo.max_completion_length,
+                             reward_names=[r.name for r in rewards]),
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)
     start = time.perf_counter()
     with warnings.catch_warnings():

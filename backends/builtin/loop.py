@@ -222,7 +222,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     completion_log = CompletionLog(run_dir, every=out.log_completions_steps, max_rows=out.log_completions_max,
                                    reward_names=[r.name for r in rewards], resume_step=state.step,
                                    is_main=accelerator.is_main_process)
-    health = HealthMonitor(window=out.logging_steps, max_completion_length=g.max_completion_length)
+    health = HealthMonitor(window=out.logging_steps, max_completion_length=g.max_completion_length,
+                           reward_names=[r.name for r in rewards])
     accelerator.wait_for_everyone()
 
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -20,12 +20,19 @@ from typing import Any, Literal
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError, PrefillKitError
-from prefill_kit.runs.run_health import THRESHOLD, percent, truncation_advice, zero_spread_advice, zero_spread_share
+from prefill_kit.runs.run_health import (
+    LENGTH_REWARDS,
+    THRESHOLD,
+    percent,
+    truncation_advice,
+    truncation_expected,
+    zero_spread_advice,
+    zero_spread_share,
+)
 
 BOUNDARY_ROWS = 1000  # rows whose prefix boundary is audited (a template merges the same way on every row)
 TRUNCATION_NOTICE = 0.25  # a truncation rate worth a (non-blocking) warning
 THINK_REWARDS = ("format", "think_format", "tag_count")  # rewards that need the reasoning block closed
-LENGTH_REWARDS = ("soft_overlong", "cosine_length")  # rewards that score length, so truncated completions too
 
 
 @dataclass
@@ -322,8 +329,7 @@ def _problems(*, g, num_rows, over_long, context, truncation_rate, summaries, ze
     length_scorers = [s.name for s in summaries if s.name in LENGTH_REWARDS and s.constant is None]
     if truncation_rate > THRESHOLD and length_scorers:  # what the run can learn: to finish sooner
         out.append(Problem("warning", truncation_advice(truncation_rate, g.max_completion_length)
-                           + f"; not blocking: {', '.join(length_scorers)} scores length and tells these "
-                             "completions apart, so the run can learn to finish sooner"))
+                           + truncation_expected(length_scorers)))
     elif truncation_rate > THRESHOLD:
         out.append(Problem("blocking", truncation_advice(truncation_rate, g.max_completion_length)))
     elif truncation_rate >= TRUNCATION_NOTICE:
