@@ -115,3 +115,49 @@ def test_reward_does_not_warn_when_few_completions_start_with_the_prefix(tmp_pat
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_cli("reward", "c.jsonl", "--rewards", "format", "--prefix", r"<think>\n", cwd=tmp_path)
     assert result.returncode == 0 and "warning" not in result.stderr
+
+
+def test_an_unknown_option_gets_the_commands_usage(tmp_path):
+    result = run_cli("render", str(EXAMPLE), "--bogus", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: prefill-kit render ")
+    assert result.stderr.splitlines()[-1] == "prefill-kit render: error: unrecognized arguments: --bogus"
+
+
+def test_output_into_a_missing_directory_is_an_error(tmp_path):
+    line = one_error_line(run_cli("render", str(EXAMPLE), "-o", "nodir/out.jsonl", cwd=tmp_path), "render")
+    assert line.endswith("-o nodir/out.jsonl: directory nodir does not exist (create it first)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_few_shot_errors_name_the_flags_and_no_trim_count_without_the_flag(tmp_path):
+    few_shot = str(REPO / "examples" / "math_few_shot.jsonl")
+    line = one_error_line(run_cli("render", str(EXAMPLE), "-o", "o.jsonl", "--few-shot", few_shot, "--shots", "50",
+                                  cwd=tmp_path), "render")
+    assert "--shots: 50 examples per row" in line and "few_shot.shots" not in line
+    ok = run_cli("render", str(EXAMPLE), "-o", "o.jsonl", "--few-shot", few_shot, "--shots", "2", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "few-shot: 2 of 8 examples" in ok.stderr and "--max-prompt-tokens" not in ok.stderr
+
+
+def _config(tmp_path, **rewards) -> str:
+    import yaml
+
+    raw = {"model": {"path": str(tmp_path / "model")}, "data": {"path": str(EXAMPLE)},
+           "rewards": [{"name": "format"}, {"name": "fromat"}], "output": {"dir": str(tmp_path / "run")}}
+    raw.update(rewards)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    return str(tmp_path / "cfg.yaml")
+
+
+def test_a_set_typo_is_blamed_on_the_set_not_the_file(tmp_path):
+    cfg = _config(tmp_path, rewards=[{"name": "format"}])
+    line = one_error_line(run_cli("train", cfg, "--set", "train.learning_rat=1e-3", cwd=tmp_path), "train")
+    assert "--set 'train.learning_rat=1e-3': train.learning_rat: unknown key" in line
+    assert "cfg.yaml" not in line
+
+
+@pytest.mark.parametrize("command", ["train", "preflight"])
+def test_an_unknown_reward_names_the_config_file(tmp_path, command, monkeypatch):
+    line = one_error_line(run_cli(command, _config(tmp_path), cwd=tmp_path), command)
+    assert f"error: {tmp_path / 'cfg.yaml'}: rewards[1]: unknown reward 'fromat'" in line

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"prefill_kit.cli.{name}":
                 continue
             raise
-        module.add_parser(sub)
+        command = module.add_parser(sub)
+        command.set_defaults(_parser=command)  # an unknown option is reported with this command's usage
     return parser
 
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "prefill-kit"
     try:
         with sigterm_as_interrupt():
-            args = build_parser().parse_args(argv)
+            args, unknown = build_parser().parse_known_args(argv)
+            if unknown:
+                args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             command = f"prefill-kit {args.command}"
             with _warnings_above_progress_bars():
                 return int(args.func(args) or 0)

@@ -110,8 +110,16 @@ def render_options(args: argparse.Namespace):
     if few_shot_file is not None:
         from prefill_kit.prompts.few_shot import load_few_shot
 
-        few_shot = load_few_shot(few_shot_file, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
-                                 mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
+        try:
+            few_shot = load_few_shot(few_shot_file, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
+                                     mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
+        except ConfigError as exc:  # the library names config keys; on the command line they are flags
+            message = str(exc)
+            for key, flag in (("few_shot.shots", "--shots"), ("few_shot.seed", "--few-shot-seed"),
+                              ("few_shot.mode", "--few-shot-mode")):
+                if message.startswith(key + ":"):
+                    raise ConfigError(flag + message[len(key):]) from None
+            raise
         for skipped in few_shot.skipped:
             print(f"warning: skipped {skipped}", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -155,11 +163,14 @@ def progress_bar(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_kit.errors import PrefillKitError
+    from prefill_kit.errors import ConfigError, PrefillKitError
     from prefill_kit.prompts.render_file import render_file
 
     options = render_options(args)
     output = args.output or default_output(args.input, args.output_format)
+    parent = Path(output).parent
+    if output != "-" and not parent.is_dir():
+        raise ConfigError(f"-o {output}: directory {parent} does not exist (create it first)")
     bar = progress_bar(args)
     try:
         summary = render_file(args.input, output, options, output_format_name=args.output_format,
@@ -187,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rejects: {summary.rejects_path} (first: {first['source']} {where}: {first['reason']})",
               file=sys.stderr)
     if options.few_shot is not None:
-        _print_few_shot(options.few_shot, summary)
+        _print_few_shot(options.few_shot, summary, options.max_prompt_tokens)
     if options.check_tokens:
         _print_audit(summary)
     if summary.rows_in and not summary.rows_out:
@@ -195,10 +206,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_few_shot(few_shot, summary) -> None:
+def _print_few_shot(few_shot, summary, max_prompt_tokens: int | None) -> None:
+    trimmed = (f"; {summary.shots_trimmed} rows got fewer to fit --max-prompt-tokens" if max_prompt_tokens is not None
+               else "")
     print(f"few-shot: {few_shot.shots} of {len(few_shot.examples)} examples from {few_shot.source} per row "
-          f"(mode {few_shot.mode}, seed {few_shot.seed}); {summary.shots_trimmed} rows got fewer to fit "
-          "--max-prompt-tokens", file=sys.stderr)
+          f"(mode {few_shot.mode}, seed {few_shot.seed}){trimmed}", file=sys.stderr)
     if summary.shots_short:
         print(f"few-shot: {summary.shots_short} rows got fewer because the file has too few examples with "
               "another question than the row's own", file=sys.stderr)

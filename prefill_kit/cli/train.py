@@ -50,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     overrides += ["output.overwrite=true"] if args.overwrite else []
     config = load_config(args.config, overrides)
+    # Like `python -m`, let `module:function` rewards and modules next to the config's user resolve.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from prefill_kit.runs.run_checks import check_rewards_of
+
+    check_rewards_of(args.config, config.rewards)
     backend = load_backend(config.backend)
     if lone_cpu_launch(os.environ):
         wanted = launcher_num_processes(os.getppid())
@@ -66,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
         print("prefill-kit train: warning: `accelerate launch --cpu` started only this one process (without MPI, "
               "accelerate's CPU launcher cannot start more); for N processes on CPU use "
               "`accelerate launch --multi_gpu --num_processes N ...`, which joins them over gloo", file=sys.stderr)
-    # Like `python -m`, let `module:function` rewards and modules next to the config's user resolve.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     from accelerate import PartialState
 
     try:

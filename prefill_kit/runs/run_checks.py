@@ -137,6 +137,15 @@ def resolve_rewards(spec: str | Sequence[Mapping[str, Any] | str]):
     return rewards
 
 
+def check_rewards_of(config_path: str, spec) -> None:
+    """Resolve the config's rewards once, early (before the training stack is imported: seconds), and name the
+    config file in the error, as every other config error does."""
+    try:
+        resolve_rewards(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
+
+
 def _named(key: str, resolve):
     try:
         return resolve()
