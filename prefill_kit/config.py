@@ -261,7 +261,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
         for item in reversed(overrides):  # a key a --set wrote (the last one wins): blame it, not the file
             key = item.partition("=")[0].strip()
             if key and str(exc).startswith((f"{key}:", f"{key}[")):
-                raise ConfigError(f"--set {item!r}: {exc}") from None
+                raise ConfigError(f"--set {item!r} (over {path}): {exc}") from None
         raise ConfigError(f"{path}: {exc}") from None
 
 

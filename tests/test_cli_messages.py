@@ -153,8 +153,7 @@ def _config(tmp_path, **rewards) -> str:
 def test_a_set_typo_is_blamed_on_the_set_not_the_file(tmp_path):
     cfg = _config(tmp_path, rewards=[{"name": "format"}])
     line = one_error_line(run_cli("train", cfg, "--set", "train.learning_rat=1e-3", cwd=tmp_path), "train")
-    assert "--set 'train.learning_rat=1e-3': train.learning_rat: unknown key" in line
-    assert "cfg.yaml" not in line
+    assert f"error: --set 'train.learning_rat=1e-3' (over {cfg}): train.learning_rat: unknown key" in line
 
 
 @pytest.mark.parametrize("command", ["train", "preflight"])
