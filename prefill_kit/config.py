@@ -254,9 +254,14 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainingConf
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    overrides = list(overrides)
     try:
         return config_from_dict(apply_overrides(raw, overrides))
     except ConfigError as exc:
+        for item in reversed(overrides):  # a key a --set wrote (the last one wins): blame it, not the file
+            key = item.partition("=")[0].strip()
+            if key and str(exc).startswith((f"{key}:", f"{key}[")):
+                raise ConfigError(f"--set {item!r} (over {path}): {exc}") from None
         raise ConfigError(f"{path}: {exc}") from None
 
 

@@ -26,4 +26,14 @@ def require_train(what: str, modules: Sequence[str] = TRAIN_MODULES) -> None:
     missing = missing_modules(modules)
     if missing:
         raise MissingExtraError(f"{what} needs the [train] extra ({', '.join(missing)} not installed): "
-                                "pip install 'prefill-kit[train]'")
+                                f"{install_train_hint()}")
+
+
+def install_train_hint() -> str:
+    """The pip command for `[train]`: from the source checkout this package runs from, else from the index."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "backends").is_dir():  # an editable install of a checkout
+        return f"pip install -e '{root}[train]' (this checkout; from the index: pip install 'prefill-kit[train]')"
+    return "pip install 'prefill-kit[train]'"

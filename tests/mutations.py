@@ -248,6 +248,24 @@ MUTATIONS = [
              'if backend.encode_special_tokens or getattr(tokenizer, "split_special_tokens", False):',
              "if backend.encode_special_tokens:",
              ("tests/test_prompt_tokens.py", "-k", "split_special_tokens")),
+    # issue 18: what a new user meets (special tokens from a template file, SIGTERM, one config check, reward hint)
+    Mutation("a template file does not get the tokenizer's special tokens", "prefill_kit/prompts/pipeline.py",
+             "        return _with_tokens(load_template(template), special, added)\n",
+             "        return _with_tokens(load_template(template), {}, added)\n",
+             ("tests/test_template_special_tokens.py",)),
+    Mutation("SIGTERM is not turned into an interrupt", "prefill_kit/interrupts.py",
+             "previous = signal.signal(signal.SIGTERM, _raise_terminated)",
+             "previous = signal.getsignal(signal.SIGTERM)",
+             ("tests/test_cli_interrupts.py", "-k", "sigterm")),
+    Mutation("pool workers stay in the parent's process group", "prefill_kit/interrupts.py",
+             "    os.setpgid(0, 0)\n", "    pass\n",
+             ("tests/test_cli_interrupts.py", "-k", "sigterm_mid_render")),
+    Mutation("preflight skips the held-out eval check", "prefill_kit/runs/checks.py",
+             "        check_eval_held_out(config.data.path, config.data.eval_path)\n", "",
+             ("tests/test_preflight.py", "-k", "training_data_as_train")),
+    Mutation("reward never warns about a doubled prefix", "prefill_kit/cli/reward.py",
+             "        if doubled * 2 > total:\n", "        if False:\n",
+             ("tests/test_cli_messages.py", "-k", "reward_warns")),
 ]
 
 

@@ -94,3 +94,39 @@ def test_verify_workers_leave_ctrl_c_to_their_parent():
         assert pool.map(abs, [(-3,)], timeout=30)[0].value == 3
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("to_group", [True, False], ids=["timeout-style group", "parent only"])
+def test_sigterm_mid_render_exits_143_with_one_line_and_no_temp_files(big_input, tiny_model_dir, tmp_path, to_group):
+    """SIGTERM (`timeout`, a job scheduler) unwinds as Ctrl-C does (issue 18): no worker BrokenPipe tracebacks, no
+    `.tmp` output left behind, exit 143. `timeout` signals the whole group; `kill PID` only the parent."""
+    process = _start(["render", str(big_input), "--tokenizer", str(tiny_model_dir), "--num-proc", "2",
+                      "-o", str(tmp_path / "out.jsonl")], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    _wait_for_temp_file(tmp_path, process)
+    time.sleep(0.3)
+    (os.killpg if to_group else os.kill)(process.pid, signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("render did not exit within 20 s of SIGTERM")
+    assert process.returncode == 143
+    assert stderr.decode() == "prefill-kit render: terminated\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_forked_workers_take_sigterm_only_from_their_parent():
+    """A forked worker must not inherit the parent's SIGTERM-as-interrupt handler; it ignores a group SIGTERM until
+    its initializer leaves the group, then keeps the default action (the pool stops it with SIGTERM)."""
+    from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        handler = signal.getsignal(signal.SIGTERM)
+        with interrupts_ignored_by_new_processes():
+            pid = os.fork()
+            if pid == 0:  # the child reports its SIGTERM handlers in its exit code
+                inherited = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+                ignore_interrupts()
+                os._exit(inherited + 2 * (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert os.waitpid(pid, 0)[1] >> 8 == 3

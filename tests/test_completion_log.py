@@ -238,3 +238,16 @@ def test_training_warns_once_about_persistent_truncation(logged_runs, backend):
     truncation = [m for m in messages if "of completions truncated: raise grpo.max_completion_length (now 4)" in m]
     assert len(truncation) == 1, messages  # 3 steps above 50%, window 2: warned at step 2 and never again
     assert truncation[0].startswith("step 2: ")
+
+
+def test_the_truncation_warning_says_so_when_a_length_reward_makes_truncation_expected():
+    """Issue 18: preflight called truncation not blocking (soft_overlong), then both backends warned "raise
+    grpo.max_completion_length" with no word of it. One wording (run_health.truncation_expected) for all three."""
+    from prefill_kit.runs.run_health import truncation_expected
+
+    with_length = HealthMonitor(window=1, max_completion_length=16, reward_names=["format", "soft_overlong"])
+    (message,) = with_length.update(1, 0.88, 0.0)
+    assert truncation_expected(["soft_overlong"]) in message
+    assert "not blocking: soft_overlong scores length" in message and "expected early in the run" in message
+    (plain,) = HealthMonitor(window=1, max_completion_length=16, reward_names=["format"]).update(1, 0.88, 0.0)
+    assert "not blocking" not in plain

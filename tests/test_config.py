@@ -96,7 +96,8 @@ def test_set_overrides_parse_values_as_yaml(tmp_path):
 def test_override_errors_name_file_and_key(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(ISSUE_EXAMPLE)
-    with pytest.raises(ConfigError, match=r"cfg.yaml: grpo.num_generations: expected an integer >= 2, got 'x'"):
+    with pytest.raises(ConfigError, match=r"--set 'grpo.num_generations=x' \(over .*cfg.yaml\): "
+                                          r"grpo.num_generations: expected an integer >= 2, got 'x'"):
         load_config(path, ["grpo.num_generations=x"])
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         apply_overrides({}, ["grpo.beta"])

@@ -12,7 +12,7 @@ import pytest
 
 from prefill_kit.cli import main
 from prefill_kit.errors import MissingExtraError
-from prefill_kit.extras import TRAIN_MODULES, require_train
+from prefill_kit.extras import TRAIN_MODULES, install_train_hint, require_train
 from tests.conftest import REPO
 
 EXAMPLE = REPO / "examples" / "math_tiny.jsonl"
@@ -49,7 +49,7 @@ def test_require_train_names_the_extra_and_the_missing_modules(without):
     with pytest.raises(MissingExtraError) as info:
         require_train("prefill-kit train", ("torch", "trl"))
     assert str(info.value) == ("prefill-kit train needs the [train] extra (trl not installed): "
-                               "pip install 'prefill-kit[train]'")
+                               + install_train_hint())
     require_train("prefill-kit plot", ("torch",))  # what is there passes
 
 
@@ -66,7 +66,7 @@ def test_a_command_that_needs_train_says_so_in_one_line(argv, hidden, without, c
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert f"needs the [train] extra ({hidden} not installed): pip install 'prefill-kit[train]'" in err
+    assert f"needs the [train] extra ({hidden} not installed): {install_train_hint()}\n" in err
     assert not list(tmp_path.iterdir())  # nothing written before the check
 
 
@@ -110,5 +110,12 @@ def test_render_reward_and_export_run_without_the_train_extra(tmp_path, tiny_tok
     assert len(rendered) == 32 and all(r["prompt_ids"] and r["prefix"] == "<think>\n" for r in rendered)
     assert [json.loads(line)["reward"] for line in open(tmp_path / "r.jsonl")] == [2.0] * 4
     assert (tmp_path / "verl" / "train.parquet").is_file()
+    assert "PyTorch was not found" not in stderr  # transformers' advice is noise to the core install (issue 18)
     assert stderr.endswith("prefill-kit train: error: prefill-kit train needs the [train] extra "
-                           "(torch, accelerate, trl not installed): pip install 'prefill-kit[train]'\n")
+                           f"(torch, accelerate, trl not installed): {install_train_hint()}\n")
+
+
+def test_the_train_hint_from_a_checkout_names_the_checkout():
+    """Issue 18: from a source checkout (an editable install), `pip install 'prefill-kit[train]'` would fetch
+    another copy from the index; the hint gives the checkout's own editable install first."""
+    assert install_train_hint().startswith(f"pip install -e '{REPO}[train]'")

@@ -299,7 +299,8 @@ def test_cli_renders_the_shipped_examples_in_one_command(tmp_path):
     rows = read_jsonl(out)
     assert len(rows) == 32 and all(len(r["few_shot_indices"]) == 2 for r in rows)
     assert rows[0]["prompt"].count("<|im_start|>assistant\n<think>\n") == 3  # two examples and the open turn
-    assert "few-shot: 2 of 8 examples from" in result.stderr and "0 rows got fewer" in result.stderr
+    assert "few-shot: 2 of 8 examples from" in result.stderr
+    assert "rows got fewer" not in result.stderr  # no --max-prompt-tokens, no count of rows trimmed for it
 
 
 def test_cli_few_shot_errors_and_skipped_examples(tmp_path, data_file):

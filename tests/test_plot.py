@@ -80,6 +80,9 @@ def test_panels_without_data_are_left_out_and_legends_sit_beside_the_data(tmp_pa
     fig = draw_runs([run])
     titles = [ax.get_title() for ax in fig.axes]
     assert len(titles) == 3 and not any(t.startswith("KL") for t in titles)
+    assert not any("eval" in t for t in titles)  # no eval points, no word of them (issue 18)
+    with_eval = write_run(tmp_path / "evaluated", [*rows(0.0), {"step": 2, "eval/reward": 0.5}])
+    assert draw_runs([with_eval]).axes[0].get_title().endswith("; dots: eval")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:

@@ -187,8 +187,17 @@ def test_truncation_does_not_block_when_a_length_reward_tells_the_completions_ap
     (warning,) = [p for p in report.problems if "of completions truncated" in p.message]
     assert warning.severity == "warning"
     assert warning.message.endswith("; not blocking: soft_overlong scores length and tells these completions "
-                                    "apart, so the run can learn to finish sooner")
+                                    "apart, so the run can learn to finish sooner (expected early in the run)")
     # a length reward that scores every completion the same tells nothing apart: truncation blocks again
     flat = run_preflight(config, num_prompts=2, progress=False,
                          reward_funcs=[WeightedReward("soft_overlong", always_zero, 1.0)])
     assert any("of completions truncated" in p.message for p in flat.blocking)
+
+
+def test_preflight_refuses_eval_data_that_is_the_training_data_as_train_does(tiny_model_dir, no_model_loading):
+    """Issue 18: preflight said ready, then train stopped ("eval rows must be held out"). Both call one check."""
+    raw = raw_config(tiny_model_dir)
+    raw["data"]["eval_path"] = raw["data"]["path"]
+    raw["train"] = {**raw.get("train", {}), "eval_steps": 1}
+    with pytest.raises(ConfigError, match="data.eval_path: .* is the training data; eval rows must be held out"):
+        run_preflight(config_from_dict(raw), progress=False)

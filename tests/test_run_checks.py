@@ -63,6 +63,8 @@ def no_hub(monkeypatch, tmp_path):
     ({"data": {"few_shot": {"path": "no-shots.jsonl"}}}, "data.few_shot.path: no-shots.jsonl: no such file or"),
     ({"data": {"eval_path": "no-eval.jsonl"}, "train": {"eval_steps": 1}},
      "data.eval_path: no-eval.jsonl: no such file or directory"),
+    ({"data": {"eval_path": DATA}, "train": {"eval_steps": 1}},
+     f"data.eval_path: {DATA} is the training data; eval rows must be held out"),
     ({"rewards": [{"name": "format"}, {"name": "fromat"}]}, "rewards[1]: unknown reward 'fromat'"),
     ({"rewards": "format:2,fromat"}, "rewards: unknown reward 'fromat'"),
     ({"rewards": [{"name": "no_such_module_xyz:reward"}]},

@@ -146,11 +146,9 @@ def test_a_column_named_like_an_extra_info_key_is_an_error(tmp_path):
         export_verl(data, tmp_path / "out", RenderOptions(load_template("chatml")))
 
 
-def test_continue_final_pass_rendered_and_a_foreign_output_directory_are_refused(tmp_path):
+def test_continue_final_and_a_foreign_output_directory_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="continue"):
         export_verl(EXAMPLE, tmp_path / "out", RenderOptions(load_template("chatml"), continue_final=True))
-    with pytest.raises(ConfigError, match="already-rendered"):
-        export_verl(EXAMPLE, tmp_path / "out", RenderOptions(load_template("chatml"), pass_rendered=True))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="holds other files"):
@@ -186,3 +184,52 @@ def test_cli_writes_the_model_path_absolute_for_verl(tmp_path, tok_dir):
     config = yaml.safe_load((tmp_path / "out" / "verl_overrides.yaml").read_text(encoding="utf-8"))
     assert config["actor_rollout_ref"]["model"]["path"] == str(tok_dir.resolve())
     assert "actor_rollout_ref.model.path" not in result.stdout  # the launch line needs no MODEL placeholder
+
+
+# --- few-shot and rendered prompts (issue 18, item 3) --------------------------------------------------------
+
+FEW_SHOT = REPO / "examples" / "math_few_shot.jsonl"
+
+
+def _verl_text(tokenizer, directory, row) -> str:
+    template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    return tokenizer.apply_chat_template(row["prompt"], chat_template=template, add_generation_prompt=True,
+                                        tokenize=False)
+
+
+@pytest.mark.parametrize("mode", ["turns", "system"])
+def test_cli_exports_few_shot_rows_as_verl_renders_them(tmp_path, tiny_tokenizer, mode):
+    """`export verl --few-shot` (once "unrecognized arguments"): verl's rendering of each exported row, through
+    transformers' apply_chat_template, is `render --few-shot`'s prompt, text for text."""
+    common = ["--prefix", r"<think>\n", "--template", "qwen2.5", "--few-shot", str(FEW_SHOT), "--shots", "2",
+              "--few-shot-mode", mode]
+    result = run_cli("export", "verl", str(EXAMPLE), "-o", str(tmp_path / "out"), *common)
+    assert result.returncode == 0, result.stderr
+    rendered = run_cli("render", str(EXAMPLE), "-o", str(tmp_path / "r.jsonl"), *common)
+    assert rendered.returncode == 0, rendered.stderr
+    want = [json.loads(line) for line in open(tmp_path / "r.jsonl", encoding="utf-8")]
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == len(want) == 32
+    for row, expected in zip(rows, want, strict=True):
+        assert _verl_text(tiny_tokenizer, tmp_path / "out", row) == expected["prompt"]
+        assert row["extra_info"]["few_shot_indices"] == expected["few_shot_indices"]
+        assert len(expected["few_shot_indices"]) == 2 and "Question:" * (mode == "system") in expected["prompt"]
+
+
+def test_cli_exports_already_rendered_rows_with_pass_rendered(tmp_path, tiny_tokenizer):
+    """`render --few-shot`'s output, exported with --pass-rendered: verl's prompt is that text, verbatim."""
+    rendered = run_cli("render", str(EXAMPLE), "-o", str(tmp_path / "r.jsonl"), "--prefix", r"<think>\n",
+                       "--template", "qwen2.5", "--few-shot", str(FEW_SHOT), "--shots", "2")
+    assert rendered.returncode == 0, rendered.stderr
+    refused = run_cli("export", "verl", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "no"), "--template", "qwen2.5")
+    assert refused.returncode == 2 and "--pass-rendered" in refused.stderr
+    result = run_cli("export", "verl", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "out"), "--template", "qwen2.5",
+                     "--pass-rendered")
+    assert result.returncode == 0, result.stderr
+    want = [json.loads(line) for line in open(tmp_path / "r.jsonl", encoding="utf-8")]
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == len(want) == 32
+    for row, expected in zip(rows, want, strict=True):
+        assert _verl_text(tiny_tokenizer, tmp_path / "out", row) == expected["prompt"]
+        assert row["extra_info"]["response_prefix"] == "<think>\n"
+        assert row["reward_model"]["ground_truth"] == expected["solution"]

@@ -34,32 +34,53 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"prefill_kit.cli.{name}":
                 continue
             raise
-        module.add_parser(sub)
+        command = module.add_parser(sub)
+        command.set_defaults(_parser=command)  # an unknown option is reported with this command's usage
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every way out is one line on stderr and an exit code, never a traceback.
 
-    2: an error the library raised on purpose; 130: Ctrl-C (the work already unwound its temp files);
+    2: an error the library raised on purpose; 130: Ctrl-C (the work already unwound its temp files); 143
+    (128 + SIGTERM): `timeout` or a job scheduler stopped it, unwound as Ctrl-C is;
     141 (128 + SIGPIPE, what a shell reports for a killed writer): the reader of stdout went away,
     as with `| head`.
     """
+    from prefill_kit.interrupts import Terminated, sigterm_as_interrupt
+
+    _quiet_core_install()
     command = "prefill-kit"
     try:
-        args = build_parser().parse_args(argv)
-        command = f"prefill-kit {args.command}"
-        with _warnings_above_progress_bars():
-            return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            args, unknown = build_parser().parse_known_args(argv)
+            if unknown:
+                args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            command = f"prefill-kit {args.command}"
+            with _warnings_above_progress_bars():
+                return int(args.func(args) or 0)
     except PrefillKitError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         _silence_stdout()
         return 141
+
+
+def _quiet_core_install() -> None:
+    """Without torch (the core install) transformers advises at import that models are unavailable; prefill-kit's
+    core needs only its tokenizers, so the advice is noise on every `--tokenizer` run."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torch") is None:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _warnings_above_progress_bars():

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)  # config errors come here, before any model is loaded
     if os.getcwd() not in sys.path:  # as `prefill-kit train` does, for `module:function` rewards
         sys.path.insert(0, os.getcwd())
+    from prefill_kit.runs.checks import check_rewards_of
+
+    check_rewards_of(args.config, config.rewards)
     report = run_preflight(config, num_prompts=args.prompts, num_samples=args.samples)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(format_report(report, color=color))

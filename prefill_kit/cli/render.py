@@ -22,17 +22,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_render_options(p)
     p.add_argument("--continue-final", action="store_true",
                    help="continue a trailing assistant message instead of treating it as the reference answer")
-    p.add_argument("--pass-rendered", action="store_true",
-                   help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
-    p.add_argument("--few-shot", metavar="FILE",
-                   help="worked examples (question + answer in the target format, any input format) to put "
-                        "before each row")
-    p.add_argument("--shots", type=positive_int, default=None, metavar="K",
-                   help="examples per row (needs --few-shot; default: 4)")
-    p.add_argument("--few-shot-seed", type=int, default=None, metavar="S",
-                   help="seed of the per-row choice of examples (default: 0)")
-    p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
-                   help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--num-proc", type=int, default=1, metavar="N", help="render with N processes")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered prompts, prefix highlighted")
     p.set_defaults(func=run)
@@ -63,6 +52,17 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                    help="reject prompts longer than N tokens (needs --tokenizer)")
     p.add_argument("--check-tokens", action="store_true",
                    help="count rows whose prefix tokenizes differently alone than in the prompt (needs --tokenizer)")
+    p.add_argument("--pass-rendered", action="store_true",
+                   help="copy rows whose `prompt` is already rendered unchanged (default: such a row is an error)")
+    p.add_argument("--few-shot", metavar="FILE",
+                   help="worked examples (question + answer in the target format, any input format) to put "
+                        "before each row")
+    p.add_argument("--shots", type=positive_int, default=None, metavar="K",
+                   help="examples per row (needs --few-shot; default: 4)")
+    p.add_argument("--few-shot-seed", type=int, default=None, metavar="S",
+                   help="seed of the per-row choice of examples (default: 0)")
+    p.add_argument("--few-shot-mode", choices=("turns", "system"), default=None,
+                   help="turns: user/assistant turns before the row's (default); system: text in the system message")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N", help="rows per streamed batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -90,18 +90,19 @@ def render_options(args: argparse.Namespace):
     template_kwargs = _json_object(args.template_kwargs, "--template-kwargs")
     columns = _json_object(args.columns, "--columns")
     if args.prefix_file:
-        prefix = Path(args.prefix_file).read_text(encoding="utf-8")
+        from prefill_kit.data.io import read_text_file
+
+        prefix = read_text_file(args.prefix_file, "--prefix-file")
     else:
         prefix = decode_escapes(args.prefix)
     if args.tokenizer is None and (args.max_prompt_tokens is not None or args.check_tokens):
         raise ConfigError("--max-prompt-tokens and --check-tokens count tokens: they need --tokenizer")
     if getattr(args, "num_proc", 1) < 1 or args.batch_size < 1:
         raise ConfigError("--num-proc and --batch-size: expected positive integers")
-    few_shot_file = getattr(args, "few_shot", None)  # render's own options; `export` has none of them
+    few_shot_file = args.few_shot
     if few_shot_file is None:
-        given = [flag for flag, value in (("--shots", getattr(args, "shots", None)),
-                                          ("--few-shot-seed", getattr(args, "few_shot_seed", None)),
-                                          ("--few-shot-mode", getattr(args, "few_shot_mode", None)))
+        given = [flag for flag, value in (("--shots", args.shots), ("--few-shot-seed", args.few_shot_seed),
+                                          ("--few-shot-mode", args.few_shot_mode))
                  if value is not None]
         if given:
             raise ConfigError(f"{given[0]}: give the examples with --few-shot FILE")
@@ -109,14 +110,22 @@ def render_options(args: argparse.Namespace):
     if few_shot_file is not None:
         from prefill_kit.prompts.few_shot import load_few_shot
 
-        few_shot = load_few_shot(few_shot_file, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
-                                 mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
+        try:
+            few_shot = load_few_shot(few_shot_file, shots=args.shots or DEFAULT_SHOTS, seed=args.few_shot_seed or 0,
+                                     mode=args.few_shot_mode or "turns", prefix=prefix, on_error=args.on_error)
+        except ConfigError as exc:  # the library names config keys; on the command line they are flags
+            message = str(exc)
+            for key, flag in (("few_shot.shots", "--shots"), ("few_shot.seed", "--few-shot-seed"),
+                              ("few_shot.mode", "--few-shot-mode")):
+                if message.startswith(key + ":"):
+                    raise ConfigError(flag + message[len(key):]) from None
+            raise
         for skipped in few_shot.skipped:
             print(f"warning: skipped {skipped}", file=sys.stderr)
     tokenizer = load_tokenizer(args.tokenizer)
     return RenderOptions(resolve_template(args.template, tokenizer), prefix, getattr(args, "continue_final", False),
                          template_kwargs, args.format, tokenizer, columns, args.on_error,
-                         args.max_prompt_tokens, args.check_tokens, pass_rendered=getattr(args, "pass_rendered", False),
+                         args.max_prompt_tokens, args.check_tokens, pass_rendered=args.pass_rendered,
                          few_shot=few_shot)
 
 
@@ -154,11 +163,14 @@ def progress_bar(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_kit.errors import PrefillKitError
+    from prefill_kit.errors import ConfigError, PrefillKitError
     from prefill_kit.prompts.render_file import render_file
 
     options = render_options(args)
     output = args.output or default_output(args.input, args.output_format)
+    parent = Path(output).parent
+    if output != "-" and not parent.is_dir():
+        raise ConfigError(f"-o {output}: directory {parent} does not exist (create it first)")
     bar = progress_bar(args)
     try:
         summary = render_file(args.input, output, options, output_format_name=args.output_format,
@@ -188,16 +200,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"rejects: {summary.rejects_path} (first: {first['source']} {where}: {first['reason']})",
               file=sys.stderr)
     if options.few_shot is not None:
-        _print_few_shot(options.few_shot, summary)
+        _print_few_shot(options.few_shot, summary, options.max_prompt_tokens)
     if options.check_tokens:
         _print_audit(summary)
+    if summary.rows_in and not summary.rows_out:
+        raise PrefillKitError(f"all {summary.rows_in} rows were rejected (see {summary.rejects_path})")
     return 0
 
 
-def _print_few_shot(few_shot, summary) -> None:
+def _print_few_shot(few_shot, summary, max_prompt_tokens: int | None) -> None:
+    trimmed = (f"; {summary.shots_trimmed} rows got fewer to fit --max-prompt-tokens" if max_prompt_tokens is not None
+               else "")
     print(f"few-shot: {few_shot.shots} of {len(few_shot.examples)} examples from {few_shot.source} per row "
-          f"(mode {few_shot.mode}, seed {few_shot.seed}); {summary.shots_trimmed} rows got fewer to fit "
-          "--max-prompt-tokens", file=sys.stderr)
+          f"(mode {few_shot.mode}, seed {few_shot.seed}){trimmed}", file=sys.stderr)
     if summary.shots_short:
         print(f"few-shot: {summary.shots_short} rows got fewer because the file has too few examples with "
               "another question than the row's own", file=sys.stderr)

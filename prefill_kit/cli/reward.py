@@ -66,6 +66,14 @@ def score_rows(rows: list[dict[str, Any]], rewards, prefix: str | None, *,
     return scores
 
 
+def rows_starting_with_prefix(rows: list[dict[str, Any]], prefix: str | None) -> tuple[int, int]:
+    """How many completions already start with the prefix they are scored after, of those that have a prefix."""
+    from prefill_kit.rewards.response import completion_text
+
+    with_prefix = [(completion_text(row["completion"]), p) for row in rows if (p := row.get("prefix", prefix))]
+    return sum(text.startswith(p) for text, p in with_prefix), len(with_prefix)
+
+
 def _summary(name: str, values: list[float | None], timeouts: int | None) -> str:
     import statistics
 
@@ -125,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     lines, rows = read_rows(args.input)
     prefix = decode_escapes(args.prefix) if args.prefix is not None else None
     scores = score_rows(rows, rewards, prefix, completions_include_prefix=args.completions_include_prefix)
+    if not args.completions_include_prefix:
+        doubled, total = rows_starting_with_prefix(rows, prefix)
+        if doubled * 2 > total:
+            print(f"warning: {doubled} of {total} completions already start with their prefix, so the rewards see "
+                  "it twice (prefix + completion) and a format reward fails on them; if your completions include "
+                  "the prefix (ms-swift's do), pass --completions-include-prefix", file=sys.stderr)
 
     print(f"{len(rows)} rows from {args.input}")
     print(f"{'reward':<28} {'mean':>8} {'std':>8} {'None':>7} {'timeouts':>9}")

@@ -50,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     overrides += ["output.overwrite=true"] if args.overwrite else []
     config = load_config(args.config, overrides)
+    # Like `python -m`, let `module:function` rewards and modules next to the config's user resolve.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from prefill_kit.runs.checks import check_rewards_of
+
+    check_rewards_of(args.config, config.rewards)
     backend = load_backend(config.backend)
     if lone_cpu_launch(os.environ):
         wanted = launcher_num_processes(os.getppid())
@@ -66,15 +72,14 @@ def run(args: argparse.Namespace) -> int:
         print("prefill-kit train: warning: `accelerate launch --cpu` started only this one process (without MPI, "
               "accelerate's CPU launcher cannot start more); for N processes on CPU use "
               "`accelerate launch --multi_gpu --num_processes N ...`, which joins them over gloo", file=sys.stderr)
-    # Like `python -m`, let `module:function` rewards and modules next to the config's user resolve.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     from accelerate import PartialState
 
     try:
         backend.train(config)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as exc:
+        from prefill_kit.interrupts import Terminated
+
+        stopped = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
     else:
         if PartialState().is_main_process:
             print(run_summary(config), file=sys.stderr)
@@ -85,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     gc.collect()
     if os.environ.get("RANK", "0") == "0":  # not PartialState(): no collective calls on the way out
-        print(f"prefill-kit train: interrupted; {resume_hint(config.output.dir)}", file=sys.stderr)
-    return 130
+        print(f"prefill-kit train: {stopped[0]}; {resume_hint(config.output.dir)}", file=sys.stderr)
+    return stopped[1]
 
 
 def resume_hint(run_dir: str) -> str:

@@ -16,11 +16,32 @@ from prefill_kit.errors import DataError
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, row)` for each non-blank line; DataError names the line that is bad."""
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             yield line_no, parse_json_line(raw, source=str(path), line=line_no)
+
+
+def open_input(path: str | Path, what: str | None = None) -> IO[bytes]:
+    """`open(path, "rb")`, or a DataError naming the file (and `what` it was given as) when it cannot be read."""
+    given = f" (given as {what})" if what else ""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"no such file{given}", source=str(path)) from None
+    except OSError as exc:
+        raise DataError(f"cannot read{given}: {exc.strerror or exc}", source=str(path)) from None
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """A small UTF-8 text file (a prefix); a DataError naming the file and `what` it was given as when unreadable."""
+    with open_input(path, what) as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what}: invalid UTF-8 at byte {exc.start}", source=str(path)) from None
 
 
 def parse_json_line(raw: bytes, *, source: str, line: int) -> dict[str, Any]:
@@ -28,10 +49,12 @@ def parse_json_line(raw: bytes, *, source: str, line: int) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"invalid UTF-8 at byte {exc.start}", source=source, line=line) from None
+    text = text.rstrip("\r\n")  # the line's own end: an unclosed object is reported at its end, not on "line 2"
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg} at column {exc.colno}", source=source, line=line) from None
+        at = "the end of the line" if exc.pos >= len(text) else f"column {exc.pos + 1}"
+        raise DataError(f"invalid JSON: {exc.msg} at {at}", source=source, line=line) from None
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}", source=source, line=line)
     return row

@@ -13,6 +13,9 @@ export writes:
 
 Each row is rendered by `prefill_kit.prompts.pipeline` as `prefill-kit render` does, and the written template is
 checked against every rendered prompt: a row it would render differently is an error, never a silent drift.
+Few-shot examples become the turns (or system text) of the row's messages, as render puts them there. With
+`pass_rendered`, every row is exported as its rendered text: verl's `prompt` is one message holding it, and the
+written template writes that message verbatim (`RENDERED_TEMPLATE`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ REWARD_PATH = "pkg://prefill_kit.integrations.verl"
 # Rendered columns that become verl's own fields, or that verl derives itself (the token ids).
 _OWN_COLUMNS = frozenset({"prompt", "prefix", "solution", "prompt_ids", "num_prompt_tokens", "data_source", "ability"})
 _EXTRA_INFO_KEYS = ("index", "response_prefix")
+# The template of a `pass_rendered` export: the one message is the whole rendered prompt (prefix included).
+RENDERED_TEMPLATE = "{{- messages[0]['content'] -}}"
 
 
 @dataclass
@@ -70,11 +75,17 @@ def template_with_suffix(source: str, suffix: str) -> str:
     return f'{body}{{{{ {literal} if add_generation_prompt is defined and add_generation_prompt else "" }}}}'
 
 
-def _messages(record: Record, options: RenderOptions, fmt: str) -> list[dict[str, Any]]:
+def _messages(record: Record, options: RenderOptions, fmt: str, rendered: dict[str, Any]) -> list[dict[str, Any]]:
     """The messages verl renders for a row: the conversation without a trailing assistant reference answer,
-    which render_prompt also removes (and keeps as `solution`)."""
+    which render_prompt also removes (and keeps as `solution`), with the row's few-shot examples in front."""
     messages = to_conversation(rename_columns(record.row, options.columns), fmt).messages
-    return messages[:-1] if messages[-1].get("role") == "assistant" else messages
+    messages = messages[:-1] if messages[-1].get("role") == "assistant" else messages
+    if options.few_shot is not None and rendered.get("few_shot_indices"):
+        from prefill_kit.prompts.few_shot import with_examples
+
+        by_index = {e.index: e for e in options.few_shot.examples}
+        messages = with_examples(messages, [by_index[i] for i in rendered["few_shot_indices"]], options.few_shot.mode)
+    return messages
 
 
 def _kept(records: list[Record], rejects: list[dict[str, Any]]) -> list[Record]:
@@ -99,7 +110,10 @@ class _Exporter:
         self.suffix = ""  # what the written template appends to the generation prompt
 
     def add(self, record: Record, rendered: dict[str, Any], fmt: str) -> None:
-        messages = _messages(record, self.options, fmt)
+        if self.options.pass_rendered:
+            self._add_rendered(record, rendered)
+            return
+        messages = _messages(record, self.options, fmt, rendered)
         kwargs = self.options.template_kwargs
         if self.template is None:
             generation_prompt = self.options.template.render(messages, add_generation_prompt=True, **kwargs)
@@ -118,6 +132,20 @@ class _Exporter:
             raise DataError(f"the exported chat template renders this row as {as_verl[-80:]!r} (end), not as "
                             f"prefill-kit's prompt {rendered['prompt'][-80:]!r} (end)", source=record.where,
                             field="prompt")
+        self._append(record, rendered, messages)
+
+    def _add_rendered(self, record: Record, rendered: dict[str, Any]) -> None:
+        """A row as its rendered text: each row carries its own prefix, so rows with different ones may mix."""
+        if self.template is None:
+            self.template = ChatTemplate(RENDERED_TEMPLATE, "rendered prompts (--pass-rendered)")
+            self.first = (record.where, rendered["prefix"])
+        messages = [{"role": "user", "content": rendered["prompt"]}]
+        if self.template.render(messages, add_generation_prompt=True) != rendered["prompt"]:  # never, by design
+            raise DataError("the exported template does not write the rendered prompt verbatim", source=record.where,
+                            field="prompt")
+        self._append(record, rendered, messages)
+
+    def _append(self, record: Record, rendered: dict[str, Any], messages: list[dict[str, Any]]) -> None:
         extra = {"index": len(self.rows), "response_prefix": rendered["prefix"]}
         for key, value in rendered.items():
             if key in _OWN_COLUMNS:
@@ -147,9 +175,6 @@ def export_verl(source: str | Path, directory: str | Path, options: RenderOption
     if options.continue_final:
         raise ConfigError("--continue-final: verl renders prompts with add_generation_prompt=True, so a final "
                           "assistant message cannot be continued there")
-    if options.few_shot is not None or options.pass_rendered:
-        raise ConfigError("few-shot examples and already-rendered prompts are not exported to verl: verl renders "
-                          "each row's own messages with one chat template")
     directory = Path(directory)
     if directory.is_dir() and any(p.name not in (DATA_FILE, TEMPLATE_FILE, OVERRIDES_FILE, REJECTS_FILE)
                                   for p in directory.iterdir()):

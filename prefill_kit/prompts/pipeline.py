@@ -25,7 +25,7 @@ from prefill_kit.data.formats import (
 from prefill_kit.data.readers import Record
 from prefill_kit.data.writers import to_columns
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
-from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
+from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
 from prefill_kit.prompts.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.prompts.render import assistant_opening, render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
@@ -82,32 +82,56 @@ class RenderOptions:
 
 
 def load_tokenizer(spec: Any):
-    """A tokenizer object as is, or `AutoTokenizer.from_pretrained(spec)` for a local directory."""
+    """A tokenizer object as is, or `AutoTokenizer.from_pretrained(spec)` for a local directory.
+
+    Any failure of the loader is a TemplateError naming the directory: loaders raise OSError, ValueError,
+    TypeError (a T5 tokenizer.json), ImportError (tekken.json without mistral-common), KeyError, ...
+    """
     if spec is None or not isinstance(spec, str | bytes) and not hasattr(spec, "__fspath__"):
         return spec
+    text = os.fsdecode(spec)
+    path = os.path.expanduser(text)
+    if not os.path.exists(path) and (os.path.isabs(path) or text.startswith((".", "~")) or text.count("/") > 1):
+        raise TemplateError(f"tokenizer {text}: no such directory")
+    if os.path.isdir(path):
+        files = set(os.listdir(path))
+        if "tokenizer.model" in files and not files & {"tokenizer.json", "tokenizer_config.json"}:
+            raise TemplateError(f"tokenizer {text}: the directory holds a SentencePiece tokenizer.model but neither "
+                                "tokenizer.json nor tokenizer_config.json, which say how to load it (the tokenizer "
+                                "class, the special tokens): copy them from the model's repository")
     from transformers import AutoTokenizer
 
+    cached = not os.path.exists(path)  # a model id: only from the local Hugging Face cache, never a download
     try:
-        return AutoTokenizer.from_pretrained(str(spec))
-    except (OSError, ValueError) as exc:
-        raise TemplateError(f"cannot load tokenizer {spec}: {exc}") from None
+        return AutoTokenizer.from_pretrained(path, local_files_only=cached)
+    except Exception as exc:  # noqa: BLE001 - third-party loaders raise many types; the CLI prints one line
+        if cached:
+            raise TemplateError(f"tokenizer {text}: no such directory, and no model of that id in the local "
+                                "Hugging Face cache") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TemplateError(f"cannot load tokenizer {text}: {type(exc).__name__}: {reason}") from None
 
 
 def resolve_template(template: Any = None, tokenizer: Any = None) -> ChatTemplate:
     """The template to render with: `template` (a ChatTemplate or spec), else the tokenizer's own,
-    with the tokenizer's special tokens; `chatml` when neither is given."""
+    with the tokenizer's special tokens; `chatml` when neither is given.
+
+    A given template (a file, a shipped name, a directory) gets the tokenizer's `bos_token`, `eos_token`, ...
+    too, as `apply_chat_template` passes them: without them a template that writes `{{ bos_token }}` renders
+    no BOS, silently, and one that computes with it fails on every row.
+    """
     added = _added_tokens(tokenizer)
+    special = {k: v for k in SPECIAL_TOKEN_KEYS if isinstance(v := getattr(tokenizer, k, None), str)}
     if isinstance(template, ChatTemplate):
-        return _with_added(template, added)
+        return _with_tokens(template, special, added)
     if template is not None:
-        return _with_added(load_template(template), added)
+        return _with_tokens(load_template(template), special, added)
     if tokenizer is None:
         return load_template("chatml")
     source = getattr(tokenizer, "chat_template", None)
     if not isinstance(source, str):
         raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                             "pass --template")
-    special = {k: v for k in SPECIAL_TOKEN_KEYS if isinstance(v := getattr(tokenizer, k, None), str)}
     return ChatTemplate(source, f"{getattr(tokenizer, 'name_or_path', 'tokenizer')} (chat_template)", special, added)
 
 
@@ -117,10 +141,13 @@ def _added_tokens(tokenizer: Any) -> tuple[str, ...]:
     return tuple(str(getattr(t, "content", t)) for t in decoder.values())
 
 
-def _with_added(template: ChatTemplate, added: tuple[str, ...]) -> ChatTemplate:
-    if not added:
+def _with_tokens(template: ChatTemplate, special: dict[str, str], added: tuple[str, ...]) -> ChatTemplate:
+    """`template` with the tokenizer's special tokens (they win: the tokenizer is what encodes the prompt) and
+    added tokens."""
+    if not special and not added:
         return template
-    return dataclasses.replace(template, added_tokens=tuple(dict.fromkeys((*template.added_tokens, *added))))
+    return dataclasses.replace(template, special_tokens={**template.special_tokens, **special},
+                               added_tokens=tuple(dict.fromkeys((*template.added_tokens, *added))))
 
 
 def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int | None = None,
@@ -451,7 +478,7 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
         # Forked workers get `job` as it is in memory: fork passes initializer arguments without pickling.
         with interrupts_ignored_by_new_processes():  # Ctrl-C is the parent's to handle (see prefill_kit.interrupts)
             pool = multiprocessing.get_context("fork").Pool(len(shards), initializer=_init_shard_worker,
-                                                            initargs=(job,))
+                                                            initargs=(job, os.getpid()))
         with pool:
             paths = []
             for outcome in pool.imap(_render_shard, range(len(shards))):
@@ -466,9 +493,10 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
     return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
 
 
-def _init_shard_worker(job: tuple) -> None:
+def _init_shard_worker(job: tuple, parent: int) -> None:
     global _shard_job
     ignore_interrupts()
+    leave_signals_to_parent(parent)
     _shard_job = job
 
 

@@ -22,8 +22,8 @@ from typing import Any
 from prefill_kit.data.io import atomic_output
 from prefill_kit.data.readers import DEFAULT_BATCH_SIZE, Chunk, chunk_columns, chunk_records, iter_chunks
 from prefill_kit.data.writers import ENCODERS, open_sink, output_format, rejects_path
-from prefill_kit.errors import TemplateError
-from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes
+from prefill_kit.errors import DataError, TemplateError
+from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
 from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, detect, output_columns
 from prefill_kit.prompts.prompt_tokens import BoundaryMerge
 
@@ -82,9 +82,10 @@ class _Job:
 _worker_job: _Job | None = None
 
 
-def _init_worker(job: _Job) -> None:
+def _init_worker(job: _Job, parent: int) -> None:
     global _worker_job
     ignore_interrupts()  # also for a worker the pool starts later to replace one that died
+    leave_signals_to_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no thread oversubscription
     _worker_job = job
 
@@ -100,7 +101,7 @@ def _results(job: _Job, chunks: Iterable[Chunk], num_proc: int) -> Iterator[_Chu
         return
     context = multiprocessing.get_context("fork")  # workers inherit the loaded tokenizer and template
     with interrupts_ignored_by_new_processes():
-        pool = context.Pool(num_proc, initializer=_init_worker, initargs=(job,))
+        pool = context.Pool(num_proc, initializer=_init_worker, initargs=(job, os.getpid()))
     with pool:  # leaving it, also by Ctrl-C or a broken pipe, terminates the workers
         pending: deque = deque()
         for chunk in chunks:
@@ -149,6 +150,8 @@ def render_file(source: str | Path, output: str, options: RenderOptions, *, outp
         seen.append(chunk)
         if (in_columns := chunk_columns(chunk)) is not None:
             break
+    if not seen:
+        raise DataError("no rows: the input is empty", source=str(source))
     summary.format = detect(in_columns, options) if in_columns is not None else None
     columns = output_columns(in_columns, summary.format, options) if in_columns is not None else ["prompt", "prefix"]
     chunks = chain(seen, chunks)

@@ -85,14 +85,17 @@ def few_shot_examples(section: DataSection):
     return load_few_shot(f.path, shots=f.shots, seed=f.seed, mode=f.mode, prefix=section.prefix)
 
 
+def check_eval_held_out(path: str, eval_path: str) -> None:
+    """Eval rows scored on the training file measure memorisation, not generalisation."""
+    if Path(eval_path).resolve() == Path(path).resolve():
+        raise ConfigError(f"data.eval_path: {eval_path} is the training data; eval rows must be held out")
+
+
 def load_eval_data(section: DataSection, tokenizer):
     """The held-out prompts of `section.eval_path`, rendered exactly as the training data (None without one)."""
     import dataclasses
 
-    from prefill_kit.errors import ConfigError
-
     if not section.eval_path:
         return None
-    if Path(section.eval_path).resolve() == Path(section.path).resolve():
-        raise ConfigError(f"data.eval_path: {section.eval_path} is the training data; eval rows must be held out")
+    check_eval_held_out(section.path, section.eval_path)
     return load_training_data(dataclasses.replace(section, path=section.eval_path), tokenizer)

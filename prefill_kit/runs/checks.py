@@ -17,6 +17,7 @@ from typing import Any
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError, PrefillKitError
+from prefill_kit.prompts.training_data import check_eval_held_out
 
 HUB_TIMEOUT_S = 10.0  # one request; a Hub that does not answer within this is unreachable
 # The file a cached snapshot must hold to count as that kind of repository.
@@ -24,13 +25,16 @@ _MARKER = {"model.path": "config.json", "model.tokenizer": "tokenizer_config.jso
 
 
 def check_paths(config: TrainingConfig) -> None:
-    """The model, tokenizer and data paths of the config exist (locally, or on the Hub where that is meant)."""
+    """The model, tokenizer and data paths of the config exist (locally, or on the Hub where that is meant), and
+    the eval data is held out. Train (both backends) and preflight call this one function, so that preflight
+    never calls ready what train refuses."""
     check_model_source("model.path", config.model.path)
     if config.model.tokenizer:
         check_model_source("model.tokenizer", config.model.tokenizer)
     check_data_path("data.path", config.data.path)
     if config.data.eval_path:
         check_data_path("data.eval_path", config.data.eval_path)
+        check_eval_held_out(config.data.path, config.data.eval_path)
     if config.data.few_shot is not None:
         check_data_path("data.few_shot.path", config.data.few_shot.path)
 
@@ -133,6 +137,15 @@ def run_rewards(config, reward_funcs: Sequence[Any] | None = None) -> list:
     if not rewards:
         raise ConfigError("rewards: at least one reward is needed")
     return rewards
+
+
+def check_rewards_of(config_path: str, spec) -> None:
+    """Resolve the config's rewards once, early (before the training stack is imported: seconds), and name the
+    config file in the error, as every other config error does."""
+    try:
+        resolve_rewards(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
 
 
 def _named(key: str, resolve):

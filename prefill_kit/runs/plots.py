@@ -9,7 +9,8 @@ from typing import Any
 from prefill_kit.data.io import iter_jsonl
 from prefill_kit.errors import DataError
 
-PANELS = (("reward", "reward: total (solid) = sum of weight x score of each reward (broken lines); dots: eval"),
+EVAL_NOTE = "; dots: eval"  # in the reward panel's title only when some run has eval points
+PANELS = (("reward", "reward: total (solid) = sum of weight x score of each reward (broken lines)"),
           ("loss", "loss"), ("kl", "KL"),
           ("completion_length", "completion length (tokens)"))
 
@@ -86,7 +87,8 @@ def draw_runs(run_dirs: list[str | Path]):
                 if any("eval/reward" in r for r in rows):  # held-out prompts (data.eval_path): one dot per eval
                     ax.plot(*_series(rows, "eval/reward"), marker="o", linestyle="-", color=line.get_color(),
                             linewidth=0.8, label=f"{label}: eval")
-        ax.set_title(title, fontsize=10)
+        has_eval = key == "reward" and any("eval/reward" in r for _, rows, _ in runs for r in rows)
+        ax.set_title(title + EVAL_NOTE * has_eval, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     axes[-1, 0].set_xlabel("step")

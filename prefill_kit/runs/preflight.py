@@ -30,14 +30,21 @@ from prefill_kit.prompts.training_data import few_shot_examples, load_training_d
 from prefill_kit.runs.checks import check_paths, run_rewards
 from prefill_kit.runs.completion_log import check_reward_names, completion_rows
 from prefill_kit.runs.prefix_fit import format_rewards, prefix_length_problem, solution_format_problems
-from prefill_kit.runs.run_health import THRESHOLD, percent, truncation_advice, zero_spread_advice, zero_spread_share
+from prefill_kit.runs.run_health import (
+    LENGTH_REWARDS,
+    THRESHOLD,
+    percent,
+    truncation_advice,
+    truncation_expected,
+    zero_spread_advice,
+    zero_spread_share,
+)
 from prefill_kit.runs.trackers import check_trackers
 from prefill_kit.runs.trl_config import check_prompt_ids, grpo_config_kwargs, trl_extra_kwargs
 
 BOUNDARY_ROWS = 1000  # rows whose prefix boundary is audited (a template merges the same way on every row)
 TRUNCATION_NOTICE = 0.25  # a truncation rate worth a (non-blocking) warning
 THINK_REWARDS = ("format", "think_format", "tag_count")  # rewards that need the reasoning block closed
-LENGTH_REWARDS = ("soft_overlong", "cosine_length")  # rewards that score length, so truncated completions too
 
 
 @dataclass
@@ -279,8 +286,7 @@ def _problems(*, g, num_rows, over_long, context, truncation_rate, summaries, ze
     length_scorers = [s.name for s in summaries if s.name in LENGTH_REWARDS and s.constant is None]
     if truncation_rate > THRESHOLD and length_scorers:  # what the run can learn: to finish sooner
         out.append(Problem("warning", truncation_advice(truncation_rate, g.max_completion_length)
-                           + f"; not blocking: {', '.join(length_scorers)} scores length and tells these "
-                             "completions apart, so the run can learn to finish sooner"))
+                           + truncation_expected(length_scorers)))
     elif truncation_rate > THRESHOLD:
         out.append(Problem("blocking", truncation_advice(truncation_rate, g.max_completion_length)))
     elif truncation_rate >= TRUNCATION_NOTICE:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from prefill_kit.wording import count
 
 THRESHOLD = 0.5  # a share above this is a problem worth stopping for
+LENGTH_REWARDS = ("soft_overlong", "cosine_length")  # rewards that score length, so truncated completions too
 logger = logging.getLogger(__name__)
 
 
@@ -30,6 +31,17 @@ def truncation_advice(rate: float, max_completion_length: int) -> str:
     return (f"{percent(rate)} of completions truncated: raise grpo.max_completion_length (now "
             f"{max_completion_length}) or ask for shorter answers; a truncated completion rarely closes its tags "
             "or states an answer, so its rewards say little")
+
+
+def length_rewards_in(names: Sequence[str]) -> list[str]:
+    """The rewards among `names` that score length: with one, truncation is expected early in a run."""
+    return [n for n in names if n in LENGTH_REWARDS]
+
+
+def truncation_expected(length_rewards: Sequence[str]) -> str:
+    """Why truncation does not block a run that has a length reward (preflight's verdict, the backends' warning)."""
+    return (f"; not blocking: {', '.join(length_rewards)} scores length and tells these completions apart, so the "
+            "run can learn to finish sooner (expected early in the run)")
 
 
 def zero_spread_advice(share: float) -> str:
@@ -62,16 +74,19 @@ class HealthMonitor:
     Feed it once per optimizer step (or once per rollout with `steps`, the optimizer steps it covers).
     """
 
-    def __init__(self, window: int, max_completion_length: int):
+    def __init__(self, window: int, max_completion_length: int, reward_names: Sequence[str] = ()):
         self.window = window
         self.max_completion_length = max_completion_length
+        self.length_rewards = length_rewards_in(reward_names)
         self.run_length = {"truncation": 0, "zero_spread": 0}
         self.warned: set[str] = set()
 
     def update(self, step: int, truncated_ratio: float | None, zero_spread_ratio: float | None,
                steps: int = 1) -> list[str]:
         """Record the latest shares; returns the warnings issued now (each problem is warned about once)."""
-        advice = {"truncation": (truncated_ratio, lambda r: truncation_advice(r, self.max_completion_length)),
+        expected = truncation_expected(self.length_rewards) if self.length_rewards else ""
+        advice = {"truncation": (truncated_ratio, lambda r: truncation_advice(r, self.max_completion_length)
+                                 + expected),
                   "zero_spread": (zero_spread_ratio, zero_spread_advice)}
         issued = []
         for name, (value, say) in advice.items():

@@ -176,7 +176,7 @@ class RunSession:
         self.resume_step = checkpoint_step(self.checkpoint)
         self.trackers = make_trackers(out, resume_step=self.resume_step)
         self.completion_log: CompletionLog | None = None
-        self.health = HealthMonitor(window=out.logging_steps, max_completion_length=config.grpo.max_completion_length)
+        self.health: HealthMonitor | None = None
 
     def claim(self) -> None:
         """Check `output.dir` and, with `output.overwrite`, delete the old run (see `claim_run_dir`); every
@@ -185,7 +185,7 @@ class RunSession:
 
     def start(self, step: int, reward_names: list[str]) -> None:
         """Open the run at `step` (0, or the resumed step): config.yaml, metrics rows up to `step`, the trackers,
-        the completion log."""
+        the completion log, run health (which knows the rewards: a length reward makes truncation expected)."""
         out = self.config.output
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +196,9 @@ class RunSession:
                 tracker.store_init_configuration(flat_config(self.config.to_dict()))
         self.completion_log = CompletionLog(self.dir, every=out.log_completions_steps, max_rows=out.log_completions_max,
                                             reward_names=reward_names, resume_step=step, is_main=self.is_main)
+        self.health = HealthMonitor(window=out.logging_steps,
+                                    max_completion_length=self.config.grpo.max_completion_length,
+                                    reward_names=reward_names)
 
     def log(self, row: dict[str, Any]) -> None:
         """One metrics row to metrics.jsonl and to every tracker, under the same names and step (main process)."""
