@@ -71,7 +71,7 @@ def test_a_closed_empty_reasoning_block_and_an_opening_prefix_conflict():
 
 
 def test_conflict_stops_render_and_training_data(tmp_path, tiny_tokenizer):
-    from backends.common import load_training_data
+    from prefill_kit.backends.common import load_training_data
     from prefill_kit.config import DataSection
 
     data = tmp_path / "d.jsonl"
