@@ -9,6 +9,10 @@ Each mutation is applied to a temporary copy of the project laid out as it insta
 and only the named test selection runs against it (the copy comes first on PYTHONPATH, for subprocesses
 too). The checkout itself is never modified. A mutation whose original line is no longer in the code is
 an error, not a pass: the list must follow the code.
+
+A mutation counts as caught only by a test that fails for it on every run: tests marked `timing` (their
+outcome can depend on machine load or on when a signal lands) are deselected, so a chance failure of one
+never passes for a catch. A selection left with no test is an error.
 """
 
 from __future__ import annotations
@@ -162,10 +166,8 @@ MUTATIONS = [
              "if self.eval_temperature is None:", "if True:",
              ("tests/test_trackers_eval.py", "-k", "eval_temperature and trl")),
     Mutation("worker processes take Ctrl-C themselves", "prefill_kit/interrupts.py",
-             '"""For a worker\'s initializer or entry point: SIGINT does nothing in this process."""\n'
-             "    signal.signal(signal.SIGINT, signal.SIG_IGN)",
-             '"""For a worker\'s initializer or entry point: SIGINT does nothing in this process."""\n'
-             "    signal.signal(signal.SIGINT, signal.default_int_handler)",
+             "print a traceback).\"\"\"\n    signal.signal(signal.SIGINT, signal.SIG_IGN)",
+             "print a traceback).\"\"\"\n    signal.signal(signal.SIGINT, signal.default_int_handler)",
              ("tests/test_cli_interrupts.py", "-k", "ctrl_c or verify_workers")),
     Mutation("a closed stdout ends in a BrokenPipeError traceback", "prefill_kit/cli/__init__.py",
              "    except BrokenPipeError:\n", "    except ():\n",
@@ -266,6 +268,69 @@ MUTATIONS = [
     Mutation("reward never warns about a doubled prefix", "prefill_kit/cli/reward.py",
              "        if doubled * 2 > total:\n", "        if False:\n",
              ("tests/test_cli_messages.py", "-k", "reward_warns")),
+    # issue 20: guards for behaviours a careless one-line edit broke unnoticed (the second audit)
+    Mutation("padding on the backend takes the piecewise path", "prefill_kit/prompts/prompt_tokens.py",
+             "if backend.truncation is not None or backend.padding is not None:",
+             "if backend.truncation is not None:",
+             ("tests/test_prompt_tokens.py", "-k", "padding_on_the_backend")),
+    Mutation("BPE dropout takes the piecewise path", "prefill_kit/prompts/prompt_tokens.py",
+             'if getattr(backend.model, "dropout", None):', "if False:",
+             ("tests/test_prompt_tokens.py", "-k", "bpe_dropout")),
+    Mutation("Metaspace 'first' inside a Sequence is kept in the copy", "prefill_kit/prompts/prompt_tokens.py",
+             'return {**step, "pretokenizers": [s for s, _ in steps]}, any(changed for _, changed in steps)',
+             "return step, any(changed for _, changed in steps)",
+             ("tests/test_prompt_tokens.py", "-k", "inside_a_sequence")),
+    Mutation("an added token ending where the overlap starts cuts into it", "prefill_kit/prompts/render.py",
+             "max(0, position - len(token) + 1))\n        while 0 <= start < position:\n"
+             "            if start + len(token) > position:",
+             "max(0, position - len(token)))\n        while 0 <= start < position:\n"
+             "            if start + len(token) >= position:",
+             ("tests/test_render.py", "-k", "inside_token or right_after")),
+    Mutation("continue_final accepts a template that rewrites the message", "prefill_kit/prompts/render.py",
+             "if not prompt.endswith(partial):", "if False:",
+             ("tests/test_render.py", "-k", "rewrites_the_message")),
+    Mutation("pass-rendered takes the prefix after the first assistant opening", "prefill_kit/prompts/pipeline.py",
+             "after = prompt[prompt.rfind(opening) + len(opening):]",
+             "after = prompt[prompt.find(opening) + len(opening):]",
+             ("tests/test_prefix_contract.py", "-k", "last_assistant_opening")),
+    Mutation("a row's question is its first user message", "prefill_kit/prompts/few_shot.py",
+             "    for message in reversed(messages):\n", "    for message in messages:\n",
+             ("tests/test_few_shot.py", "-k", "multi_turn_rows")),
+    Mutation("choice_accuracy reads the letter inside the thinking", "prefill_kit/rewards/choice.py",
+             "region = text[close + len(think_tag) + 3:] if close >= 0 else text", "region = text",
+             ("tests/test_rewards.py", "-k", "choice_accuracy_reads")),
+    Mutation("accuracy reads the answer inside the thinking", "prefill_kit/rewards/extract.py",
+             "region = response[close + len(think_tag) + 3:] if close >= 0 else response", "region = response",
+             ("tests/test_rewards.py", "-k", "accuracy_reads_the_answer")),
+    Mutation("a near decimal is judged unequal", "prefill_kit/rewards/numeric.py",
+             "for g, p in candidates):\n        return None\n", "for g, p in candidates):\n        return False\n",
+             ("tests/test_rewards.py", "-k", "defers_near_decimals")),
+    Mutation("a slash fraction loses its sign", "prefill_kit/rewards/numeric.py",
+             'return Fraction(int(match.group(2)), int(match.group(3))) * (-1 if match.group(1) == "-" else 1)',
+             "return Fraction(int(match.group(2)), int(match.group(3)))",
+             ("tests/test_rewards.py", "-k", "keeps_the_sign or slash_fraction")),
+    Mutation("DAPO's token count is not divided by the number of processes", "backends/builtin/loop.py",
+             "num_items = accelerator.gather(batch.completion_mask.sum().to(accelerator.device)).sum().item() / world",
+             "num_items = accelerator.gather(batch.completion_mask.sum().to(accelerator.device)).sum().item()",
+             ("tests/test_builtin_equivalence.py", "-k", "two_processes")),
+    Mutation("every rank takes rank 0's advantages", "backends/builtin/loop.py",
+             "batch.advantages = advantages[rank * len(batch):(rank + 1) * len(batch)]",
+             "batch.advantages = advantages[:len(batch)]",
+             ("tests/test_builtin_equivalence.py", "-k", "two_processes")),
+    Mutation("gradients are clipped after the optimizer step", "backends/builtin/loop.py",
+             "        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 "
+             "else None\n        learning_rate = scheduler.get_last_lr()[0]\n        optimizer.step()\n",
+             "        learning_rate = scheduler.get_last_lr()[0]\n        optimizer.step()\n"
+             "        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 "
+             "else None\n",
+             ("tests/test_builtin_equivalence.py", "-k", "backward_then_clip")),
+    Mutation("every epoch uses the same prompt order", "prefill_kit/grpo/prompt_order.py",
+             "manual_seed(seed * 100_003 + epoch)", "manual_seed(seed * 100_003)",
+             ("tests/test_builtin_equivalence.py", "-k", "own_order")),
+    Mutation("the last checkpoint of a run is chosen by name", "prefill_kit/runs/session.py",
+             "key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)",
+             "key=lambda p: p.name, default=None)",
+             ("tests/test_builtin_equivalence.py", "-k", "highest_step")),
 ]
 
 
@@ -302,7 +367,7 @@ def run(mutation: Mutation) -> tuple[bool, float, str]:
                "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               *mutation.tests], cwd=root, env=env, capture_output=True, text=True)
+                               "-m", "not timing", *mutation.tests], cwd=root, env=env, capture_output=True, text=True)
         tail = "\n".join(done.stdout.strip().splitlines()[-3:])
         if done.returncode not in (0, 1):  # 5: no test selected, 2-4: errors: the selection is broken
             raise SystemExit(f"mutation {mutation.name!r}: pytest exited {done.returncode}:\n{tail}\n{done.stderr}")

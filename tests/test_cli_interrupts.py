@@ -38,6 +38,7 @@ def _wait_for_temp_file(directory: Path, process: subprocess.Popen, timeout: flo
         time.sleep(0.05)
 
 
+@pytest.mark.timing  # a signal sent at a moment, and a bound on the time to exit
 @pytest.mark.parametrize("num_proc", [2, 2, 1])
 def test_ctrl_c_mid_render_exits_130_with_one_line_and_no_temp_files(big_input, tiny_model_dir, tmp_path, num_proc):
     process = _start(["render", str(big_input), "--tokenizer", str(tiny_model_dir), "--num-proc", str(num_proc),

@@ -351,3 +351,17 @@ def test_training_config_refuses_few_shot_on_rendered_data(tmp_path, shots_file,
                                "data": {"path": rendered, "few_shot": {"path": shots_file}}})
     with pytest.raises(ConfigError, match="already rendered"):
         load_training_data(config.data, tiny_tokenizer)
+
+
+def test_a_multi_turn_rows_own_question_is_its_last_user_message(tmp_path, chatml):
+    # The row asks "Row 1?" last; its first user message asks "Row 0?". Only example 1 is the row's own question.
+    from prefill_kit.prompts.few_shot import row_question
+
+    messages = [{"role": "user", "content": "Row 0?"}, {"role": "assistant", "content": "0"},
+                {"role": "user", "content": "Row 1?"}]
+    assert row_question(messages) == "Row 1?"
+    shots = write_jsonl(tmp_path / "s.jsonl", [{"question": f"Row {i}?", "answer": answer(i)} for i in range(3)])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    few = load_few_shot(shots, shots=2, prefix=PREFIX)
+    _, [row] = render(tmp_path, data, RenderOptions(chatml, PREFIX, few_shot=few))
+    assert sorted(row["few_shot_indices"]) == [0, 2]

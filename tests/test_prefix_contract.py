@@ -152,3 +152,18 @@ def test_reward_cli_completions_that_include_the_prefix(tmp_path):
     assert as_generated.returncode == 0 and read_jsonl(scored)[0]["format"] == 0.0  # prefix + completion: doubled
     included = run_cli("reward", str(rows), "--rewards", "format", "--completions-include-prefix", "-o", str(scored))
     assert included.returncode == 0 and read_jsonl(scored)[0]["format"] == 1.0
+
+
+def test_pass_rendered_takes_the_prefix_after_the_last_assistant_opening(chatml):
+    # A multi-turn rendered prompt holds the opening once per assistant turn; the prefix follows the last one.
+    from prefill_kit.prompts.pipeline import RenderOptions, render_row
+
+    options = RenderOptions(chatml, pass_rendered=True)
+    opening = assistant_opening(chatml)
+    prompt = ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+              "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    assert prompt.count(opening) == 2
+    row = render_row({"prompt": prompt}, options, "prompt", opening=opening)
+    assert row["prefix"] == "<think>\n" and row["prompt"] == prompt
+    assert render_row({"prompt": prompt, "prefix": "<think>\n"}, options, "prompt", opening=opening)["prefix"] == \
+        "<think>\n"

@@ -255,3 +255,74 @@ def test_a_bos_adding_post_processor_adds_nothing_on_either_route(route):
     texts = random_texts(300, seed=31, specials=("<s>", "[INST]", "<unused9>", "abc"))
     assert tokenizer(texts[:5])["input_ids"][0][0] == bos  # the plain call would add it
     assert encode_in_batches(PromptTokenizer(tokenizer, route=route), texts) == whole(tokenizer, texts)
+# --- exactness edges of the tokenizer library itself (issue 20) ------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen", "metaspace-first"])
+def test_an_added_token_that_is_a_prefix_of_another_loses_to_the_longer(family):
+    # Stage 1 matches leftmost-longest: "<tool>call" is one token, not "<tool>" then "call". Dictionary order
+    # would try the shorter one first.
+    tokenizer = build(family)
+    tokenizer.add_tokens([AddedToken("<tool>", special=True, normalized=False),
+                          AddedToken("<tool>call", special=True, normalized=False)], special_tokens=True)
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker is None
+    texts = ["<tool>call", "x<tool>callx", "<tool>cal", "<tool><tool>call<tool>"]
+    texts += random_texts(600, seed=21, specials=("<tool>", "<tool>call", "call", *specials_of(tokenizer)))
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+    [ids] = whole(tokenizer, ["<tool>call"])
+    assert ids == [tokenizer.convert_tokens_to_ids("<tool>call")]  # the case the test is about
+
+
+@pytest.mark.parametrize("family", ["qwen", "metaspace-first"])
+def test_overlapping_added_tokens_match_leftmost_first(family):
+    # "<x" and "x>" overlap in "<x>": the leftmost match wins, whichever is longer or added first.
+    tokenizer = build(family)
+    tokenizer.add_tokens([AddedToken("x>", special=True, normalized=False),
+                          AddedToken("<x", special=True, normalized=False),
+                          AddedToken("<x>yz", special=True, normalized=False)], special_tokens=True)
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker is None
+    texts = ["<x>", "a<x>b", "<x>y", "<x>yz", "<<x>>", "x><x"]
+    texts += random_texts(600, seed=22, specials=("<x", "x>", "<x>yz", "y", "z", *specials_of(tokenizer)))
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+
+
+@pytest.mark.parametrize("steps", ["metaspace", "digits+metaspace", "nested"])
+def test_metaspace_first_inside_a_sequence(steps):
+    # The copy that encodes pieces after an added token must make every Metaspace "first" inside a Sequence
+    # "never", or it prepends "▁" where the whole-text encoding does not.
+    from tokenizers import pre_tokenizers
+
+    metaspace = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tokenizer = build("metaspace-first")
+    tokenizer.backend_tokenizer.pre_tokenizer = {
+        "metaspace": pre_tokenizers.Sequence([metaspace]),
+        "digits+metaspace": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), metaspace]),
+        "nested": pre_tokenizers.Sequence([pre_tokenizers.Sequence([metaspace])]),
+    }[steps]
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker is None and encoder._rest is not encoder._first
+    texts = ["[INST]<think>\n", "<think>\n", "x[INST]x", "[/INST] answer 12"]
+    texts += random_texts(800, seed=23, specials=SENTENCEPIECE)
+    assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
+
+
+def test_padding_on_the_backend_is_encoded_whole():
+    tokenizer = build("qwen")
+    tokenizer.backend_tokenizer.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker == "the backend truncates or pads"
+    texts = ["<|im_start|>user\nhi<|im_end|>", "a much longer text than the first one", "b"]
+    got = encoder.encode(texts)  # before `whole`, which turns the backend's padding off
+    assert got == whole(tokenizer, texts)
+    assert tokenizer.pad_token_id not in got[2]
+
+
+def test_bpe_dropout_is_encoded_whole_and_stays_random():
+    tokenizer = build("gpt2")
+    tokenizer.backend_tokenizer.model.dropout = 0.5
+    encoder = PromptTokenizer(tokenizer)
+    assert encoder.blocker == "BPE dropout makes encoding random"
+    # A recurring text: the piecewise path would memoise one sampling for every row; dropout samples each row.
+    ids = encoder.encode(["the same template text, repeated on every row of the batch"] * 40)
+    assert len({tuple(i) for i in ids}) > 1

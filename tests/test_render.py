@@ -116,3 +116,35 @@ def test_exactly_one_bos_when_template_writes_it_and_tokenizer_adds_it(bos_token
     ids = tokenizer(out.prompt, add_special_tokens=False).input_ids
     assert ids.count(bos) == 1 and ids[0] == bos
     assert tokenizer(out.prompt).input_ids[:2] == [bos, bos]  # what the default would have done
+
+
+def test_continue_final_refuses_a_template_that_rewrites_the_message():
+    # Qwen3-style: only the text after the reasoning is kept. The partial message cannot then be continued
+    # verbatim, and continuing what the template made of it would train on other text than the row's.
+    strips = ChatTemplate(HEAD.replace("{{ m.content }}", "{{ m.content.split('</think>')[-1] }}"), "strips")
+    partial = [*USER, {"role": "assistant", "content": "<think>\nadd</think>\nThe answer"}]
+    with pytest.raises(TemplateError, match="rewrites the final assistant message"):
+        render_prompt(partial, strips, continue_final=True)
+    kept = render_prompt([*USER, {"role": "assistant", "content": "The answer"}], strips, continue_final=True)
+    assert kept.prompt == "<|user|>2+2?<|assistant|>The answer" and kept.prefix == "The answer"
+
+
+@pytest.mark.parametrize(("text", "position", "inside"), [
+    ("hi<|A|>x", 7, False),  # the token ends exactly at the position: a boundary, not a cut
+    ("hi<|A|>x", 2, False),  # it starts there
+    ("hi<|A|>x", 6, True),
+    ("hi<|A|>x", 3, True),
+    ("<|A|><|A|>", 5, False),
+    ("<|A|><|A|>", 9, True),
+])
+def test_inside_token_is_strictly_inside(text, position, inside):
+    from prefill_kit.prompts.render import _inside_token
+
+    assert _inside_token(text, position, ("<|A|>",)) is inside
+
+
+def test_an_overlap_starting_right_after_an_added_token_is_taken():
+    assert prefix_overlap("hi<|A|>Step", "Step 1", ("<|A|>",)) == 4
+    assert prefix_overlap("hi<|A|>", "|>x", ("<|A|>",)) == 0  # starts inside the token
+    template = ChatTemplate(HEAD + "{% if add_generation_prompt %}<|A|><think>\n{% endif %}", added_tokens=("<|A|>",))
+    assert render_prompt(USER, template, "<think>\n").prompt == "<|user|>2+2?<|A|><think>\n"

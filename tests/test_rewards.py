@@ -310,3 +310,41 @@ def test_cli_names_the_bad_line(tmp_path, capsys):
     src.write_text('{"completion": "ok"}\n{"solution": "4"}\n')
     assert main(["reward", str(src), "--rewards", "format"]) == 2
     assert f"{src}:2: field 'completion'" in capsys.readouterr().err
+
+
+# --- the answer is read after the thinking; numbers keep their sign and their doubt (issue 20) ------------------
+
+def test_accuracy_reads_the_answer_after_the_thinking_not_inside_it(accuracy):
+    response = "<think>\nfirst guess \\boxed{5}, but no\n</think>\nThe answer is 7"
+    assert extract_prediction(response) == "7"
+    assert accuracy([response], solution=["7"]) == [1.0]
+    assert accuracy([response], solution=["5"]) == [0.0]
+
+
+def test_choice_accuracy_reads_the_letter_after_the_thinking_not_inside_it():
+    response = "<think>\nmaybe \\boxed{B}? <answer>B</answer> no\n</think>\nSo: C"
+    assert choice_accuracy_reward([response], solution=["C"]) == [1.0]
+    assert choice_accuracy_reward([response], solution=["B"]) == [0.0]
+
+
+@pytest.mark.parametrize("gold, pred, expected", [
+    ("-3/4", "3/4", False),
+    ("-3/4", "-0.75", True),
+    ("3/4", "-0.75", False),
+    ("-3/4", r"-\frac{3}{4}", True),
+    ("1/3", "0.3333", None),  # a rounding of 1/3: the symbolic check decides, not a hasty False
+    ("0.3333", r"\frac{1}{3}", None),
+    ("3.14", "3.1416", None),
+    ("3.14", "3.5", False),  # not close: certainly different
+])
+def test_fast_equal_keeps_the_sign_and_defers_near_decimals(gold, pred, expected):
+    assert fast_equal(gold, pred) is expected
+
+
+def test_a_slash_fraction_keeps_its_sign():
+    from fractions import Fraction
+
+    from prefill_kit.rewards.numeric import to_number
+
+    assert to_number("-3/4") == Fraction(-3, 4)
+    assert to_number("+3/4") == to_number("3/4") == Fraction(3, 4)

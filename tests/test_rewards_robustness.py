@@ -40,6 +40,7 @@ def test_nasty_inputs_never_raise(accuracy):
         assert all(s is None or isinstance(s, float) for s in scores), name
 
 
+@pytest.mark.timing  # a bound on wall time, with slack for a loaded machine
 def test_hang_case_returns_within_the_bound_and_is_counted():
     reward = AccuracyReward(timeout=2.0, num_workers=1)
     reward.warm_up()
