@@ -331,6 +331,16 @@ MUTATIONS = [
              "key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)",
              "key=lambda p: p.name, default=None)",
              ("tests/test_builtin_equivalence.py", "-k", "highest_step")),
+    # issue 18: the ms-swift plugin on a real `swift rlhf` run (flat single-turn ids, ms-swift's soft_overlong window)
+    Mutation("the ms-swift plugin takes a flat sample's ids as turns", "prefill_kit/integrations/swift_calls.py",
+             "        if isinstance(item, Integral):\n", "        if False:\n",
+             ("tests/test_swift_calls.py",)),
+    Mutation("the ms-swift soft_overlong ignores --soft_max_length", "prefill_kit/integrations/swift_calls.py",
+             'getattr(args, "soft_max_length", None) or args.max_completion_length',
+             "args.max_completion_length", ("tests/test_swift_calls.py",)),
+    Mutation("the ms-swift launch line drops the reward weights", "prefill_kit/cli/integrations.py",
+             'words += ["--reward_weights", *(f"{r.weight:g}" for r in spec)]', "pass",
+             ("tests/test_integrations_cli.py",)),
 ]
 
 

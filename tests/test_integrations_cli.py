@@ -22,3 +22,18 @@ def test_prints_the_plugin_path_the_reward_names_and_a_launch_line(capsys):
     assert words[words.index("--external_plugins") + 1] == str(path)
     assert words[words.index("--reward_funcs") + 1:][:2] == ["prefill_kit_format", "prefill_kit_accuracy"]
     assert words[words.index("--response_prefix") + 1] == "<think>\\n"  # as typed: ms-swift decodes \n itself
+
+
+def test_the_launch_line_takes_the_model_data_and_a_weighted_reward_spec(capsys):
+    assert main(["integrations", "swift", "--model", "m dir", "--dataset", "d.jsonl", "--rewards",
+                 "format,accuracy:2,soft_overlong"]) == 0
+    words = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    assert words[words.index("--model") + 1] == "m dir" and words[words.index("--dataset") + 1] == "d.jsonl"
+    funcs = words[words.index("--reward_funcs") + 1:words.index("--reward_weights")]
+    assert funcs == ["prefill_kit_format", "prefill_kit_accuracy", "prefill_kit_soft_overlong"]
+    assert words[words.index("--reward_weights") + 1:][:3] == ["1", "2", "1"]
+
+
+def test_a_reward_the_plugin_does_not_register_is_refused(capsys):
+    assert main(["integrations", "swift", "--rewards", "format,json:dumps"]) == 2
+    assert "not prefill-kit rewards" in capsys.readouterr().err

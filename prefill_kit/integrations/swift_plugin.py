@@ -7,7 +7,9 @@ ms-swift writes `--response_prefix` into the prompt and puts it back in front of
 completions it passes already hold the prefix: they are scored as full responses and a `prefix` column is never
 passed on (passing it would make the rewards prepend it a second time). Dataset columns (`solution`, ...) arrive
 as keyword arguments, as they do for TRL. ms-swift's generated token ids (`response_token_ids`) are passed on
-as `completion_ids`, which the length rewards count. The rewards themselves are prefill-kit's, unchanged.
+as `completion_ids`, which the length rewards count (a flat list per sample on a single-turn rollout, one list
+per turn on a multi-turn one). `prefill_kit_soft_overlong` takes ms-swift's `--soft_max_length` and
+`--soft_cache_length`, as ms-swift's own `soft_overlong`. The rewards themselves are prefill-kit's, unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from swift.rewards import ORM, orms
 
+from prefill_kit.integrations.swift_calls import generated_token_ids, reward_params
 from prefill_kit.rewards import available_rewards, get_reward
 
 # ms-swift's import_external_file puts this file's directory first on sys.path; there, `verl.py` (the verl
@@ -35,14 +38,12 @@ class PrefillKitORM(ORM):
 
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         super().__init__(args, **kwargs)
-        self.reward = get_reward(self.reward_name)
+        self.reward = get_reward(self.reward_name, **reward_params(self.reward_name, args))
 
     def __call__(self, completions: list[Any], **kwargs: Any) -> list[float | None]:
         kwargs.pop("prefix", None)  # ms-swift's completions already start with the prefix
         if "completion_ids" not in kwargs and kwargs.get("response_token_ids") is not None:
-            # One list of ids per generated turn; what the model generated is all of them, in order.
-            kwargs["completion_ids"] = [[i for turn in turns or () for i in turn]
-                                        for turns in kwargs["response_token_ids"]]
+            kwargs["completion_ids"] = generated_token_ids(kwargs["response_token_ids"])
         return self.reward(completions, **kwargs)
 
 

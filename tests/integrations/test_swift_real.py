@@ -1,24 +1,107 @@
 """The ms-swift plugin against ms-swift 4.6.0 itself, run in CI's ms-swift venv (.ci/run).
 
-ms-swift loads the plugin with its own `import_external_file` (what `--external_plugins` does), builds each ORM
-as its GRPO trainer does (`orms[name](args=GRPOConfig)`) and scores through `compute_rewards_per_func`, the
-function the trainer calls, with completions decoded by ms-swift's own template with `response_prefix`.
+First a real `swift rlhf --rlhf_type grpo` run, launched with the line `prefill-kit integrations swift` prints
+(plus CPU and tiny-size options): 2 steps on CPU with a tiny random model; its logged reward columns must equal
+prefill-kit's own scores of its logged completions. Then the finer cases: ms-swift loads the plugin with its own
+`import_external_file`, builds each ORM as its GRPO trainer does (`orms[name](args=GRPOConfig)`) and scores through
+`compute_rewards_per_func`, with completions decoded by ms-swift's own template with `response_prefix`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("swift", reason="needs ms-swift==4.6.0 (CI's ms-swift venv, see .ci/run)")
 
-from tests.conftest import SHARED_REFERENCE  # noqa: E402
+from tests.conftest import REPO, SHARED_REFERENCE  # noqa: E402
 
 QWEN25 = SHARED_REFERENCE / "tokenizers" / "qwen2.5-instruct-DERIVED"
+EXAMPLE = REPO / "examples" / "math_tiny.jsonl"
+PREFIX = "<think>\n"
+REWARDS = "format,accuracy:2,soft_overlong,tag_count"  # tag_count gives random text partial credit for <think>\n
+MAX_COMPLETION, SOFT_MAX, SOFT_CACHE = 16, 20, 8  # every completion runs to 16 tokens: soft_overlong is -0.5
+# What the real run adds to the printed launch line: the tiny local model's type and template (ms-swift cannot
+# guess them from a local directory), CPU-only, no vLLM, a tiny batch, 2 steps, every step logged, nothing saved.
+CPU_TINY = ["--model_type", "qwen2", "--template", "qwen2_5", "--use_hf", "true", "--torch_dtype", "float32",
+            "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length",
+            str(MAX_COMPLETION), "--soft_max_length", str(SOFT_MAX), "--soft_cache_length", str(SOFT_CACHE),
+            "--max_steps", "2", "--logging_steps", "1", "--log_completions", "true", "--save_strategy", "no",
+            "--report_to", "none", "--dataset_num_proc", "1", "--split_dataset_ratio", "0", "--seed", "0"]
+
+
+def cli(*args: str) -> str:
+    from prefill_kit.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(args)) == 0
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory) -> Path:
+    """A real `swift rlhf` GRPO run as `prefill-kit integrations swift` prints it; returns its logging directory."""
+    work = tmp_path_factory.mktemp("swift-run")
+    model = work / "tiny"
+    cli("make-tiny-model", str(model), "--template", "qwen2.5")
+    launch = cli("integrations", "swift", "--model", str(model), "--dataset", str(EXAMPLE), "--rewards", REWARDS,
+                 "--prefix", r"<think>\n").splitlines()[-1]
+    words = shlex.split(launch)
+    assert words[:2] == ["swift", "rlhf"]
+    words[0] = str(Path(sys.executable).with_name("swift"))  # this venv's ms-swift
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([*words, *CPU_TINY, "--output_dir", str(work / "out")], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    (run_dir,) = (work / "out").iterdir()
+    return run_dir
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_a_real_swift_grpo_run_logs_prefill_kits_own_scores_of_its_completions(grpo_run, orms):
+    from prefill_kit.rewards import get_reward, parse_reward_spec
+    from prefill_kit.rewards.length import soft_overlong_value
+
+    steps = [s for s in read_jsonl(grpo_run / "logging.jsonl") if "completions/mean_length" in s]
+    assert len(steps) == 2
+    # ms-swift's own length metrics: every completion ran to the limit, so each one's generated length is known.
+    assert all(s["completions/min_length"] == s["completions/max_length"] == MAX_COMPLETION for s in steps)
+
+    tables = read_jsonl(grpo_run / "completions.jsonl")
+    tables = [t for i, t in enumerate(tables) if t not in tables[:i]]  # the end of training logs the last again
+    rows = [dict(zip(table, values, strict=True)) for table in tables for values in zip(*table.values(), strict=True)]
+    assert len(rows) == 2 * 2  # 2 steps x 2 generations
+    spec = parse_reward_spec(REWARDS)
+    column = {r.name: orms[f"prefill_kit_{r.name}"].__name__ for r in spec}  # ms-swift logs the ORM class name
+    for row in rows:
+        completion = row["completion"]
+        assert completion.startswith(PREFIX) and not completion.startswith(PREFIX * 2)  # ms-swift put it back once
+        # prefill-kit's own rewards on the same response: what the model sampled after the prefill, plus the prefix.
+        sampled = completion[len(PREFIX):]
+        expected = {name: get_reward(name)([sampled], prefix=[PREFIX], solution=[row["solution"]])[0]
+                    for name in ("format", "accuracy", "tag_count")}
+        expected["soft_overlong"] = soft_overlong_value(MAX_COMPLETION, SOFT_MAX, SOFT_CACHE)
+        assert {name: row[column[name]] for name in column} == expected, completion
+    assert expected["soft_overlong"] == -0.5 and any(row[column["tag_count"]] > 0 for row in rows)
+    # The total is ms-swift's weighted sum with the printed --reward_weights (accuracy counts twice).
+    for number, step in enumerate(steps, start=1):
+        step_rows = [row for row in rows if int(row["step"]) == number]
+        total = sum(r.weight * row[column[r.name]] for row in step_rows for r in spec) / len(step_rows)
+        assert step["reward"] == pytest.approx(total)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +122,8 @@ def orms():
 def args(tmp_path_factory):
     from swift.rlhf_trainers import GRPOConfig
 
-    return GRPOConfig(output_dir=str(tmp_path_factory.mktemp("swift")), use_cpu=True, bf16=False)
+    return GRPOConfig(output_dir=str(tmp_path_factory.mktemp("swift")), use_cpu=True, bf16=False,
+                      max_completion_length=64, soft_cache_length=16)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +172,7 @@ def score(orms, args, names, completions, solutions, response_token_ids):
     funcs = [orms[name](args=args) for name in names]
     samples = [GRPOSample(messages=[{"role": "user", "content": "Tom has 12 apples and gives 5 away. How many left?"},
                                     {"role": "assistant", "content": completion}],
-                          extra={"solution": solution}, response_token_ids=[ids])
+                          extra={"solution": solution}, response_token_ids=ids)  # single-turn: flat
                for completion, solution, ids in zip(completions, solutions, response_token_ids, strict=True)]
     return compute_rewards_per_func(samples, funcs, None, device=torch.device("cpu")).tolist()
 
@@ -111,13 +195,19 @@ def test_a_prefix_column_is_not_prepended_again(orms, args, template, prefix):
     assert reward([completion], prefix=[prefix], solution=["7"]) == [1.0]
 
 
-def test_length_rewards_count_swifts_generated_token_ids(orms, args, template):
+@pytest.mark.parametrize("shape", ["single-turn (flat)", "per-turn"])
+def test_length_rewards_count_swifts_generated_token_ids(orms, args, template, shape):
     ids, completion = generated(template, "7\n</think>\n<answer>7</answer>")
-    (soft,) = orms["prefill_kit_soft_overlong"](args=args)([completion], response_token_ids=[[ids]])
-    assert soft == 0.0  # len(ids) is far below the default max_completion_len
+    as_swift = (lambda ids: ids) if shape.startswith("single") else (lambda ids: [ids[:3], ids[3:]])
+    soft_overlong = orms["prefill_kit_soft_overlong"](args=args)  # ms-swift's window: 64 tokens, the last 16 punished
+    (short,) = soft_overlong([completion], response_token_ids=[as_swift(ids)])
+    (at_limit,) = soft_overlong([completion], response_token_ids=[as_swift((ids * 64)[:64])])
+    assert (short, at_limit) == (0.0, -1.0)
+    (inside,) = soft_overlong([completion], response_token_ids=[as_swift((ids * 64)[:52])])
+    assert inside == -0.25  # 4 tokens into the 16-token window
     reward = orms["prefill_kit_cosine_length"](args=args)
-    (long_right,) = reward([completion], response_token_ids=[[ids * 200]], solution=["7"])
-    (short_right,) = reward([completion], response_token_ids=[[ids]], solution=["7"])
+    (long_right,) = reward([completion], response_token_ids=[as_swift(ids * 200)], solution=["7"])
+    (short_right,) = reward([completion], response_token_ids=[as_swift(ids)], solution=["7"])
     assert short_right > long_right  # lengths come from the ids: same text, different scores
 
 

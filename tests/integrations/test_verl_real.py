@@ -4,6 +4,12 @@ verl's own code does each step: Hydra composes `verl_overrides.yaml` onto verl's
 `HFModelConfig` loads the tokenizer and applies `custom_chat_template`, `RLHFDataset` loads `train.parquet`, the
 agent loop's Continuous Token builder turns `raw_prompt` into prompt ids, and the naive reward manager scores a
 response through `get_custom_reward_fn`. The ids must equal `prefill-kit render`'s `prompt_ids`.
+
+The whole rollout-and-reward path also runs as the trainer drives it: verl's `collate_fn` batches
+`RLHFDataset` items, the batch is repeated per rollout, verl's `AgentLoopWorker` runs its single-turn agent loop
+(Continuous Token prompt ids, padding, masks) and streams each sample to verl's `RewardLoopWorker`, whose reward
+manager calls prefill-kit's `compute_score`. Only the generation server is scripted (verl generates with vLLM or
+SGLang, which need a GPU; so does the actor update), and ray is left out: the reward worker is called in process.
 """
 
 from __future__ import annotations
@@ -174,3 +180,86 @@ def test_gsm8k_keeps_the_whole_reference_answer_and_scores_with_math_verify(tmp_
     # "\frac{36}{2}" is not a plain number: the verdict comes from math-verify under verl's antlr4 runtime.
     scored = naive_reward(config, model, items[0], f"...\n</think>\n<answer>$\\frac{{{2 * int(final)}}}{{2}}$</answer>")
     assert scored["reward_extra_info"] == {"score": 2.0, "format": 1.0, "accuracy": 1.0}
+
+
+def verl_config_for_rollout(directory):
+    """The exported config as the trainer sees it; `rollout.name` is mandatory in verl and names the (GPU)
+    generation server, which is scripted here."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(directory), version_base=None):
+        return compose(config_name="verl_overrides", overrides=["actor_rollout_ref.rollout.name=vllm",
+                                                                "actor_rollout_ref.rollout.n=2"])
+
+
+def test_verls_agent_loop_and_reward_loop_score_a_batch_as_the_trainer_builds_it(tmp_path, tmp_path_factory):
+    import asyncio
+    import uuid
+    from types import SimpleNamespace
+
+    import numpy as np
+    from verl import DataProto
+    from verl.experimental.agent_loop import single_turn_agent_loop  # noqa: F401  (registers the agent loop)
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.reward import extract_reward
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
+    from verl.workers.rollout.replica import TokenOutput
+
+    from prefill_kit.rewards import get_reward
+
+    model_path = model_dir(tmp_path_factory, tiny)
+    prefill_kit("render", str(EXAMPLE), "-o", str(tmp_path / "rendered.jsonl"), "--tokenizer", model_path,
+                "--prefix", r"<think>\n")
+    prefill_kit("export", "verl", str(EXAMPLE), "-o", str(tmp_path / "out"), "--tokenizer", model_path,
+                "--prefix", r"<think>\n", "--rewards", "format,accuracy:2")
+    rendered = [json.loads(line) for line in open(tmp_path / "rendered.jsonl", encoding="utf-8")][:4]
+    config = verl_config_for_rollout(tmp_path / "out")
+    model = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+    tokenizer = model.tokenizer
+    dataset = RLHFDataset(data_files=config.data.train_files, tokenizer=tokenizer, config=config.data,
+                          processor=model.processor)
+
+    # The trainer's step (RayPPOTrainer.fit): a collated batch, a uid per prompt, the generation keys, n rollouts.
+    batch = DataProto.from_single_dict(collate_fn([dataset[i] for i in range(len(rendered))]))
+    batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
+    gen_batch = batch.pop(batch_keys=[], non_tensor_batch_keys=[
+        k for k in batch.non_tensor_batch if k not in {"data_source", "reward_model", "extra_info", "uid"}])
+    gen_batch.non_tensor_batch.update(batch.non_tensor_batch)
+    gen_batch = gen_batch.repeat(repeat_times=config.actor_rollout_ref.rollout.n, interleave=True)
+
+    # The generation server, scripted: it knows each prompt only by prefill-kit's ids (an unknown prompt is a
+    # KeyError) and continues after the prefilled "<think>\n", right on the first rollout and wrong on the second.
+    solutions = {tuple(row["prompt_ids"]): row["solution"] for row in rendered}
+    sampled: dict[tuple[int, ...], list[str]] = {}
+
+    class ScriptedServer:
+        async def generate(self, *, prompt_ids, **kwargs):
+            solution = solutions[tuple(prompt_ids)]
+            texts = sampled.setdefault(tuple(prompt_ids), [])
+            answer = solution if not texts else solution + "1"
+            texts.append(f"Let me count.\n</think>\n<answer>{answer}</answer>")
+            return TokenOutput(token_ids=tokenizer.encode(texts[-1], add_special_tokens=False)
+                               + [tokenizer.eos_token_id])
+
+    async def rollout():
+        rewards = RewardLoopWorker(config)  # a ray actor in the trainer, called in process here
+        handle = SimpleNamespace(compute_score=SimpleNamespace(remote=rewards.compute_score))
+        worker = AgentLoopWorker(config, llm_client=ScriptedServer(), reward_loop_worker_handles=[handle])
+        return await worker.generate_sequences(gen_batch)
+
+    output = asyncio.run(rollout())
+    assert len(output) == 2 * len(rendered)
+    reward_tensor, extra = extract_reward(output)  # what the trainer reads for the advantages
+    prompt_length = output.batch["prompts"].shape[1]
+    for i in range(len(output)):
+        prompt = output.batch["prompts"][i][output.batch["attention_mask"][i][:prompt_length].bool()].tolist()
+        row = rendered[i // 2]
+        assert prompt == row["prompt_ids"]  # verl's left-padded prompt is exactly prefill-kit's
+        text = sampled[tuple(prompt)][i % 2]
+        expected = {name: get_reward(name)([text], prefix=["<think>\n"], solution=[row["solution"]])[0]
+                    for name in ("format", "accuracy")}
+        assert expected == {"format": 1.0, "accuracy": 1.0 if i % 2 == 0 else 0.0}
+        assert {name: float(extra[name][i]) for name in expected} == expected
+        assert reward_tensor[i].sum().item() == expected["format"] + 2 * expected["accuracy"]
