@@ -370,6 +370,8 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps. `iterencode` makes
     # the same text as `json.dumps`, in pieces, so that a large `indent` is refused as the text grows.
     encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    if indent is not None:  # one piece holds the indent once per level of nesting
+        _check_size_of((len(indent) if isinstance(indent, str) else _argument_size(indent)) * _depth(x), "")
     pieces, size = [], 0
     for piece in encoder.iterencode(x):
         size += len(piece)
@@ -377,6 +379,22 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
             raise _exceeded(f"tojson text of more than {LIMITS.max_string:,} characters")
         pieces.append(piece)
     return "".join(pieces)
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in `value` (what `tojson`'s indent multiplies), walking at most
+    `LIMITS.max_items` of them (shared items would otherwise be walked again and again)."""
+    deepest, stack, walked = 0, [(value, 0)], 0
+    while stack:
+        v, depth = stack.pop()
+        deepest, walked = max(deepest, depth), walked + 1
+        if walked > LIMITS.max_items:
+            raise _exceeded(f"tojson with an indent over more than {LIMITS.max_items:,} items")
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list | tuple):
+            stack.extend((item, depth + 1) for item in v)
+    return deepest
 
 
 def _lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 - jinja's argument names
