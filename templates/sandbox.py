@@ -28,6 +28,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import jinja2.visitor
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -93,6 +94,86 @@ def _check_size_of(length: int, like: Any) -> None:
         raise _exceeded(f"a {'string' if unit == 'characters' else 'list'} of {length:,} {unit}, more than {limit:,}")
 
 
+def _text_size(value: Any) -> int:
+    """An upper bound of `len(str(value))`, found without building the string: a container's text
+    holds its items' reprs. Counting stops once past the string limit, so a hostile value costs little."""
+    size, stack, limit = 0, [value], LIMITS.max_string
+    while stack and size <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            size += len(v) if v is value else _repr_size(v)
+        elif isinstance(v, list | tuple | set | frozenset):
+            size += 2 + 2 * len(v)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            size += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, jinja2.utils.Namespace):
+            size += 16
+            stack.append(v._Namespace__attrs)  # its repr shows its attributes
+        elif isinstance(v, int) and not isinstance(v, bool):
+            size += 2 + v.bit_length() // 3  # decimal digits, from above
+        else:
+            size += 64  # floats, None, Undefined, macros: short reprs
+    return size
+
+
+def _repr_size(text: str) -> int:
+    """An upper bound of `len(repr(text))`: quotes, and escapes of up to 10 characters where not printable."""
+    return 2 + (len(text) + text.count("\\") + text.count("'") if text.isprintable() else 10 * len(text))
+
+
+def _check_text(value: Any) -> Any:
+    """`value` itself, unless its text (what `str()` would build) is longer than the limit."""
+    if type(value) is not str:
+        size = _text_size(value)
+        if size > LIMITS.max_string:
+            raise _exceeded(f"text of more than {LIMITS.max_string:,} characters")
+    return value
+
+
+def _check_concat(pieces: Iterable[Any]) -> str:
+    """`a ~ b ~ ...`, refused before it is built when too long (jinja's own `str_join` otherwise)."""
+    pieces = list(pieces)
+    _check_size_of(sum(_text_size(p) for p in pieces), "")
+    return "".join(map(str, pieces))
+
+
+def _check_join(items: Any, separator: Any) -> list:
+    """The items, as a list; refused when `separator.join(items)` would be too long."""
+    items = list(items)
+    sep = len(separator) if isinstance(separator, str) else _text_size(separator)
+    _check_size_of(sum(_text_size(i) for i in items) + sep * max(len(items) - 1, 0), "")
+    return items
+
+
+def _argument_size(arg: Any) -> int:
+    """What one argument of a format may add: its text, or, for an int, the width it may stand for."""
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return max(_text_size(arg), arg)
+    return _text_size(arg)
+
+
+def _check_formatted(text: Any, args: Iterable[Any], mark: str) -> None:
+    """Refuse `text % args` or `text.format(*args)` before it is built, when it could be too long:
+    each `mark` may insert the longest argument, and each number in `text` may be a width."""
+    if isinstance(text, str):
+        _check_format(text)
+        widths = sum(int(m[0]) for m in _WIDTH.finditer(text))
+        longest = max(map(_argument_size, args), default=0)
+        _check_size_of(len(text) + widths + text.count(mark) * longest, text)
+
+
+def _format_args(args: Any) -> list:
+    """The values `%` formats with: a tuple's items, a mapping's values, or the one value."""
+    if isinstance(args, tuple):
+        return list(args)
+    if isinstance(args, dict):
+        return list(args.values())
+    return [args]
+
+
 def _check_power(base: Any, exponent: Any) -> None:
     if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and exponent > 0:
         bits = exponent * abs(base).bit_length()
@@ -136,15 +217,65 @@ def _bounded_call(fn, args: tuple, kwargs: dict) -> Any:
 def _bounded_filter(name: str, fn):
     @functools.wraps(fn)  # keeps jinja's pass_context / pass_eval_context marks
     def bounded(*args, **kwargs):
-        if name == "replace":
-            values = [a for a in args if isinstance(a, str)][-3:]
-            if len(values) == 3:
-                _check_replace(*values)
-        elif name == "format" and args:
-            _check_format(next((a for a in args if isinstance(a, str)), None))
-        return _bounded_call(fn, args, kwargs)
+        return _bounded_call(fn, _check_filter(name, list(args), kwargs), kwargs)
 
     return bounded
+
+
+_PASSED = (jinja2.nodes.EvalContext, jinja2.Environment, jinja2.runtime.Context)
+
+
+def _check_filter(name: str, args: list, kwargs: dict) -> tuple:
+    """Refuse, before the filter builds it, a result longer than the limits. Returns the arguments, an
+    iterable value read into a list (so that it can be measured and then used)."""
+    head = next((i for i, a in enumerate(args) if not isinstance(a, _PASSED)), len(args))
+    value, rest = (args[head], args[head + 1:]) if head < len(args) else (None, [])
+
+    def arg(index: int, key: str, default: Any) -> Any:
+        return rest[index] if len(rest) > index else kwargs.get(key, default)
+
+    if name == "replace":
+        values = [a for a in args if isinstance(a, str)][-3:]
+        if len(values) == 3:
+            _check_replace(*values)
+    elif name == "format":
+        _check_formatted(value, [*rest, *kwargs.values()], "%")
+    elif name == "join" and value is not None:
+        args[head] = _check_join(value, arg(0, "d", ""))
+    elif name == "string":
+        _check_text(value)
+    elif name == "indent" and isinstance(value, str):
+        width = arg(0, "width", 4)
+        width = len(width) if isinstance(width, str) else _argument_size(width)
+        _check_size_of(len(value) + (value.count("\n") + 1) * width, value)
+    elif name == "wordwrap" and isinstance(value, str):
+        wrap = arg(2, "wrapstring", None)
+        _check_size_of(len(value) * (1 + (len(wrap) if isinstance(wrap, str) else 2)), value)
+    elif name == "sum" and value is not None and isinstance(arg(1, "start", 0), str | list | tuple):
+        args[head] = items = list(value)
+        start = arg(1, "start", 0)
+        _check_size_of(len(start) + sum(_text_size(i) if arg(0, "attribute", None) is not None
+                                        else len(i) if isinstance(i, str | list | tuple) else 0 for i in items), start)
+    return tuple(args)
+
+
+def _check_method(text: str, name: str, args: tuple, kwargs: dict) -> tuple:
+    """Refuse, before it is built, a too long result of a str method that can grow its string."""
+    if name == "replace" and len(args) >= 2:
+        _check_replace(text, args[0], args[1])
+    elif name == "format":
+        _check_formatted(text, [*args, *kwargs.values()], "{")
+    elif name == "format_map" and args and isinstance(args[0], dict):
+        _check_formatted(text, list(args[0].values()), "{")
+    elif name == "join" and len(args) == 1:
+        args = (_check_join(args[0], text),)
+    elif name == "translate" and args and isinstance(args[0], dict):
+        _check_size_of(len(text) * max([1, *map(_text_size, args[0].values())]), text)
+    elif name == "expandtabs":
+        tabsize = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(tabsize, int):
+            _check_size_of(len(text) + text.count("\t") * max(tabsize, 0), text)
+    return args
 
 
 def _guarded_loop(iterable: Iterable[Any]) -> Iterator[Any]:
@@ -161,6 +292,7 @@ def _guarded_loop(iterable: Iterable[Any]) -> Iterator[Any]:
 
 
 _LOOP_GUARD = "prefill_kit_loop_guard"
+_CONCAT = "prefill_kit_concat"
 
 
 def _range(*args: int) -> range:
@@ -235,8 +367,40 @@ def _raise_exception(message):
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps. `iterencode` makes
+    # the same text as `json.dumps`, in pieces, so that a large `indent` is refused as the text grows.
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    if indent is not None:  # one piece holds the indent once per level of nesting
+        _check_size_of((len(indent) if isinstance(indent, str) else _argument_size(indent)) * _depth(x), "")
+    pieces, size = [], 0
+    for piece in encoder.iterencode(x):
+        size += len(piece)
+        if size > LIMITS.max_string:
+            raise _exceeded(f"tojson text of more than {LIMITS.max_string:,} characters")
+        pieces.append(piece)
+    return "".join(pieces)
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in `value` (what `tojson`'s indent multiplies), walking at most
+    `LIMITS.max_items` of them (shared items would otherwise be walked again and again)."""
+    deepest, stack, walked = 0, [(value, 0)], 0
+    while stack:
+        v, depth = stack.pop()
+        deepest, walked = max(deepest, depth), walked + 1
+        if walked > LIMITS.max_items:
+            raise _exceeded(f"tojson with an indent over more than {LIMITS.max_items:,} items")
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list | tuple):
+            stack.extend((item, depth + 1) for item in v)
+    return deepest
+
+
+def _lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 - jinja's argument names
+    # n paragraphs of up to `max` words, each up to 12 letters and a space
+    _check_size_of(_argument_size(n) * _argument_size(max) * 16, "")
+    return jinja2.utils.generate_lorem_ipsum(n=n, html=html, min=min, max=max)
 
 
 def _strftime_now(fmt):
@@ -255,7 +419,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
     def call_binop(self, context, operator_name, left, right):
-        if operator_name == "+":  # the common case (chat templates concatenate): both sides are within bounds
+        if operator_name == "+":  # the common case (chat templates concatenate): checked before it is built
+            if isinstance(left, str | list | tuple) and type(left) is type(right):
+                _check_size_of(len(left) + len(right), left)
             return _check_size(left + right)
         if operator_name == "*":
             _check_repeat(left, right)
@@ -263,23 +429,27 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         elif operator_name == "**":
             _check_power(left, right)
         elif operator_name == "%":
-            _check_format(left)
+            _check_formatted(left, _format_args(right), "%")
         return _bounded_call(_BINOPS[operator_name], (left, right), {})
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature, to avoid name clashes
-        name = getattr(__obj, "__name__", None)
         bound_to = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # str.format comes wrapped
-        if name == "replace" and len(args) >= 2:
-            _check_replace(bound_to, args[0], args[1])
-        elif name in ("format", "format_map"):
-            _check_format(bound_to)
+        if isinstance(bound_to, str):
+            args = _check_method(bound_to, getattr(__obj, "__name__", None), args, kwargs)
         return _bounded_call(super().call, (__context, __obj, *args), kwargs)
 
     def _generate(self, source, name, filename, defer_init=False):
-        """Compile every `{% for x in it %}` as `{% for x in it|loop_guard %}`, so loops count against the budget."""
+        """Compile every `{% for x in it %}` as `{% for x in it|loop_guard %}`, so loops count against the budget,
+        and every `a ~ b` as a concatenation measured before it is built."""
         for loop in source.find_all(jinja2.nodes.For):
             loop.iter = jinja2.nodes.Filter(loop.iter, _LOOP_GUARD, [], [], None, None).set_lineno(loop.iter.lineno)
-        return super()._generate(source, name, filename, defer_init)
+        return super()._generate(_BoundedConcat().visit(source), name, filename, defer_init)
+
+
+class _BoundedConcat(jinja2.visitor.NodeTransformer):
+    def visit_Concat(self, node: jinja2.nodes.Concat) -> jinja2.nodes.Filter:  # noqa: N802 - jinja's visitor names
+        self.generic_visit(node)
+        return jinja2.nodes.Filter(jinja2.nodes.List(node.nodes), _CONCAT, [], [], None, None).set_lineno(node.lineno)
 
 
 _BINOPS = {"*": operator.mul, "+": operator.add, "**": operator.pow, "%": operator.mod}
@@ -291,6 +461,9 @@ def _make_env() -> ImmutableSandboxedEnvironment:
     env.filters["tojson"] = _tojson
     env.filters = {name: _bounded_filter(name, fn) for name, fn in env.filters.items()}
     env.filters[_LOOP_GUARD] = _guarded_loop
+    env.filters[_CONCAT] = _check_concat
+    env.finalize = _check_text  # what `{{ value }}` prints: a container's text is measured before it is built
+    env.globals["lipsum"] = _lipsum
     env.globals["range"] = _range
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

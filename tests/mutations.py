@@ -4,20 +4,31 @@
     python tests/mutations.py --list     # names only
     python tests/mutations.py NAME ...   # some of them
 
-Each mutation is applied to a temporary copy of the project laid out as it installs (`backends/` and
-`templates/` inside `prefill_kit/`), made beside this checkout so that `../shared` resolves the same way,
-and only the named test selection runs against it (the copy comes first on PYTHONPATH, for subprocesses
-too). The checkout itself is never modified. A mutation whose original line is no longer in the code is
-an error, not a pass: the list must follow the code.
+Each mutation is applied to a temporary copy of the checkout as a test sees it (README.md, pyproject.toml,
+backends/, templates/, tests/, examples/, benchmarks/, .ci/: every file git does not ignore), made beside
+this checkout with `../shared` linked, so that tests that need the reference data run there too. The
+copy is also importable as installed: `prefill_kit/` holds copies of `backends/` and `templates/`, and the
+copy comes first on PYTHONPATH (for subprocesses too). A mutation of `backends/` or `templates/` is applied
+to both copies. Only the named test selection runs against it; the checkout itself is never modified.
+
+The list must follow the code, so these are errors, not passes:
+- a mutation whose original line no longer occurs exactly once;
+- a guard that does not pass on the unmutated copy: every selection first runs there, all in one pytest
+  session, and one that selects nothing, or holds a test that fails, errors or skips, cannot show a catch;
+- a pytest exit other than 0 (missed) or 1 (caught) under a mutation: it is reported, and the run goes on.
+
+Where `../shared/reference` is absent beside the checkout, a guard whose tests all need it (they skip) is
+reported UNCHECKED, counted apart, and does not fail the run: it cannot be checked on that machine.
 
 A mutation counts as caught only by a test that fails for it on every run: tests marked `timing` (their
 outcome can depend on machine load or on when a signal lands) are deselected, so a chance failure of one
-never passes for a catch. A selection left with no test is an error.
+never passes for a catch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -28,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUT = {"prefill_kit": "prefill_kit", "backends": "prefill_kit/backends", "templates": "prefill_kit/templates",
-          "tests": "tests", "examples": "examples"}
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"  # as tests/conftest.py finds it
+INSTALLED = {"backends": "prefill_kit/backends", "templates": "prefill_kit/templates"}  # where they install
 
 
 @dataclass(frozen=True)
@@ -341,47 +352,165 @@ MUTATIONS = [
     Mutation("the ms-swift launch line drops the reward weights", "prefill_kit/cli/integrations.py",
              'words += ["--reward_weights", *(f"{r.weight:g}" for r in spec)]', "pass",
              ("tests/test_integrations_cli.py",)),
+    # issue 21: the sandbox's limits are checked before the value is built, and in loops without calls
+    Mutation("+ between strings is not size-checked", "templates/sandbox.py",
+             "            if isinstance(left, str | list | tuple) and type(left) is type(right):\n"
+             "                _check_size_of(len(left) + len(right), left)\n"
+             "            return _check_size(left + right)\n",
+             "            return left + right\n",
+             ("tests/test_sandbox_growth.py", "-k", "plus")),
+    Mutation("int * str is checked only after it is built", "templates/sandbox.py",
+             "            _check_repeat(right, left)\n", "            pass\n",
+             ("tests/test_sandbox_growth.py", "-k", "times and int and str")),
+    Mutation("loops without a call stop checking the wall clock", "templates/sandbox.py",
+             "            if not budget.iterations % 256:\n                budget.check_time()\n",
+             "            pass\n",
+             ("tests/test_sandbox_growth.py", "-k", "wall_clock and without")),
 ]
 
 
 def make_copy(root: Path) -> None:
-    """The project as it installs, under `root`."""
-    for source, target in LAYOUT.items():
-        shutil.copytree(REPO / source, root / target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-                        dirs_exist_ok=True)
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    """The checkout as a test sees it, under `root`, with `../shared` beside it and the installed layout."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    for source, target in INSTALLED.items():
+        shutil.copytree(root / source, root / target)
+    if (REPO.parent / "shared").exists():
+        (root.parent / "shared").symlink_to(REPO.parent / "shared")
 
 
 def apply(root: Path, mutation: Mutation) -> None:
-    source = mutation.path
-    for prefix, target in LAYOUT.items():
-        if source.startswith(prefix + "/"):
-            source = target + source[len(prefix):]
-            break
-    path = root / source
-    text = path.read_text(encoding="utf-8")
-    count = text.count(mutation.original)
-    if count != 1:
-        raise SystemExit(f"mutation {mutation.name!r}: the original line occurs {count} times in {mutation.path}; "
-                         "update tests/mutations.py to follow the code")
-    path.write_text(text.replace(mutation.original, mutation.mutant), encoding="utf-8")
+    paths = [mutation.path]
+    for source, target in INSTALLED.items():
+        if mutation.path.startswith(source + "/"):
+            paths.append(target + mutation.path[len(source):])
+    for name in paths:
+        path = root / name
+        text = path.read_text(encoding="utf-8")
+        count = text.count(mutation.original)
+        if count != 1:
+            raise ListError(f"the original line occurs {count} times in {mutation.path}; update tests/mutations.py "
+                            "to follow the code")
+        path.write_text(text.replace(mutation.original, mutation.mutant), encoding="utf-8")
 
 
-def run(mutation: Mutation) -> tuple[bool, float, str]:
-    """(caught, seconds, last lines of pytest's output) for one mutation."""
+class ListError(Exception):
+    """The list does not follow the code or the tests: an error in tests/mutations.py, not a catch or a miss."""
+
+
+def pytest_env(root: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def copy_and_run(mutation: Mutation | None, args: list[str]) -> subprocess.CompletedProcess:
+    """pytest with `args` in a fresh copy, `mutation` applied (None: unmutated)."""
     with tempfile.TemporaryDirectory(prefix=".prefill-kit-mutant-", dir=REPO.parent) as tmp:
         root = Path(tmp) / REPO.name  # same depth as the checkout: tests find ../shared alike
         make_copy(root)
-        apply(root, mutation)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               "-m", "not timing", *mutation.tests], cwd=root, env=env, capture_output=True, text=True)
-        tail = "\n".join(done.stdout.strip().splitlines()[-3:])
-        if done.returncode not in (0, 1):  # 5: no test selected, 2-4: errors: the selection is broken
-            raise SystemExit(f"mutation {mutation.name!r}: pytest exited {done.returncode}:\n{tail}\n{done.stderr}")
-        return done.returncode == 1, time.perf_counter() - start, tail
+        if mutation is not None:
+            apply(root, mutation)
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=root,
+                              env=pytest_env(root), capture_output=True, text=True)
+
+
+def run(mutation: Mutation) -> tuple[str, float, str]:
+    """('caught' | 'MISSED' | 'ERROR', seconds, last lines of pytest's output) for one mutation."""
+    start = time.perf_counter()
+    try:
+        done = copy_and_run(mutation, ["-x", "-m", "not timing", *mutation.tests])
+    except ListError as e:
+        return "ERROR", time.perf_counter() - start, str(e)
+    tail = "\n".join(done.stdout.strip().splitlines()[-3:])
+    verdict = {0: "MISSED", 1: "caught"}.get(done.returncode, "ERROR")
+    if verdict == "ERROR":  # 5: no test selected, 2-4: errors: the selection is broken
+        tail = f"pytest exited {done.returncode}:\n{tail}\n{done.stderr.strip()[-1500:]}"
+    return verdict, time.perf_counter() - start, tail
+
+
+def selection(tests: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """A guard's pytest arguments as (paths or node ids, -k expression)."""
+    paths, keyword, args = [], None, iter(tests)
+    for arg in args:
+        if arg == "-k":
+            keyword = next(args)
+        elif arg.startswith("-"):
+            raise ListError(f"the unmutated check reads files, node ids and -k only, not {arg!r}")
+        else:
+            paths.append(arg)
+    return paths, keyword
+
+
+class Unmutated:
+    """A pytest plugin: runs the union of the guards' selections once, and says which tests each selected
+    (with pytest's own -k matching) and how each ended."""
+
+    def __init__(self, guards: dict[str, tuple[str, ...]], out: str):
+        self.guards, self.out = {name: selection(tests) for name, tests in guards.items()}, out
+        self.selected: dict[str, list[str]] = {}
+        self.outcomes: dict[str, str] = {}
+
+    def pytest_collection_modifyitems(self, session, config, items):
+        from _pytest.mark import KeywordMatcher
+        from _pytest.mark.expression import Expression
+
+        keep = set()
+        for name, (paths, keyword) in self.guards.items():
+            expression = Expression.compile(keyword) if keyword else None
+            chosen = [item.nodeid for item in items
+                      if any(item.nodeid == p or item.nodeid.startswith((p + "::", p + "[")) for p in paths)
+                      and (expression is None or expression.evaluate(KeywordMatcher.from_item(item)))
+                      and item.get_closest_marker("timing") is None]  # as `run` deselects them
+            self.selected[name] = chosen
+            keep.update(chosen)
+        items[:] = [item for item in items if item.nodeid in keep]
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.outcomes[report.nodeid] = "failed" if report.when == "call" else f"error in {report.when}"
+        elif report.skipped:
+            self.outcomes.setdefault(report.nodeid, "skipped")
+        elif report.when == "call":
+            self.outcomes.setdefault(report.nodeid, "passed")
+
+    def pytest_sessionfinish(self, session):
+        Path(self.out).write_text(json.dumps({"selected": self.selected, "outcomes": self.outcomes}))
+
+
+def check_unmutated(chosen: list[Mutation]) -> dict[str, str]:
+    """{mutation name: why its guard cannot show a catch} from one pytest session on the unmutated copy."""
+    files = sorted({p.split("::")[0] for m in chosen for p in selection(m.tests)[0]})
+    guards = {m.name: m.tests for m in chosen}
+    with tempfile.TemporaryDirectory(prefix=".prefill-kit-mutant-", dir=REPO.parent) as tmp:
+        root = Path(tmp) / REPO.name
+        make_copy(root)
+        out = Path(tmp) / "unmutated.json"
+        runner = ("import json, sys; sys.path.insert(0, 'tests'); import pytest; from mutations import Unmutated; "
+                  "guards, out, files = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]; "
+                  "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *files], plugins=[Unmutated(guards, out)]))")
+        done = subprocess.run([sys.executable, "-c", runner, json.dumps(guards), str(out), *files], cwd=root,
+                              env=pytest_env(root), capture_output=True, text=True)
+        if not out.exists():
+            return {m.name: f"the unmutated run ended without a result (pytest exited {done.returncode}):\n"
+                            f"{done.stdout[-1500:]}{done.stderr[-1500:]}" for m in chosen}
+        found = json.loads(out.read_text())
+    errors = {}
+    for mutation in chosen:
+        ids = found["selected"].get(mutation.name, [])
+        bad = [f"{i}: {found['outcomes'].get(i, 'not run')}" for i in ids if found["outcomes"].get(i) != "passed"]
+        if not ids:
+            errors[mutation.name] = "its guard selects no test"
+        elif bad and not SHARED_REFERENCE.exists() and all(found["outcomes"].get(i) in ("passed", "skipped")
+                                                            for i in ids):
+            errors[mutation.name] = (f"UNCHECKED: {SHARED_REFERENCE} is absent beside the checkout, and its guard "
+                                     "needs that reference data (every test it selects skips or passes)")
+        elif bad:
+            errors[mutation.name] = "its guard does not pass unmutated: " + "; ".join(bad[:5])
+    return errors
 
 
 def main() -> int:
@@ -396,15 +525,26 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown mutations: {sorted(unknown)}")
     chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
-    caught = 0
+    start = time.perf_counter()
+    errors = check_unmutated(chosen)
+    print(f"unmutated guards checked ({time.perf_counter() - start:.0f} s)", flush=True)
+    caught = unchecked = 0
     for mutation in chosen:
-        was_caught, seconds, tail = run(mutation)
-        caught += was_caught
-        print(f"{'caught' if was_caught else 'MISSED'}  {mutation.name}  ({seconds:.0f} s)", flush=True)
-        if not was_caught:
+        if mutation.name in errors:
+            unchecked = errors[mutation.name].startswith("UNCHECKED")
+            verdict, seconds, tail = "UNCHECKED" if unchecked else "ERROR", 0.0, errors[mutation.name]
+        else:
+            verdict, seconds, tail = run(mutation)
+        caught += verdict == "caught"
+        unchecked += verdict == "UNCHECKED"
+        print(f"{verdict}  {mutation.name}  ({seconds:.0f} s)", flush=True)
+        if verdict != "caught":
             print("    " + tail.replace("\n", "\n    "), flush=True)
-    print(f"{caught}/{len(chosen)} mutations caught")
-    return 0 if caught == len(chosen) else 1
+    failed = len(chosen) - caught - unchecked
+    print(f"{caught}/{len(chosen)} mutations caught" + (f" ({failed} missed or in error)" if failed else "")
+          + (f" ({unchecked} unchecked: their guards need {SHARED_REFERENCE})" if unchecked else "")
+          + f" in {time.perf_counter() - start:.0f} s")
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":
