@@ -280,7 +280,8 @@ def verl_overrides(directory: Path, template_source: str, *, rewards: str, templ
         "hydra": {"searchpath": ["pkg://verl.trainer.config"]},
         "defaults": ["ppo_trainer", "_self_"],
         "data": data,
-        "actor_rollout_ref": {"model": model},
+        # verl has no default for the rollout engine (`???`); vLLM is its usual one, `sglang` the other.
+        "actor_rollout_ref": {"model": model, "rollout": {"name": "vllm"}},
         "reward": {"custom_reward_function": {"path": REWARD_PATH, "name": "compute_score",
                                               "reward_kwargs": {"rewards": rewards}}},
     }

@@ -104,6 +104,7 @@ def test_verl_tokenizes_every_exported_row_into_prefill_kits_prompt_ids(tmp_path
 
     config = verl_config(tmp_path / "out")
     assert config.actor_rollout_ref.model.path == model
+    assert config.actor_rollout_ref.rollout.name == "vllm"  # verl's ppo_trainer leaves it mandatory (`???`)
     ids, _, items = verl_prompt_ids(config)
     assert len(ids) == len(expected) == 32  # none filtered as too long: max_prompt_length is the longest prompt
     assert ids == expected
@@ -183,13 +184,12 @@ def test_gsm8k_keeps_the_whole_reference_answer_and_scores_with_math_verify(tmp_
 
 
 def verl_config_for_rollout(directory):
-    """The exported config as the trainer sees it; `rollout.name` is mandatory in verl and names the (GPU)
-    generation server, which is scripted here."""
+    """The exported config as the trainer sees it (its `rollout.name`, vLLM, names the GPU generation server,
+    which is scripted here)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(directory), version_base=None):
-        return compose(config_name="verl_overrides", overrides=["actor_rollout_ref.rollout.name=vllm",
-                                                                "actor_rollout_ref.rollout.n=2"])
+        return compose(config_name="verl_overrides", overrides=["actor_rollout_ref.rollout.n=2"])
 
 
 def test_verls_agent_loop_and_reward_loop_score_a_batch_as_the_trainer_builds_it(tmp_path, tmp_path_factory):
