@@ -327,3 +327,109 @@ def test_parse_turn_uses_hermes_without_a_response_parser():
     assert message == {"role": "assistant", "content": "Hi.", "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]}
     assert calls == [ToolCall("add", {"a": 1, "b": 2})]
+
+
+# --- split samples (thinking_history) ------------------------------------------------------------------------
+
+
+def test_split_starts_a_sample_at_the_rewrite_with_the_templates_own_prompt():
+    """ChatML drops tool calls from its rendering: the model's own tool-call turn is rewritten, so with `split` the
+    turn after it is a sample of its own, whose prompt is ChatML's rendering of the conversation so far."""
+    from prefill_kit.tiny_model import build_tokenizer
+
+    tok = build_tokenizer(chat_template="")
+    tools = load_tools(["tests.test_rollouts:add"], None)
+    scripts = {"What is 2 + 3?": SCRIPTS["What is 2 + 3?"]}
+    builder = TrajectoryBuilder([{"role": "user", "content": "What is 2 + 3?"}], "chatml", tok, prefix=PREFIX)
+    [r] = run_rollouts([builder], ScriptedSampler(tok, scripts), tokenizer=tok, eos_ids=[tok.eos_token_id],
+                       tables=[tools.tool_table()], schemas=[None], max_turns=4, max_completion_length=400,
+                       tool_timeout=5)
+    traj = r.trajectory
+    assert r.turns == 2 and traj.bridges[0].rewrites is not None
+    def encode(t):
+        return tok(t, add_special_tokens=False)["input_ids"]
+    [keep] = samples(r, "keep", encode)
+    first, second = samples(r, "split", encode)
+    assert keep.prompt_ids + keep.completion_ids == traj.ids
+    # the first sample: the prompt, turn 1 and its bridge; the second: the template's rendering, then turn 2
+    assert first.prompt_ids + first.completion_ids == traj.ids[:traj.turn_starts[1]]
+    shown = render_prompt(traj.messages[:3], "chatml", PREFIX).prompt
+    assert shown == traj.turn_prompts[1] and "<tool_call>" not in shown
+    assert second.prompt_ids == encode(shown)
+    assert second.completion_ids == traj.ids[traj.turn_starts[1]:]
+    assert sum(first.completion_mask) + sum(second.completion_mask) == sum(traj.mask)  # each sampled id once
+    assert set(second.completion_mask) == {1}
+
+
+def test_every_split_sample_takes_its_rollouts_advantage():
+    import torch
+
+    from prefill_kit.grpo.multiturn import sample_advantages
+
+    got = sample_advantages(torch.tensor([0.5, -1.0, 2.0]), [0, 0, 1, 2, 2, 2])
+    assert got.tolist() == [0.5, 0.5, -1.0, 2.0, 2.0, 2.0]
+
+
+# --- the built-in loop, end to end -----------------------------------------------------------------------------
+
+
+def _loop_sampler(tok):
+    """Every rollout calls `add` once, then answers: the same script through the real training loop."""
+    def sample(prompts, budgets):
+        out = []
+        for ids in prompts:
+            text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            turn = ("Sum.\n</think>\n\n<answer>3</answer>" if "<tool_response>" in text
+                    else "Add.\n</think>\n\nOk." + _call("add", a=1, b=2)) + "<|im_end|>"
+            whole = tok(text + turn, add_special_tokens=False)["input_ids"]
+            out.append(whole[len(ids):])
+        return out
+    return lambda *a, **k: sample
+
+
+def test_builtin_loop_trains_on_scripted_tool_rollouts(tiny_model_dir, tmp_path, monkeypatch, one_torch_thread):
+    import math
+
+    from prefill_kit.backends import builtin
+    from prefill_kit.config import load_config
+    from prefill_kit.grpo import multiturn
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    config = load_config(REPO / "examples" / "grpo_tiny_tools.yaml", [
+        f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", "train.max_steps=2",
+        "output.log_completions_steps=1",
+        "rewards=[{name: format}]", "grpo.max_completion_length=200"])
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(multiturn, "hf_sampler", _loop_sampler(AutoTokenizer.from_pretrained(tiny_model_dir)))
+    result = builtin.train(config, progress=False)
+    rows = result.history
+    assert [r["turns/mean"] for r in rows] == [2.0, 2.0]
+    assert [r["tools/calls"] for r in rows] == [8.0, 8.0] and [r["tools/failures"] for r in rows] == [0.0, 0.0]
+    assert all(r["rewards/format"] == 1.0 and math.isfinite(r["loss"]) for r in rows)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 16 and all(row["Calculator"] == (1.0 if row["solution"] == "3" else 0.0) for row in logged)
+    turns = logged[0]["turns"]
+    assert [t["role"] for t in turns] == ["assistant", "tool", "assistant"]
+    assert turns[0]["prefix"] == PREFIX and turns[0]["content"] == "Add.\n</think>\n\nOk."
+    assert turns[1] == {"role": "tool", "name": "add", "content": "3"}
+    assert turns[0]["trained_tokens"] > 0 and turns[2]["trained_tokens"] > 0
+    assert logged[0]["completion_length"] == turns[0]["trained_tokens"] + turns[2]["trained_tokens"]
+
+
+def test_the_tools_example_runs_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch, one_torch_thread):
+    """The shipped example, real sampling (a random model: few or no well-formed calls), two steps."""
+    import math
+
+    from prefill_kit.backends import builtin
+    from prefill_kit.config import load_config
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    config = load_config(REPO / "examples" / "grpo_tiny_tools.yaml", [
+        f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", "train.max_steps=2"])
+    rows = builtin.train(config, progress=False).history
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(1.0 <= r["turns/mean"] <= 3.0 and r["tools/failures"] <= r["tools/calls"] for r in rows)
+    assert all(r["completion_length"] <= 48 for r in rows)

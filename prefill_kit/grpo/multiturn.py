@@ -231,6 +231,11 @@ class EnvironmentReward:
         return out
 
 
+def sample_advantages(advantages: torch.Tensor, owners: Sequence[int]) -> torch.Tensor:
+    """Each sample's advantage: its rollout's (`owners[s]`), for every sample of a split rollout alike: (B,) -> (S,)."""
+    return advantages[torch.as_tensor(list(owners), dtype=torch.long)]
+
+
 def sample_and_score_turns(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, rows: dict[str, list[Any]],
                            prompts: list[Any], rewards: Sequence[WeightedRewardLike], tokenizer,
                            eos_ids: Sequence[int], tools: ToolConfig, environments: list[Any] | None,
@@ -283,3 +288,82 @@ def metrics(results: Sequence[RolloutResult]) -> dict[str, float]:
     n = max(1, len(results))
     return {"turns/mean": sum(r.turns for r in results) / n, "tools/calls": float(sum(r.tool_calls for r in results)),
             "tools/failures": float(sum(r.tool_failures for r in results))}
+
+
+# --- what the training loop calls ---------------------------------------------------------------------------
+
+
+class MultiTurnRollouts:
+    """The training loop's multi-turn rollout: the data's conversations, the tools, and the template, loaded once.
+
+    `__call__` samples `num_generations` rollouts of each prompt, one environment instance each (`reset(**row)`
+    with the data row; text it returns is appended to the last user message, TRL's rule), and scores them.
+    """
+
+    def __init__(self, config, tokenizer, tools: ToolConfig):
+        from prefill_kit.data.formats import detect_format, row_tools, to_conversation
+        from prefill_kit.errors import ConfigError
+        from prefill_kit.prompts.pipeline import as_dataset, resolve_template
+        from prefill_kit.prompts.training_data import is_rendered
+
+        data = config.data
+        raw = as_dataset(str(data.path))
+        if is_rendered(raw):
+            raise ConfigError(f"rollout: {data.path} is already rendered; multi-turn rollouts render each turn "
+                              "themselves and need the raw conversations (messages, or prompt/question columns)")
+        if data.few_shot is not None:
+            raise ConfigError("data.few_shot: not supported with rollout.tools / rollout.environment yet")
+        fmt = data.format if data.format != "auto" else detect_format(raw.column_names)
+        self.rows = [dict(row) for row in raw]
+        self.conversations = [to_conversation(row, fmt).messages for row in self.rows]
+        self.row_schemas = [row_tools(row) or [] for row in self.rows]
+        self.template = resolve_template(data.template, tokenizer)
+        self.tokenizer, self.tools, self.config = tokenizer, tools, config
+
+    def __call__(self, policy, rows: dict[str, list[Any]], indices: list[int], *, rewards, num_generations: int,
+                 generation_config, eos_ids, autocast=None, timing: Timing | None = None) -> MultiTurnScored:
+        config, n = self.config, len(indices) * num_generations
+        environments = self.tools.environments(n)
+        builders, schemas, prompts = [], [], []
+        for j, index in enumerate(i for i in indices for _ in range(num_generations)):
+            messages = [dict(m) for m in self.conversations[index]]
+            if environments is not None:
+                observation = environments[j].reset(**self.rows[index])
+                if observation is not None:
+                    messages[-1] = {**messages[-1], "content": messages[-1]["content"] + observation}
+            schema = [*self.row_schemas[index], *self.tools.schemas] or None
+            builders.append(TrajectoryBuilder(messages, self.template, self.tokenizer, prefix=config.data.prefix,
+                                              template_kwargs=dict(config.data.template_kwargs), tools=schema))
+            schemas.append(schema)
+            prompts.append(messages)
+        skip = {"prompt", "prompt_ids", "num_prompt_tokens", "prefix"}
+        columns = {k: [v for v in values for _ in range(num_generations)] for k, values in rows.items()
+                   if k not in skip}
+        sampler = hf_sampler(policy, generation_config, pad_token_id=self.tokenizer.pad_token_id, autocast=autocast)
+        scored = sample_and_score_turns(
+            builders, sampler, rows=columns, prompts=prompts, rewards=rewards, tokenizer=self.tokenizer,
+            eos_ids=eos_ids, tools=self.tools, environments=environments, schemas=schemas,
+            max_turns=config.rollout.max_turns, max_completion_length=config.grpo.max_completion_length,
+            thinking_history=config.rollout.thinking_history, timing=timing)
+        if config.grpo.mask_truncated_completions:
+            scored.batch.completion_mask *= (~scored.batch.is_truncated).unsqueeze(1).long()
+        return scored
+
+
+def turn_log(result: RolloutResult) -> list[dict[str, Any]]:
+    """Each turn of a rollout for completions.jsonl: assistant turns with their prefix, the content the model
+    wrote after it, its tool calls and how many of its tokens were trained; tool messages as they came back."""
+    traj, out, k = result.trajectory, [], 0
+    starts = [*traj.turn_starts, len(traj.ids)]
+    for message in result.completion:
+        if message["role"] == "assistant":
+            entry = {"role": "assistant", "prefix": message["prefix"],
+                     "content": message["content"][len(message["prefix"]):],
+                     "trained_tokens": sum(traj.mask[starts[k]:starts[k + 1]])}
+            if message.get("tool_calls"):
+                entry["tool_calls"] = message["tool_calls"]
+            out.append(entry)
+            k += 1
+        else:
+            out.append({"role": message["role"], "name": message.get("name"), "content": message["content"]})
+    return out

@@ -34,8 +34,14 @@ _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
 def load_object(spec: str, key: str) -> Any:
-    """`module:name` -> the object; ConfigError names the config key."""
+    """`module:name` -> the object; ConfigError names the config key. The working directory is on the import path
+    (as for `python -m`), so a module beside the config imports as it does for the user's own scripts."""
+    import os
+    import sys
+
     module_name, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
