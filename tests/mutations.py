@@ -229,6 +229,20 @@ MUTATIONS = [
              "    found = last_checkpoint(path, (marker,)) if path.is_dir() else None\n",
              "    found = None\n",
              ("tests/test_builtin_train.py", "-k", "resume")),
+    # issue 17 (rollouts): the training loss mask, split samples' advantages, the length bound over bridges
+    Mutation("a tool result inside the training loss mask", "prefill_kit/grpo/multiturn.py",
+             "    completion_mask = pad_sequence([torch.tensor(r.completion_mask, dtype=torch.long) for r in rows],",
+             "    completion_mask = pad_sequence([torch.ones(len(r.completion_ids), dtype=torch.long) for r in rows],",
+             ("tests/test_rollouts.py", "-k", "loss_rows_keep")),
+    Mutation("split samples losing their advantage", "prefill_kit/grpo/multiturn.py",
+             "    return advantages[torch.as_tensor(list(owners), dtype=torch.long)]\n",
+             "    return advantages[torch.as_tensor(list(owners), dtype=torch.long)] * torch.tensor("
+             "[float(k == 0 or owners[k - 1] != o) for k, o in enumerate(owners)])\n",
+             ("tests/test_rollouts.py", "-k", "split_sample_takes")),
+    Mutation("a tool result may pass max_completion_length", "prefill_kit/grpo/multiturn.py",
+             "bridge = builder.add_messages(tool_messages, limit=limit[i] - 1)",
+             "bridge = builder.add_messages(tool_messages, limit=None)",
+             ("tests/test_rollouts.py", "-k", "max_completion_length")),
 ]
 
 
