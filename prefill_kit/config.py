@@ -77,6 +77,15 @@ output:
   report_to: []                 # trackers that get every metrics.jsonl row: tensorboard | wandb | mlflow | trackio
   project: prefill-kit          # the tracker's project (wandb, trackio) or experiment (mlflow)
   run_name: null                # the tracker's run name (wandb, trackio, mlflow); default: output.dir's last part
+rollout:                        # multi-turn tool rollouts (builtin backend), in TRL's conventions; off by default
+  tools: []                     # tool functions as "module:function" (typed, with a docstring: their JSON schema)
+  environment: null             # "module:Factory": one instance per rollout; reset(**row) returns None or text to
+                                #   append to the last user message; its public methods are tools; get_reward(),
+                                #   when defined, is an extra reward named after the class (weight 1)
+  max_turns: 8                  # assistant turns per rollout at most
+  tool_timeout: 10.0            # seconds a tool call may run; past it, the call is an error tool message
+  thinking_history: keep        # keep | split: a rollout whose template rewrites earlier turns stays one sample
+                                #   (keep), or becomes one sample per turn from the rewrite on (split)
 trl: {}                         # trl backend only: extra GRPOConfig options, e.g. {use_vllm: true}
 ```
 
@@ -208,6 +217,21 @@ class OutputSection:
 
 
 @dataclass
+class RolloutSection:
+    """`rollout`: multi-turn tool rollouts; on when `tools` or `environment` is set (see `prefill_kit.grpo.tools`)."""
+
+    tools: list = _field(list)
+    environment: str | None = None
+    max_turns: int = _field(8, min=1)
+    tool_timeout: float = _field(10.0, min=0.0, exclusive_min=True)
+    thinking_history: Literal["keep", "split"] = "keep"
+
+    @property
+    def multi_turn(self) -> bool:
+        return bool(self.tools or self.environment)
+
+
+@dataclass
 class TrainingConfig:
     """A validated training config. Build it with `load_config` or `config_from_dict`."""
 
@@ -218,6 +242,7 @@ class TrainingConfig:
     rewards: list | str = _field(list)
     grpo: GRPOSection = _field(GRPOSection)
     train: TrainSection = _field(TrainSection)
+    rollout: RolloutSection = _field(RolloutSection)
     # Extra TRL `GRPOConfig` options with no prefill-kit equivalent (use_vllm, deepspeed, ...). Only the
     # trl backend takes them; the built-in backend rejects a non-empty section rather than ignore it.
     trl: dict = _field(dict)
@@ -336,7 +361,22 @@ def config_from_dict(raw: dict[str, Any]) -> TrainingConfig:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} is more than train.max_steps ({t.max_steps})")
     _check_report_to(config.output.report_to)
     _check_eval(config)
+    _check_rollout(config.rollout)
     return config
+
+
+def _check_rollout(rollout: RolloutSection) -> None:
+    """Spelling only (`module:function`); importing them is `prefill_kit.grpo.tools.load_tools`."""
+    for i, spec in enumerate(rollout.tools):
+        if not _is_import_spec(spec):
+            raise ConfigError(f"rollout.tools[{i}]: expected \"module:function\", got {_show(spec)}")
+    if rollout.environment is not None and not _is_import_spec(rollout.environment):
+        raise ConfigError(f"rollout.environment: expected \"module:Factory\", got {_show(rollout.environment)}")
+
+
+def _is_import_spec(spec: Any) -> bool:
+    module, sep, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and name.isidentifier()
 
 
 def _check_report_to(report_to: list) -> None:

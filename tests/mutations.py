@@ -325,8 +325,8 @@ MUTATIONS = [
              "num_items = accelerator.gather(batch.completion_mask.sum().to(accelerator.device)).sum().item()",
              ("tests/test_builtin_equivalence.py", "-k", "two_processes")),
     Mutation("every rank takes rank 0's advantages", "backends/builtin/loop.py",
-             "batch.advantages = advantages[rank * len(batch):(rank + 1) * len(batch)]",
-             "batch.advantages = advantages[:len(batch)]",
+             "mine = advantages[rank * n:(rank + 1) * n]  # (B,)",
+             "mine = advantages[:n]  # (B,)",
              ("tests/test_builtin_equivalence.py", "-k", "two_processes")),
     Mutation("gradients are clipped after the optimizer step", "backends/builtin/loop.py",
              "        grad_norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 "
@@ -366,6 +366,20 @@ MUTATIONS = [
              "            if not budget.iterations % 256:\n                budget.check_time()\n",
              "            pass\n",
              ("tests/test_sandbox_growth.py", "-k", "wall_clock and without")),
+    # issue 17 (rollouts): the training loss mask, split samples' advantages, the length bound over bridges
+    Mutation("a tool result inside the training loss mask", "prefill_kit/grpo/multiturn.py",
+             "    completion_mask = pad_sequence([torch.tensor(r.completion_mask, dtype=torch.long) for r in rows],",
+             "    completion_mask = pad_sequence([torch.ones(len(r.completion_ids), dtype=torch.long) for r in rows],",
+             ("tests/test_rollouts.py", "-k", "loss_rows_keep")),
+    Mutation("split samples losing their advantage", "prefill_kit/grpo/multiturn.py",
+             "    return advantages[torch.as_tensor(list(owners), dtype=torch.long)]\n",
+             "    return advantages[torch.as_tensor(list(owners), dtype=torch.long)] * torch.tensor("
+             "[float(k == 0 or owners[k - 1] != o) for k, o in enumerate(owners)])\n",
+             ("tests/test_rollouts.py", "-k", "split_sample_takes")),
+    Mutation("a tool result may pass max_completion_length", "prefill_kit/grpo/multiturn.py",
+             "bridge = builder.add_messages(tool_messages, limit=limit[i] - 1)",
+             "bridge = builder.add_messages(tool_messages, limit=None)",
+             ("tests/test_rollouts.py", "-k", "max_completion_length")),
 ]
 
 

@@ -36,6 +36,14 @@ from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError
 from prefill_kit.grpo.advantages import combine_rewards, compute_advantages, nanstd
 from prefill_kit.grpo.loss import WINDOW_NORMALIZED, grpo_loss, loss_warnings
+from prefill_kit.grpo.multiturn import (
+    EnvironmentReward,
+    MultiTurnRollouts,
+    MultiTurnScored,
+    sample_advantages,
+    turn_log,
+)
+from prefill_kit.grpo.multiturn import metrics as turn_metrics
 from prefill_kit.grpo.policy import load_model, load_reference, load_tokenizer
 from prefill_kit.grpo.prompt_order import prompt_indices
 from prefill_kit.grpo.rollout import (
@@ -47,6 +55,7 @@ from prefill_kit.grpo.rollout import (
     sample_and_score,
 )
 from prefill_kit.grpo.scoring import WeightedRewardLike, none_if_nan, nullable, reward_weights
+from prefill_kit.grpo.tools import load_tools
 from prefill_kit.prompts.training_data import load_eval_data, load_training_data
 from prefill_kit.runs.checks import check_paths, run_rewards
 from prefill_kit.runs.completion_log import completion_rows, gather_rows
@@ -77,13 +86,15 @@ class RolloutRecord:
     advantages: list[float]
     questions: list[str | None] | None = None  # the data's `question` and `solution` columns, when it has them
     solutions: list[Any] | None = None
+    turns: list[list[dict[str, Any]]] | None = None  # multi-turn rollouts: each one's turns (grpo.multiturn.turn_log)
 
     def rows(self) -> list[dict[str, Any]]:
         """The completions.jsonl rows of this rollout (see `prefill_kit.runs.completion_log`)."""
         return completion_rows(step=self.step, prompt_indices=self.prompt_indices, prefixes=self.prefixes,
                                completions=self.completions, completion_lengths=self.completion_lengths,
                                truncated=self.truncated, rewards=self.rewards, reward=self.reward,
-                               advantages=self.advantages, questions=self.questions, solutions=self.solutions)
+                               advantages=self.advantages, questions=self.questions, solutions=self.solutions,
+                               turns=self.turns)
 
 
 def load_models(config: TrainingConfig):
@@ -123,11 +134,21 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     # ---- setup: check what can be checked before loading anything; then models, data, optimizer
     check_paths(config)
     rewards = run_rewards(config, reward_funcs)
+    tools = None
+    if config.rollout.multi_turn:
+        if config.data.eval_path:
+            raise ConfigError("data.eval_path: evaluation of multi-turn tool rollouts is not built yet; remove "
+                              "data.eval_path (and train.eval_steps) or rollout.tools / rollout.environment")
+        r = config.rollout
+        tools = load_tools(r.tools, r.environment, r.tool_timeout)
+        if tools.reward_name is not None:  # TRL's rule: the environment's get_reward, named after its class
+            rewards = [*rewards, EnvironmentReward(tools.reward_name)]
     session.claim()
     accelerator.wait_for_everyone()
     tokenizer, model, ref_model = load_models(config)
     dataset = load_training_data(config.data, tokenizer)
     eval_dataset = load_eval_data(config.data, tokenizer)
+    multi_turn = MultiTurnRollouts(config, tokenizer, tools) if tools is not None else None
     eos_ids = eos_token_ids(tokenizer, model)
     weights = reward_weights(rewards)
     sampling = dict(tokenizer=tokenizer, rewards=rewards, eos_ids=eos_ids, autocast=autocast,
@@ -170,16 +191,22 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
                                      prompts_per_process=config.prompts_per_device_step,
                                      process_index=rank, num_processes=world, seed=t.seed,
                                      shuffle=config.data.shuffle)
-            scored = sample_and_score(policy, dataset[indices], num_generations=g.num_generations,
-                                      mask_truncated_completions=g.mask_truncated_completions, **sampling)
+            if multi_turn is None:
+                scored = sample_and_score(policy, dataset[indices], num_generations=g.num_generations,
+                                          mask_truncated_completions=g.mask_truncated_completions, **sampling)
+            else:
+                scored = multi_turn(policy, dataset[indices], indices, rewards=rewards,
+                                    num_generations=g.num_generations, generation_config=sampling["generation_config"],
+                                    eos_ids=eos_ids, autocast=autocast)
             # Group statistics need every completion of a prompt; all of a prompt's completions are on one
             # process, but the "batch" scaling and the logged stats need all processes: gather first.
             scores = accelerator.gather(scored.scores.to(accelerator.device)).cpu()  # (B*world, K)
             totals = combine_rewards(scores, weights)  # (B*world,)
-            batch = _with_advantages_and_logps(accelerator, scored.batch, totals, policy, ref_model, config, autocast)
+            batch, advantages = _with_advantages_and_logps(accelerator, scored, totals, policy, ref_model, config,
+                                                           autocast)
             state.rollout = batch.state_dict()
             state.rollout_stats = _rollout_stats(accelerator, rewards, scores, totals, scored, g.num_generations)
-            record = _record(scored, indices, batch, rewards, step=state.step + 1, rank=rank,
+            record = _record(scored, indices, advantages, rewards, step=state.step + 1, rank=rank,
                              num_generations=g.num_generations)
             if session.completion_log.due(record.step, span=g.num_iterations):  # the same answer on every process
                 session.completion_log.write(gather_rows(record.rows()))
@@ -261,12 +288,18 @@ def _metrics_row(accelerator, step: int, step_loss: float, loss_metrics: dict[st
     return row
 
 
-def _with_advantages_and_logps(accelerator, batch: Rollout, totals: torch.Tensor, policy, ref_model,
-                               config: TrainingConfig, autocast) -> Rollout:
-    """This process's rollout with its advantages, and the old and reference log-probs the loss needs."""
+def _with_advantages_and_logps(accelerator, scored: ScoredRollout, totals: torch.Tensor, policy, ref_model,
+                               config: TrainingConfig, autocast) -> tuple[Rollout, list[float]]:
+    """This process's rollout with its advantages, and the old and reference log-probs the loss needs; and the
+    advantage of each of its completions. Multi-turn: each sample takes its rollout's advantage (`owners`)."""
     g, chunk, rank = config.grpo, config.train.per_device_train_batch_size, accelerator.process_index
+    batch, n = scored.batch, len(scored.completions)
     advantages = compute_advantages(totals, g.num_generations, g.scale_rewards)  # (B*world,)
-    batch.advantages = advantages[rank * len(batch):(rank + 1) * len(batch)].to(accelerator.device)
+    mine = advantages[rank * n:(rank + 1) * n]  # (B,)
+    if isinstance(scored, MultiTurnScored):
+        batch.advantages = sample_advantages(mine, scored.owners).to(accelerator.device)
+    else:
+        batch.advantages = mine.to(accelerator.device)
     with torch.no_grad(), autocast():
         if g.num_iterations > 1:
             batch.old_logps = _logps_in_chunks(policy, batch, g.temperature, chunk)
@@ -274,7 +307,7 @@ def _with_advantages_and_logps(accelerator, batch: Rollout, totals: torch.Tensor
             reference = policy if ref_model is None else ref_model
             with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():
                 batch.ref_logps = _logps_in_chunks(reference, batch, g.temperature, chunk)
-    return batch
+    return batch, mine.tolist()
 
 
 def _optimize(accelerator, model, batch: Rollout, config: TrainingConfig, local_rows: int,
@@ -285,8 +318,10 @@ def _optimize(accelerator, model, batch: Rollout, config: TrainingConfig, local_
     num_items = accelerator.gather(batch.completion_mask.sum().to(accelerator.device)).sum().item() / world
     model.train()
     step_loss, loss_metrics = 0.0, {}
-    micro = t.per_device_train_batch_size
-    for m, start in enumerate(range(0, local_rows, micro)):
+    # one row per completion: local_rows rows in per_device_train_batch_size micro-batches; multi-turn `split`
+    # makes more rows (samples) than completions, spread over the same gradient_accumulation_steps micro-batches
+    micro = -(-len(batch) // t.gradient_accumulation_steps)
+    for m, start in enumerate(range(0, len(batch), micro)):
         mb = batch.rows(start, start + micro)
         last = m == t.gradient_accumulation_steps - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model), autocast():
@@ -306,7 +341,7 @@ def _optimize(accelerator, model, batch: Rollout, config: TrainingConfig, local_
     return step_loss, loss_metrics
 
 
-def _record(scored: ScoredRollout, indices: list[int], batch: Rollout, rewards, *, step: int, rank: int,
+def _record(scored: ScoredRollout, indices: list[int], advantages: list[float], rewards, *, step: int, rank: int,
             num_generations: int) -> RolloutRecord:
     columns = scored.columns
     return RolloutRecord(
@@ -314,8 +349,9 @@ def _record(scored: ScoredRollout, indices: list[int], batch: Rollout, rewards, 
         prefixes=columns.get("prefix", [""] * len(scored.completions)), completions=scored.completions,
         completion_lengths=scored.lengths, truncated=scored.truncated,
         rewards={r.name: nullable(scored.scores[:, k]) for k, r in enumerate(rewards)},
-        reward=nullable(scored.totals), advantages=batch.advantages.tolist(),
-        questions=columns.get("question"), solutions=columns.get("solution"))
+        reward=nullable(scored.totals), advantages=advantages,
+        questions=columns.get("question"), solutions=columns.get("solution"),
+        turns=[turn_log(r) for r in scored.results] if isinstance(scored, MultiTurnScored) else None)
 
 
 @torch.no_grad()
@@ -328,7 +364,7 @@ def _rollout_stats(accelerator, rewards, scores: torch.Tensor, totals: torch.Ten
                    num_generations: int) -> dict[str, float | None]:
     """Reward and length statistics over every process's completions (as TRL logs them)."""
     all_lengths = accelerator.gather(torch.tensor(scored.lengths, device=accelerator.device)).float().cpu()
-    truncated = accelerator.gather(scored.batch.is_truncated.to(accelerator.device)).float().cpu()
+    truncated = accelerator.gather(torch.tensor(scored.truncated, device=accelerator.device)).float().cpu()
     group_std = nanstd(totals.view(-1, num_generations), dim=1)
     stats = {"reward": none_if_nan(torch.nanmean(totals).item()),
              "reward_std": none_if_nan(nanstd(totals).item())}
@@ -337,4 +373,11 @@ def _rollout_stats(accelerator, rewards, scores: torch.Tensor, totals: torch.Ten
     stats["zero_std_ratio"] = torch.isclose(torch.nan_to_num(group_std), torch.zeros(())).float().mean().item()
     stats["completion_length"] = all_lengths.mean().item()
     stats["truncated_ratio"] = truncated.mean().item()
+    if isinstance(scored, MultiTurnScored):  # turns/mean over rollouts, tool calls and failures summed
+        local = turn_metrics(scored.results)
+        summed = accelerator.reduce(torch.tensor([local["turns/mean"] * len(scored.results), local["tools/calls"],
+                                                  local["tools/failures"]], device=accelerator.device),
+                                    reduction="sum").tolist()
+        stats.update({"turns/mean": summed[0] / len(all_lengths), "tools/calls": summed[1],
+                      "tools/failures": summed[2]})
     return stats

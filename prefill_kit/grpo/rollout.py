@@ -37,6 +37,9 @@ class Rollout:
     old_logps: torch.Tensor | None = None  # (B, C)
     ref_logps: torch.Tensor | None = None  # (B, C)
     advantages: torch.Tensor | None = None  # (B,)
+    # (B, C): what the model attends to after the prompt, where it differs from the loss mask (multi-turn: the
+    # bridges and tool results are attended to, never trained); None: the completion mask
+    completion_attention_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)
@@ -108,7 +111,8 @@ def completion_logps(model, batch: Rollout, temperature: float) -> torch.Tensor:
     (`logits_to_keep`), so prompt and prefix positions are never scored.
     """
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # (B, P+C)
-    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)  # (B, P+C)
+    attended = batch.completion_mask if batch.completion_attention_mask is None else batch.completion_attention_mask
+    attention_mask = torch.cat([batch.prompt_mask, attended], dim=1)  # (B, P+C)
     num_completion = batch.completion_ids.size(1)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    logits_to_keep=num_completion + 1).logits  # (B, C+1, V)

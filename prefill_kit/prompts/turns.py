@@ -262,7 +262,9 @@ class Trajectory:
     """One multi-turn rollout, token-in-token-out: `ids` = prompt ids + sampled + bridge + sampled + ...;
     `mask` is 1 exactly on sampled ids (the loss covers them only); `text` the same sequence as text;
     `messages` the conversation (assistant contents with their effective prefix); `bridges` in order;
-    `turn_starts` where each sampled turn starts in `ids`; `prefix` the first turn's effective prefix."""
+    `turn_starts` where each sampled turn starts in `ids`; `prefix` the first turn's effective prefix;
+    `turn_prompts` the template's own rendering of the conversation before each sampled turn (its prompt, with the
+    turn's prefix), which differs from `text` there only where a bridge rewrote history."""
 
     ids: list[int]
     mask: list[int]
@@ -271,6 +273,7 @@ class Trajectory:
     bridges: list[TurnBridge]
     turn_starts: list[int]
     prefix: str
+    turn_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -306,6 +309,7 @@ class TrajectoryBuilder:
         self._turn_starts: list[int] = []
         self._sampled: str | None = None
         self._rendered = rendered  # the conversation before the model's current turn, rendered
+        self._turn_prompts: list[str] = []
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -326,21 +330,26 @@ class TrajectoryBuilder:
         content = message_text(message.get("content")) if message.get("content") is not None else ""
         self._conversation.append({**message, "role": "assistant", "content": self._turn_prefix + content})
         self._turn_starts.append(len(self._ids))
+        self._turn_prompts.append(self._rendered.prompt)
         self._ids += ids
         self._mask += [1] * len(ids)
         self._text += text
         self._sampled = text
 
-    def add_messages(self, new_messages: list[dict[str, Any]]) -> TurnBridge:
-        """Tool results or a user message after the model's turn: appends the bridge and returns it."""
+    def add_messages(self, new_messages: list[dict[str, Any]], *, limit: int | None = None) -> TurnBridge | None:
+        """Tool results or a user message after the model's turn: appends the bridge and returns it. With `limit`,
+        a bridge that would make the trajectory longer than `limit` ids is not appended (None): the rollout ends."""
         if self._sampled is None:
             raise DataError("new messages need a finished model turn before them", field="new_messages")
-        bridge, _, stop, self._rendered = _bridge(
+        bridge, _, stop, rendered = _bridge(
             self._conversation, new_messages, self.template, self.prefix, self.template_kwargs, self.tools,
             self._encoder, model_turn=self._sampled, prompt=self._rendered)
         if not self._sampled.endswith(stop) or self._ids[-1] != _stop_id(self._encoder, stop):
             raise DataError("the model's turn did not end with its stop token (it was cut off): the rollout ends "
                             "there", field="ids")
+        if limit is not None and len(self._ids) + len(bridge.ids) > limit:
+            return None
+        self._rendered = rendered
         self._conversation += new_messages
         self._ids += bridge.ids
         self._mask += [0] * len(bridge.ids)
@@ -352,7 +361,7 @@ class TrajectoryBuilder:
 
     def result(self) -> Trajectory:
         return Trajectory(list(self._ids), list(self._mask), self._text, list(self._conversation),
-                          list(self._bridges), list(self._turn_starts), self._first_prefix)
+                          list(self._bridges), list(self._turn_starts), self._first_prefix, list(self._turn_prompts))
 
 
 # --- templates that rewrite history -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefill_kit.rewards.response import responses
+from prefill_kit.rewards.response import all_turn_responses, responses
 
 
 def _tags(name: str) -> tuple[str, str]:
@@ -52,6 +52,15 @@ def tag_count_score(text: str, think_tag: str = "think", answer_tag: str = "answ
     return 0.25 * sum(text.count(piece) == 1 for piece in pieces)
 
 
+def opens_with_thought(text: str, think_tag: str = "think") -> bool:
+    """An earlier turn of a multi-turn rollout (one that called tools): exactly one `<think>...</think>` block, at
+    its start; what follows (text, the tool call) is free. The format rewards require it of every turn but the
+    last, which must have the whole format."""
+    opening, closing = f"<{think_tag}>", f"</{think_tag}>"
+    return (text.lstrip().startswith(opening) and text.count(opening) == 1 and text.count(closing) == 1
+            and text.find(closing) > text.find(opening))
+
+
 class FormatReward:
     """1.0 iff the response (prefix + completion) is exactly `<think>...</think>` `<answer>...</answer>`."""
 
@@ -62,8 +71,9 @@ class FormatReward:
         self.answer_tag = answer_tag
 
     def __call__(self, completions: list[Any], **kwargs: Any) -> list[float | None]:
-        return [1.0 if is_think_answer_format(text, self.think_tag, self.answer_tag) else 0.0
-                for text in responses(completions, **kwargs)]
+        return [1.0 if is_think_answer_format(turns[-1], self.think_tag, self.answer_tag)
+                and all(opens_with_thought(t, self.think_tag) for t in turns[:-1]) else 0.0
+                for turns in all_turn_responses(completions, **kwargs)]
 
 
 class ThinkFormatReward:
@@ -75,7 +85,9 @@ class ThinkFormatReward:
         self.think_tag = think_tag
 
     def __call__(self, completions: list[Any], **kwargs: Any) -> list[float | None]:
-        return [1.0 if is_think_format(text, self.think_tag) else 0.0 for text in responses(completions, **kwargs)]
+        return [1.0 if is_think_format(turns[-1], self.think_tag)
+                and all(opens_with_thought(t, self.think_tag) for t in turns[:-1]) else 0.0
+                for turns in all_turn_responses(completions, **kwargs)]
 
 
 class TagCountReward:

@@ -28,11 +28,37 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, bytes | bytearray):
         return bytes(completion).decode("utf-8", errors="replace")
     if isinstance(completion, dict):
-        return completion_text(completion.get("content"))
+        content = completion_text(completion.get("content"))
+        carried = completion.get("prefix")  # a multi-turn turn's content starts with its prefix, which it names
+        return content[len(carried):] if isinstance(carried, str) and content.startswith(carried) else content
     if isinstance(completion, Sequence):
-        # Conversational: the assistant turn(s) the model produced; join in order if there are several.
-        return "".join(completion_text(message) for message in completion)
+        # Conversational: the assistant turn(s) the model produced, in order; tool results are not generated text.
+        return "".join(completion_text(m) for m in completion if not _is_other_role(m))
     return str(completion)
+
+
+def _is_other_role(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role", "assistant") != "assistant"
+
+
+def turn_responses(completion: Any, prefix: Any) -> list[str]:
+    """The response of each assistant turn of one completion (a single completion is one turn).
+
+    Multi-turn rollouts give each assistant message its own `prefix` key (its content starts with it: every turn
+    opens with the prefix); a message without one (TRL's conversational form) gets the row's `prefix` on the first
+    turn, where the model continued from it.
+    """
+    if isinstance(completion, Sequence) and not isinstance(completion, str | bytes | bytearray):
+        turns, first = [], True
+        for message in completion:
+            if _is_other_role(message):
+                continue
+            own = message.get("prefix") if isinstance(message, dict) else None
+            lead = own if isinstance(own, str) else (completion_text(prefix) if first else "")
+            turns.append(lead + completion_text(message))
+            first = False
+        return turns or [completion_text(prefix)]
+    return [join_prefix(prefix, completion_text(completion))]
 
 
 def join_prefix(prefix: Any, completion: str) -> str:
@@ -67,10 +93,15 @@ def column(kwargs: dict[str, Any], name: str, n: int) -> list[Any]:
 
 
 def responses(completions: Sequence[Any], **kwargs: Any) -> list[str]:
-    """The texts to score, one per completion: prefix (from the `prefix` column) + generated text."""
-    n = len(completions)
-    prefixes = column(kwargs, "prefix", n)
-    return [join_prefix(prefix, completion_text(c)) for prefix, c in zip(prefixes, completions, strict=True)]
+    """The texts to score, one per completion: prefix (from the `prefix` column) + generated text; of a
+    multi-turn completion, its last assistant turn (the final answer; `turn_responses`)."""
+    return [turns[-1] for turns in all_turn_responses(completions, **kwargs)]
+
+
+def all_turn_responses(completions: Sequence[Any], **kwargs: Any) -> list[list[str]]:
+    """`turn_responses` of each completion: what a reward that checks every turn (format) scores."""
+    prefixes = column(kwargs, "prefix", len(completions))
+    return [turn_responses(c, prefix) for prefix, c in zip(prefixes, completions, strict=True)]
 
 
 def gold_column(kwargs: dict[str, Any], n: int, reward: str) -> list[Any]:

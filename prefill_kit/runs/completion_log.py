@@ -13,6 +13,11 @@ One JSON object per completion, keys in this order:
   `max_completion_length`;
 - one key per reward, named as in metrics.jsonl's `rewards/<name>` (None where the reward returned None);
 - `reward`: the weighted total (None where every reward returned None); `advantage`: what the loss used.
+- `turns` (multi-turn tool rollouts only, last): each turn in order: `{"role": "assistant", "prefix", "content",
+  ["tool_calls"], "trained_tokens"}` (content: what the model wrote after its prefix; trained_tokens: its
+  sampled tokens, the only ones the loss covers) or `{"role": "tool", "name", "content"}` (never trained). There
+  `completion` is the whole text after the prompt (turns, tool results and the template's text between them), and
+  `completion_length` counts sampled tokens only.
 
 Rows are written by the main process only, for step 1 and every `output.log_completions_steps`-th step, at most
 `output.log_completions_max` per step (whole prompt groups first), so the file stays small.
@@ -34,12 +39,13 @@ LEADING_COLUMNS = ("step", "prompt_index", "prefix", "completion", "completion_l
 TRAILING_COLUMNS = ("reward", "advantage")
 FIXED_COLUMNS = LEADING_COLUMNS + TRAILING_COLUMNS
 CONTEXT_COLUMNS = ("question", "solution")  # from the data row, when it has them
+TURNS_COLUMN = "turns"  # multi-turn rollouts only
 
 
 def check_reward_names(names: Sequence[str]) -> None:
     """A reward's column must not shadow a fixed column of the log."""
     for name in names:
-        if name in FIXED_COLUMNS + CONTEXT_COLUMNS:
+        if name in (*FIXED_COLUMNS, *CONTEXT_COLUMNS, TURNS_COLUMN):
             raise ConfigError(f"rewards: a reward named {name!r} would clash with the {name!r} column of "
                               f"{COMPLETIONS_FILE}; give it another name")
 
@@ -71,7 +77,8 @@ def completion_rows(*, step: int, prompt_indices: Sequence[int], prefixes: Seque
                     completions: Sequence[str], completion_lengths: Sequence[int], truncated: Sequence[bool],
                     rewards: dict[str, Sequence[float | None]], reward: Sequence[float | None],
                     advantages: Sequence[float], questions: Sequence[str | None] | None = None,
-                    solutions: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+                    solutions: Sequence[Any] | None = None,
+                    turns: Sequence[list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """One log row per completion; every sequence holds one entry per completion, in the same order.
 
     `questions` and `solutions` are the data's columns (None when it has no such column).
@@ -88,6 +95,8 @@ def completion_rows(*, step: int, prompt_indices: Sequence[int], prefixes: Seque
         row.update((name, _number(scores[i])) for name, scores in rewards.items())
         row["reward"] = _number(reward[i])
         row["advantage"] = _number(advantages[i])
+        if turns is not None:
+            row["turns"] = turns[i]
         rows.append(row)
     return rows
 

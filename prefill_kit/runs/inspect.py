@@ -8,12 +8,13 @@ shows control characters as escapes; HTML output escapes everything, and the pag
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 from prefill_kit.errors import DataError
-from prefill_kit.runs.completion_log import COMPLETIONS_FILE, CONTEXT_COLUMNS, FIXED_COLUMNS
+from prefill_kit.runs.completion_log import COMPLETIONS_FILE, CONTEXT_COLUMNS, FIXED_COLUMNS, TURNS_COLUMN
 from prefill_kit.wording import count
 
 TOTAL = "reward"
@@ -46,7 +47,8 @@ def reward_names(rows: list[dict[str, Any]]) -> list[str]:
     """The per-reward columns, in the order they were logged."""
     names: dict[str, None] = {}
     for row in rows:
-        names.update((k, None) for k in row if k not in FIXED_COLUMNS and k not in CONTEXT_COLUMNS)
+        names.update((k, None) for k in row
+                     if k not in FIXED_COLUMNS and k not in CONTEXT_COLUMNS and k != TURNS_COLUMN)
     return list(names)
 
 
@@ -106,9 +108,27 @@ def format_rows(rows: list[dict[str, Any]], names: list[str] | None = None, *, c
     blocks = []
     for row in rows:
         text = start + show(row["prefix"]) + end + show(row["completion"])
+        if row.get(TURNS_COLUMN):
+            text = _turn_text(row[TURNS_COLUMN], start, end)
         body = "\n".join(indent + line for line in text.split("\n"))
         blocks.append("\n".join([row_header(row, names), *_context_lines(row), body]))
     return "\n\n".join(blocks)
+
+
+def _turn_text(turns: list[dict[str, Any]], start: str, end: str) -> str:
+    """A multi-turn rollout turn by turn: `[assistant, N trained]` + prefix (highlighted) + what the model wrote,
+    its tool calls; `[tool NAME, not trained]` + the result."""
+    lines = []
+    for turn in turns:
+        if turn.get("role") == "assistant":
+            calls = "".join(f"\n  -> {json.dumps(c.get('function', c), ensure_ascii=False)}"
+                            for c in turn.get("tool_calls") or [])
+            lines.append(f"[assistant, {turn.get('trained_tokens')} trained] " + start + show(turn.get("prefix", ""))
+                         + end + show(turn.get("content", "")) + calls)
+        else:
+            who = f"{turn.get('role')} {turn.get('name') or ''}".rstrip()
+            lines.append(f"[{who}, not trained] " + show(str(turn.get("content"))))
+    return "\n".join(lines)
 
 
 def _context_lines(row: dict[str, Any]) -> list[str]:

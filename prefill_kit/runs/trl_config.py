@@ -16,6 +16,9 @@ from prefill_kit.runs.trackers import run_name
 def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
     """The config, under TRL's `GRPOConfig` names. Pure, so the mapping is testable on its own."""
     g, t, o = config.grpo, config.train, config.output
+    if config.rollout.multi_turn:  # TRL's tools/environment_factory with prefill-kit's bridge: not mapped yet
+        raise ConfigError("rollout.tools / rollout.environment: multi-turn tool rollouts run on the builtin backend "
+                          "only for now (run with --backend builtin)")
     return {
         "output_dir": o.dir,
         "num_generations": g.num_generations,
