@@ -92,12 +92,9 @@ def normalized_question(text: str) -> str:
 
 def row_question(messages: list[dict[str, Any]]) -> str:
     """The row's own question: the text of its last user message ('' when it has none)."""
-    from prefill_kit.prompts.render import message_text
+    from prefill_kit.prompts.render import last_user_text
 
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return message_text(message.get("content"))
-    return ""
+    return last_user_text(messages) or ""
 
 
 def choose_examples(few_shot: FewShot, index: int, question: str) -> list[int]:
