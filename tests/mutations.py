@@ -266,6 +266,29 @@ MUTATIONS = [
     Mutation("reward never warns about a doubled prefix", "prefill_kit/cli/reward.py",
              "        if doubled * 2 > total:\n", "        if False:\n",
              ("tests/test_cli_messages.py", "-k", "reward_warns")),
+    # issue 22: one rule each (NaN/None, the weighted total, the last user text); the quick start without chatter
+    Mutation("a NaN score is logged as NaN", "prefill_kit/rewards/registry.py",
+             "return None if value != value else value", "return value",
+             ("tests/test_completion_log.py", "-k", "json_safe")),
+    Mutation("logged totals are summed in float64, not as the rollout sums them", "prefill_kit/grpo/scoring.py",
+             "dtype=torch.float32).reshape(len(scores), len(weights))",
+             "dtype=torch.float64).reshape(len(scores), len(weights))",
+             ("tests/test_completion_log.py", "-k", "last_bit")),
+    Mutation("the question is the first user message", "prefill_kit/prompts/render.py",
+             "    for message in reversed(messages):\n        if message.get(\"role\") == \"user\":\n"
+             "            return message_text(",
+             "    for message in messages:\n        if message.get(\"role\") == \"user\":\n"
+             "            return message_text(",
+             ("tests/test_completion_log.py", "-k", "last_user_message")),
+    Mutation("datasets' progress bars show in the quick start", "prefill_kit/cli/quiet.py",
+             "        disable_progress_bars()\n", "        pass\n",
+             ("tests/test_example_tiny.py", "-k", "chatter")),
+    Mutation("transformers' progress bars show in the quick start", "prefill_kit/cli/quiet.py",
+             "transformers_logging.disable_progress_bar()", "None",
+             ("tests/test_example_tiny.py", "-k", "chatter")),
+    Mutation("the tied-embedding notice shows in the quick start", "prefill_kit/cli/quiet.py",
+             "save_logger.addFilter(notice)", "None",
+             ("tests/test_example_tiny.py", "-k", "chatter")),
 ]
 
 

@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.runs.checks import check_rewards_of
 
     check_rewards_of(args.config, config.rewards)
-    report = run_preflight(config, num_prompts=args.prompts, num_samples=args.samples)
+    from prefill_kit.cli.quiet import library_chatter_off
+
+    with library_chatter_off():
+        report = run_preflight(config, num_prompts=args.prompts, num_samples=args.samples)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(format_report(report, color=color))
     return 1 if args.strict and report.blocking else 0
