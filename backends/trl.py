@@ -27,14 +27,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import time
 import warnings
 from typing import Any
 
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from trl import GRPOConfig, GRPOTrainer
+
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import PrefillKitError
+from prefill_kit.grpo.policy import load_model, load_tokenizer, lora_config
+from prefill_kit.grpo.rollout import eos_token_ids
+from prefill_kit.grpo.scoring import weighted_totals
 from prefill_kit.prompts.prompt_tokens import exact_ids_tokenizer
+from prefill_kit.prompts.training_data import load_eval_data, load_training_data
+from prefill_kit.rewards.registry import none_if_nan
+from prefill_kit.runs.checks import check_paths, run_rewards
+from prefill_kit.runs.completion_log import check_reward_names, completion_rows, eval_metrics, gather_rows
+from prefill_kit.runs.run_health import zero_spread_share
+from prefill_kit.runs.session import RunSession, TrainResult
+from prefill_kit.runs.trackers import check_trackers
 from prefill_kit.runs.trl_config import check_prompt_ids, eval_temperature, grpo_config_kwargs, trl_extra_kwargs
 
 # TRL log key -> the metric name both backends write to metrics.jsonl.
@@ -93,13 +108,11 @@ class CompletionRecorder:
     def eval_records(self) -> list[tuple[int, list[float | None]]]:
         """(prompt index, each reward's score) for every completion of the latest call."""
         names = list(self.scores)
-        return [(int(index), [_score(self.scores[name][j]) for name in names])
+        return [(int(index), [none_if_nan(self.scores[name][j]) for name in names])
                 for j, index in enumerate(self.call[PROMPT_INDEX_COLUMN])]
 
     def rows(self, *, step: int, advantages: list[float], weights: list[float], eos_ids: set[int]) -> list[dict]:
         """The completions.jsonl rows of the latest rollout on this process."""
-        from prefill_kit.runs.completion_log import completion_rows, weighted_total
-
         call, names = self.call, list(self.scores)
         ids = [list(i) for i in call["completion_ids"]]
         n = len(ids)
@@ -107,12 +120,8 @@ class CompletionRecorder:
             step=step, prompt_indices=call[PROMPT_INDEX_COLUMN], prefixes=call.get("prefix") or [""] * n,
             completions=call["completions"], completion_lengths=[len(i) for i in ids],
             truncated=[not eos_ids.intersection(i) for i in ids], rewards=self.scores,
-            reward=[weighted_total([self.scores[k][j] for k in names], weights) for j in range(n)],
+            reward=weighted_totals([[self.scores[k][j] for k in names] for j in range(n)], weights),
             advantages=advantages, questions=call.get("question"), solutions=call.get("solution"))
-
-
-def _score(value) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def one_record_set(records: list[tuple[int, list[float | None]]], *, num_prompts: int,
@@ -136,151 +145,126 @@ def one_record_set(records: list[tuple[int, list[float | None]]], *, num_prompts
     return kept
 
 
-def _trainer_class():
+class _BarOnly(ProgressCallback):
+    """TRL's progress bar without its `on_log`, which prints every step's metrics dict on stdout; they are in
+    metrics.jsonl, and run-health warnings print above the bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class PrefillKitGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer, plus completions.jsonl and run-health warnings after each rollout."""
-    from accelerate.utils import gather_object
-    from transformers.trainer_callback import ProgressCallback
-    from trl import GRPOTrainer
 
-    from prefill_kit.runs.completion_log import eval_metrics, gather_rows
-    from prefill_kit.runs.run_health import zero_spread_share
+    def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
+                 eos_ids: list[int], user_tokenizer, eval_temperature: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
+            self.add_callback(_BarOnly)
+        self.recorder, self.completion_log, self.health = recorder, completion_log, health
+        self.user_tokenizer = user_tokenizer
+        self.weights, self.eos_ids = weights, set(eos_ids)
+        self.eval_temperature = eval_temperature
+        self.eval_records: list[tuple[int, list[float | None]]] = []  # (prompt index, scores) per completion
+        # optimizer steps one rollout serves: TRL generates every steps_per_generation * num_iterations
+        # micro-steps, and an optimizer step takes gradient_accumulation_steps of them
+        self.steps_per_rollout = max(1, self.args.steps_per_generation * self.num_iterations
+                                     // self.args.gradient_accumulation_steps)
 
-    class _BarOnly(ProgressCallback):
-        """TRL's progress bar without its `on_log`, which prints every step's metrics dict on stdout; they are in
-        metrics.jsonl, and run-health warnings print above the bar."""
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Checkpoints and the final model get the user's tokenizer, not the exact-ids copy TRL tokenizes
+        # with: loaded for evaluation or serving, that copy would give prompts without BOS.
+        super()._save(output_dir, state_dict=state_dict)
+        self.user_tokenizer.save_pretrained(output_dir or self.args.output_dir)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            self._after_rollout(output["advantages"].tolist())
+        else:
+            self.eval_records += self.recorder.eval_records()
+        return output
 
-    class PrefillKitGRPOTrainer(GRPOTrainer):
-        def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
-                     eos_ids: list[int], user_tokenizer, eval_temperature: float | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            if self.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
-                self.add_callback(_BarOnly)
-            self.recorder, self.completion_log, self.health = recorder, completion_log, health
-            self.user_tokenizer = user_tokenizer
-            self.weights, self.eos_ids = weights, set(eos_ids)
-            self.eval_temperature = eval_temperature
-            self.eval_records: list[tuple[int, list[float | None]]] = []  # (prompt index, scores) per completion
-            # optimizer steps one rollout serves: TRL generates every steps_per_generation * num_iterations
-            # micro-steps, and an optimizer step takes gradient_accumulation_steps of them
-            self.steps_per_rollout = max(1, self.args.steps_per_generation * self.num_iterations
-                                         // self.args.gradient_accumulation_steps)
+    def evaluation_loop(self, *args, **kwargs):
+        """TRL's evaluation, sampled at `eval_temperature`, plus the whole-set means (`eval/...` keys)."""
+        self.eval_records = []
+        with self._eval_sampling():
+            output = super().evaluation_loop(*args, **kwargs)
+        records = gather_object(self.eval_records) if self.accelerator.num_processes > 1 else self.eval_records
+        scores = one_record_set(records, num_prompts=len(self.eval_dataset),
+                                num_generations=self.num_generations_eval)
+        output.metrics.update(eval_metrics(scores, list(self.recorder.scores), self.weights))
+        return output
 
-        def _save(self, output_dir: str | None = None, state_dict=None):
-            # Checkpoints and the final model get the user's tokenizer, not the exact-ids copy TRL tokenizes
-            # with: loaded for evaluation or serving, that copy would give prompts without BOS.
-            super()._save(output_dir, state_dict=state_dict)
-            self.user_tokenizer.save_pretrained(output_dir or self.args.output_dir)
+    @contextlib.contextmanager
+    def _eval_sampling(self):
+        """TRL samples eval completions with the training temperature; swap in `eval_temperature`.
 
-        def _generate_and_score_completions(self, inputs):
-            output = super()._generate_and_score_completions(inputs)
-            if self.model.training:
-                self._after_rollout(output["advantages"].tolist())
-            else:
-                self.eval_records += self.recorder.eval_records()
-            return output
+        Only transformers' sampling reads these two (`trl_extra_kwargs` refuses a differing eval
+        temperature with vLLM, where neither exists).
+        """
+        if self.eval_temperature is None:
+            yield
+            return
+        saved = self.generation_config, self.generation_kwargs
+        self.generation_config = copy.deepcopy(self.generation_config)
+        self.generation_config.temperature = self.eval_temperature
+        self.generation_kwargs = {**self.generation_kwargs, "temperature": self.eval_temperature}
+        try:
+            yield
+        finally:
+            self.generation_config, self.generation_kwargs = saved
 
-        def evaluation_loop(self, *args, **kwargs):
-            """TRL's evaluation, sampled at `eval_temperature`, plus the whole-set means (`eval/...` keys)."""
-            self.eval_records = []
-            with self._eval_sampling():
-                output = super().evaluation_loop(*args, **kwargs)
-            records = gather_object(self.eval_records) if self.accelerator.num_processes > 1 else self.eval_records
-            scores = one_record_set(records, num_prompts=len(self.eval_dataset),
-                                    num_generations=self.num_generations_eval)
-            output.metrics.update(eval_metrics(scores, list(self.recorder.scores), self.weights))
-            return output
-
-        @contextlib.contextmanager
-        def _eval_sampling(self):
-            """TRL samples eval completions with the training temperature; swap in `eval_temperature`.
-
-            Only transformers' sampling reads these two (`trl_extra_kwargs` refuses a differing eval
-            temperature with vLLM, where neither exists).
-            """
-            if self.eval_temperature is None:
-                yield
-                return
-            saved = self.generation_config, self.generation_kwargs
-            self.generation_config = copy.deepcopy(self.generation_config)
-            self.generation_config.temperature = self.eval_temperature
-            self.generation_kwargs = {**self.generation_kwargs, "temperature": self.eval_temperature}
-            try:
-                yield
-            finally:
-                self.generation_config, self.generation_kwargs = saved
-
-        def _after_rollout(self, advantages: list[float]) -> None:
-            step = self.state.global_step + 1  # the optimizer step this rollout is for
-            # every process, every rollout: a prompt's group may span processes, so the zero-spread share
-            # needs all rows (TRL gathers its prompts and completions each rollout the same way)
-            rows = gather_rows(self.recorder.rows(step=step, advantages=advantages, weights=self.weights,
-                                                  eos_ids=self.eos_ids))
-            if not self.accelerator.is_main_process:
-                return
-            truncated = sum(r["truncated"] for r in rows) / len(rows)
-            zero_spread = zero_spread_share([r["reward"] for r in rows], self.num_generations)
-            self.health.update(step, truncated, zero_spread, steps=self.steps_per_rollout)
-            if self.completion_log.due(step, span=self.steps_per_rollout):
-                self.completion_log.write(rows)
-
-    return PrefillKitGRPOTrainer
+    def _after_rollout(self, advantages: list[float]) -> None:
+        step = self.state.global_step + 1  # the optimizer step this rollout is for
+        # every process, every rollout: a prompt's group may span processes, so the zero-spread share
+        # needs all rows (TRL gathers its prompts and completions each rollout the same way)
+        rows = gather_rows(self.recorder.rows(step=step, advantages=advantages, weights=self.weights,
+                                              eos_ids=self.eos_ids))
+        if not self.accelerator.is_main_process:
+            return
+        truncated = sum(r["truncated"] for r in rows) / len(rows)
+        zero_spread = zero_spread_share([r["reward"] for r in rows], self.num_generations)
+        self.health.update(step, truncated, zero_spread, steps=self.steps_per_rollout)
+        if self.completion_log.due(step, span=self.steps_per_rollout):
+            self.completion_log.write(rows)
 
 
-def _metrics_callback(session, reward_names: list[str]):
-    from transformers import TrainerCallback
+class MetricsWriter(TrainerCallback):
+    """Hands TRL's logs to the session (metrics.jsonl and the trackers) under the names the built-in backend
+    uses (main process only)."""
 
-    class MetricsWriter(TrainerCallback):
-        """Hands TRL's logs to the session (metrics.jsonl and the trackers) under the names the built-in backend
-        uses (main process only)."""
+    def __init__(self, session: RunSession, reward_names: list[str]):
+        self.session, self.reward_names = session, reward_names
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            row: dict[str, Any] = {"step": state.global_step}
-            if "loss" in logs:
-                for trl_key, name in METRIC_NAMES.items():
-                    value = logs.get(trl_key)
-                    row[name] = float(value) if value is not None else None  # e.g. no KL is computed when beta == 0
-                for name in reward_names:
-                    value = logs.get(f"rewards/{name}/mean")
-                    row[f"rewards/{name}"] = float(value) if value is not None else None
-            elif "eval/reward" in logs:  # added by PrefillKitGRPOTrainer.evaluation_loop
-                row.update((k, v) for k, v in logs.items() if k.startswith("eval/"))
-            else:
-                return
-            session.log(row)
-
-    return MetricsWriter()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step}
+        if "loss" in logs:
+            for trl_key, name in METRIC_NAMES.items():
+                value = logs.get(trl_key)
+                row[name] = float(value) if value is not None else None  # e.g. no KL is computed when beta == 0
+            for name in self.reward_names:
+                value = logs.get(f"rewards/{name}/mean")
+                row[f"rewards/{name}"] = float(value) if value is not None else None
+        elif "eval/reward" in logs:  # added by PrefillKitGRPOTrainer.evaluation_loop
+            row.update((k, v) for k, v in logs.items() if k.startswith("eval/"))
+        else:
+            return
+        self.session.log(row)
 
 
-def _final_eval_callback():
+class FinalEval(TrainerCallback):
     """Evaluate after the last step too, as the built-in backend does (Trainer evaluates only every eval_steps)."""
-    from transformers import TrainerCallback
 
-    class FinalEval(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if args.eval_strategy != "no" and state.global_step >= state.max_steps:
-                control.should_evaluate = True
-
-    return FinalEval()
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy != "no" and state.global_step >= state.max_steps:
+            control.should_evaluate = True
 
 
 def train(config: TrainingConfig):
     """Run GRPO with TRL's `GRPOTrainer`; returns a `TrainResult`, as the built-in backend does."""
-    from accelerate import PartialState
-    from trl import GRPOConfig
-
-    from prefill_kit.grpo.policy import load_model, load_tokenizer, lora_config
-    from prefill_kit.grpo.rollout import eos_token_ids
-    from prefill_kit.prompts.training_data import load_eval_data, load_training_data
-    from prefill_kit.runs.checks import check_paths, run_rewards
-    from prefill_kit.runs.completion_log import check_reward_names
-    from prefill_kit.runs.session import RunSession, TrainResult
-    from prefill_kit.runs.trackers import check_trackers
-
     # ---- fail on what can be checked before any model is loaded
     trl_extra_kwargs(config)
     check_trackers(config.output.report_to)  # a missing tracker package
@@ -308,11 +292,11 @@ def train(config: TrainingConfig):
     session.start(session.resume_step, [r.name for r in rewards])
     recorder = CompletionRecorder()
     lora = config.model.lora
-    trainer = _trainer_class()(
+    trainer = PrefillKitGRPOTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=exact,
         peft_config=lora_config(lora) if lora is not None else None,
         reward_funcs=[recorder.wrap(r.name, r.fn) for r in rewards],
-        callbacks=[_metrics_callback(session, [r.name for r in rewards]), _final_eval_callback()],
+        callbacks=[MetricsWriter(session, [r.name for r in rewards]), FinalEval()],
         eval_temperature=eval_temperature(config),
         recorder=recorder, completion_log=session.completion_log, health=session.health,
         weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)

@@ -304,9 +304,6 @@ MUTATIONS = [
              "after = prompt[prompt.rfind(opening) + len(opening):]",
              "after = prompt[prompt.find(opening) + len(opening):]",
              ("tests/test_prefix_contract.py", "-k", "last_assistant_opening")),
-    Mutation("a row's question is its first user message", "prefill_kit/prompts/few_shot.py",
-             "    for message in reversed(messages):\n", "    for message in messages:\n",
-             ("tests/test_few_shot.py", "-k", "multi_turn_rows")),
     Mutation("choice_accuracy reads the letter inside the thinking", "prefill_kit/rewards/choice.py",
              "region = text[close + len(think_tag) + 3:] if close >= 0 else text", "region = text",
              ("tests/test_rewards.py", "-k", "choice_accuracy_reads")),
@@ -380,6 +377,29 @@ MUTATIONS = [
              "bridge = builder.add_messages(tool_messages, limit=limit[i] - 1)",
              "bridge = builder.add_messages(tool_messages, limit=None)",
              ("tests/test_rollouts.py", "-k", "max_completion_length")),
+    # issue 22: one rule each (NaN/None, the weighted total, the last user text); the quick start without chatter
+    Mutation("a NaN score is logged as NaN", "prefill_kit/rewards/registry.py",
+             "return None if value != value else value", "return value",
+             ("tests/test_completion_log.py", "-k", "json_safe")),
+    Mutation("logged totals are summed in float64, not as the rollout sums them", "prefill_kit/grpo/scoring.py",
+             "dtype=torch.float32).reshape(len(scores), len(weights))",
+             "dtype=torch.float64).reshape(len(scores), len(weights))",
+             ("tests/test_completion_log.py", "-k", "last_bit")),
+    Mutation("the question is the first user message", "prefill_kit/prompts/render.py",
+             "    for message in reversed(messages):\n        if message.get(\"role\") == \"user\":\n"
+             "            return message_text(",
+             "    for message in messages:\n        if message.get(\"role\") == \"user\":\n"
+             "            return message_text(",
+             ("tests/test_completion_log.py", "tests/test_few_shot.py", "-k", "last_user_message or multi_turn_rows")),
+    Mutation("datasets' progress bars show in the quick start", "prefill_kit/cli/quiet.py",
+             "        disable_progress_bars()\n", "        pass\n",
+             ("tests/test_example_tiny.py", "-k", "chatter")),
+    Mutation("transformers' progress bars show in the quick start", "prefill_kit/cli/quiet.py",
+             "transformers_logging.disable_progress_bar()", "None",
+             ("tests/test_example_tiny.py", "-k", "chatter")),
+    Mutation("the tied-embedding notice shows in the quick start", "prefill_kit/cli/quiet.py",
+             "save_logger.addFilter(notice)", "None",
+             ("tests/test_example_tiny.py", "-k", "chatter")),
 ]
 
 

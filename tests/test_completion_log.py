@@ -16,7 +16,6 @@ from prefill_kit.runs.completion_log import (
     check_reward_names,
     completion_rows,
     is_due,
-    weighted_total,
 )
 from prefill_kit.runs.run_health import HealthMonitor, zero_spread_share
 from tests.conftest import REPO
@@ -47,8 +46,25 @@ def test_bounded_keeps_whole_prompt_groups_first():
 
 
 def test_total_reward_skips_none_and_is_none_when_nothing_scored():
-    assert weighted_total([1.0, None, 0.5], [1.0, 3.0, 2.0]) == 2.0
-    assert weighted_total([None, float("nan")], [1.0, 1.0]) is None
+    from prefill_kit.grpo.scoring import weighted_totals
+
+    assert weighted_totals([[1.0, None, 0.5], [None, float("nan"), None]], [1.0, 3.0, 2.0]) == [2.0, None]
+
+
+def test_logged_totals_are_the_rollouts_totals_to_the_last_bit():
+    """One rule and one arithmetic: the totals TRL's completions.jsonl and both evals log are combine_rewards'."""
+    import torch
+
+    from prefill_kit.grpo.advantages import combine_rewards
+    from prefill_kit.grpo.scoring import nullable, weighted_totals
+
+    scores = torch.rand(64, 3, generator=torch.Generator().manual_seed(0))
+    scores[::5, 1] = float("nan")
+    scores[7] = float("nan")
+    weights = [0.1, 2.0, 0.3]
+    listed = [[None if v != v else v for v in row] for row in scores.tolist()]
+    expected = nullable(combine_rewards(scores, torch.tensor(weights)))
+    assert weighted_totals(listed, weights) == expected and expected[7] is None
 
 
 def test_a_reward_named_like_a_fixed_column_is_refused():
@@ -182,7 +198,7 @@ def test_question_and_solution_are_logged_only_when_the_data_has_them():
 
 
 def test_the_question_is_the_last_user_message_in_every_format():
-    from prefill_kit.prompts.training_data import last_user_text
+    from prefill_kit.prompts.render import last_user_text
 
     assert last_user_text([{"role": "system", "content": "s"}, {"role": "user", "content": "first"},
                            {"role": "assistant", "content": "a"}, {"role": "user", "content": "second"},

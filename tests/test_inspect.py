@@ -11,7 +11,7 @@ import pytest
 from prefill_kit.cli import main
 from prefill_kit.config import config_from_dict
 from prefill_kit.rewards import WeightedReward
-from prefill_kit.runs.inspect import format_rows, load_completions, render_html, select, show
+from prefill_kit.runs.inspect import html_page, load_completions, rows_as_text, select, show
 from tests.conftest import REPO
 
 PREFIX = "<think>\n"
@@ -123,7 +123,7 @@ def test_a_row_that_is_not_a_completion_log_row_is_located(tmp_path, capsys):
 
 def test_model_output_cannot_inject_markup_or_terminal_escapes(tmp_path, capsys):
     nasty = row(1, 0, "<script>alert('x')</script> & \x1b[2J", 0.0, 0.0, prefix="<b>\n")
-    page = render_html([nasty])
+    page = html_page([nasty])
     assert "<script>" not in page and "<b>" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; \\x1b[2J" in page
     path = tmp_path / "completions.jsonl"
@@ -145,9 +145,9 @@ def test_question_and_solution_show_with_each_completion_in_text_and_html(tmp_pa
     assert out.startswith("step 1 · prompt 0 · reward 0 · advantage 0 · format 1 · accuracy 0 · 18 tokens\n"
                           "question: Tom has 12 apples\n          and gives 5 away?\n"
                           "solution: 7 <b>\n    «<think>\n    »<answer>7</answer>")
-    assert "question" not in format_rows([untraced]) and "solution" not in format_rows([untraced])
+    assert "question" not in rows_as_text([untraced]) and "solution" not in rows_as_text([untraced])
     page = (tmp_path / "p.html").read_text(encoding="utf-8")
     assert "<th>prompt</th><th>question</th><th>solution</th><th>format</th>" in page  # not taken for rewards
     assert ('<td class="text context">Tom has 12 apples\nand gives 5 away?</td>'
             '<td class="text context">7 &lt;b&gt;</td>') in page
-    assert "question" not in render_html([untraced])  # a log without them has no such columns
+    assert "question" not in html_page([untraced])  # a log without them has no such columns

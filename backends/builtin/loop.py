@@ -59,6 +59,7 @@ from prefill_kit.grpo.tools import load_tools
 from prefill_kit.prompts.training_data import load_eval_data, load_training_data
 from prefill_kit.runs.checks import check_paths, run_rewards
 from prefill_kit.runs.completion_log import completion_rows, gather_rows
+from prefill_kit.runs.run_health import zero_spread_share
 from prefill_kit.runs.session import RunSession, TrainResult
 
 # Loss metrics that only some loss types have: None in the rows of the others (TRL's metrics.jsonl does the same).
@@ -365,12 +366,11 @@ def _rollout_stats(accelerator, rewards, scores: torch.Tensor, totals: torch.Ten
     """Reward and length statistics over every process's completions (as TRL logs them)."""
     all_lengths = accelerator.gather(torch.tensor(scored.lengths, device=accelerator.device)).float().cpu()
     truncated = accelerator.gather(torch.tensor(scored.truncated, device=accelerator.device)).float().cpu()
-    group_std = nanstd(totals.view(-1, num_generations), dim=1)
     stats = {"reward": none_if_nan(torch.nanmean(totals).item()),
              "reward_std": none_if_nan(nanstd(totals).item())}
     for k, r in enumerate(rewards):
         stats[f"rewards/{r.name}"] = none_if_nan(torch.nanmean(scores[:, k]).item())
-    stats["zero_std_ratio"] = torch.isclose(torch.nan_to_num(group_std), torch.zeros(())).float().mean().item()
+    stats["zero_std_ratio"] = zero_spread_share(nullable(totals), num_generations)
     stats["completion_length"] = all_lengths.mean().item()
     stats["truncated_ratio"] = truncated.mean().item()
     if isinstance(scored, MultiTurnScored):  # turns/mean over rollouts, tool calls and failures summed

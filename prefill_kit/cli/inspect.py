@@ -33,14 +33,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefill_kit.runs.inspect import format_rows, load_completions, reward_names, select, write_html
+    from prefill_kit.runs.inspect import load_completions, reward_names, rows_as_text, select, write_html
 
     rows = load_completions(args.run_dir)
     names = reward_names(rows)
     shown = select(rows, step=args.step, worst=args.worst, best=args.best, reward=args.reward)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     if shown:
-        print(format_rows(shown, names, color=color))
+        print(rows_as_text(shown, names, color=color))
     from prefill_kit.wording import count
 
     print(f"{len(shown)} of {count(len(rows), 'logged completion')}", file=sys.stderr)

@@ -24,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.templates import load_template
 
     require_train("prefill-kit make-tiny-model", ("torch",))
+    from prefill_kit.cli.quiet import library_chatter_off
     from prefill_kit.tiny_model import make_tiny_model
 
-    out = make_tiny_model(args.dir, chat_template=load_template(args.template).source, add_bos=args.add_bos,
-                          num_layers=args.layers, hidden_size=args.hidden_size, seed=args.seed)
+    with library_chatter_off():
+        out = make_tiny_model(args.dir, chat_template=load_template(args.template).source, add_bos=args.add_bos,
+                              num_layers=args.layers, hidden_size=args.hidden_size, seed=args.seed)
     print(f"tiny model written to {out}", file=sys.stderr)
     return 0

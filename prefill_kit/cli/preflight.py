@@ -48,15 +48,18 @@ def run(args: argparse.Namespace) -> int:
     from prefill_kit.runs.checks import check_rewards_of
 
     check_rewards_of(args.config, config.rewards)
-    report = run_preflight(config, num_prompts=args.prompts, num_samples=args.samples)
+    from prefill_kit.cli.quiet import library_chatter_off
+
+    with library_chatter_off():
+        report = run_preflight(config, num_prompts=args.prompts, num_samples=args.samples)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(format_report(report, color=color))
+    print(report_as_text(report, color=color))
     return 1 if args.strict and report.blocking else 0
 
 
-def format_report(report, *, color: bool = False) -> str:
+def report_as_text(report, *, color: bool = False) -> str:
     """The report as text: facts first, then samples, then the verdict with its advice."""
-    from prefill_kit.runs.inspect import format_rows, show
+    from prefill_kit.runs.inspect import rows_as_text, show
     from prefill_kit.runs.run_health import percent
 
     r = report
@@ -91,7 +94,7 @@ def format_report(report, *, color: bool = False) -> str:
     if r.samples:
         lines += ["", "samples (the prefix between « and » is the model's, not generated):" if not color
                   else "samples (the highlighted prefix is the model's, not generated):"]
-        lines.append(format_rows(r.samples, [s.name for s in r.rewards], color=color))
+        lines.append(rows_as_text(r.samples, [s.name for s in r.rewards], color=color))
     lines.append("")
     if r.ready:
         lines.append("verdict: ready" + (" (with warnings)" if r.problems else ": no problems found"))

@@ -74,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
               "`accelerate launch --multi_gpu --num_processes N ...`, which joins them over gloo", file=sys.stderr)
     from accelerate import PartialState
 
+    from prefill_kit.cli.quiet import library_chatter_off
+
     try:
-        backend.train(config)
+        with library_chatter_off():
+            backend.train(config)
     except KeyboardInterrupt as exc:
         from prefill_kit.interrupts import Terminated
 

@@ -37,17 +37,17 @@ def output_format(output: str, explicit: str | None = None) -> str:
     if explicit is not None:
         if explicit not in OUTPUT_FORMATS:
             raise ConfigError(f"output format: expected one of {', '.join(OUTPUT_FORMATS)}, got {explicit!r}")
-        fmt = explicit
+        file_type = explicit
     elif output == "-":
-        fmt = "jsonl"
+        file_type = "jsonl"
     else:
-        fmt = _SUFFIX_FORMATS.get(Path(output).suffix.lower()) or ("hf" if Path(output).is_dir() else None)
-        if fmt is None:
+        file_type = _SUFFIX_FORMATS.get(Path(output).suffix.lower()) or ("hf" if Path(output).is_dir() else None)
+        if file_type is None:
             raise ConfigError(f"output {output}: cannot tell the format from {Path(output).suffix!r}; use .jsonl, "
                               ".parquet, a directory name (save_to_disk), or --output-format")
-    if output == "-" and fmt != "jsonl":
-        raise ConfigError(f"output '-' (stdout) is JSON Lines only, not {fmt}")
-    return fmt
+    if output == "-" and file_type != "jsonl":
+        raise ConfigError(f"output '-' (stdout) is JSON Lines only, not {file_type}")
+    return file_type
 
 
 def encode_jsonl(rows: list[dict[str, Any]], columns: list[str] | None = None) -> bytes:
@@ -105,15 +105,15 @@ class _ArrowSink:
 
 
 @contextmanager
-def open_sink(output: str, fmt: str, columns: list[str]) -> Iterator[Any]:
+def open_sink(output: str, file_type: str, columns: list[str]) -> Iterator[Any]:
     """A sink whose `write(payload)` appends one encoded batch; the output appears only on success."""
     if output == "-":
         yield _StreamSink(sys.stdout.buffer)
         sys.stdout.flush()
-    elif fmt == "jsonl":
+    elif file_type == "jsonl":
         with atomic_output(output, "wb") as f:
             yield _StreamSink(f)
-    elif fmt == "parquet":
+    elif file_type == "parquet":
         import pyarrow.parquet as pq
 
         with atomic_output(output, "wb") as f:

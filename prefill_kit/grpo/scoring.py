@@ -9,6 +9,8 @@ from typing import Any, Protocol
 import torch
 
 from prefill_kit.errors import ConfigError
+from prefill_kit.grpo.advantages import combine_rewards
+from prefill_kit.rewards.registry import none_if_nan  # the one NaN/None rule; re-exported for the loop
 
 
 class WeightedRewardLike(Protocol):
@@ -44,11 +46,6 @@ def score_completions(rewards: Sequence[WeightedRewardLike], *, prompts: list[st
     return out
 
 
-def none_if_nan(value: float) -> float | None:
-    """The one rule between the two spellings of "this reward cannot judge": NaN in tensors, None in lists."""
-    return None if value != value else value
-
-
 def nullable(values: torch.Tensor) -> list[float | None]:
     """A (B,) score tensor as the list rewards and logs use: None where it holds NaN."""
     return [none_if_nan(v) for v in values.tolist()]
@@ -56,3 +53,14 @@ def nullable(values: torch.Tensor) -> list[float | None]:
 
 def reward_weights(rewards: Sequence[WeightedRewardLike]) -> torch.Tensor:
     return torch.tensor([float(r.weight) for r in rewards], dtype=torch.float32)
+
+
+def weighted_totals(scores: Sequence[Sequence[float | None]], weights: Sequence[float]) -> list[float | None]:
+    """Each completion's total reward from lists of scores (one row per completion, None: cannot judge).
+
+    The rollout's rule and arithmetic (`combine_rewards`, in float32), so a logged or evaluated total equals
+    the one the advantages came from; None where every reward returned None.
+    """
+    table = torch.tensor([[float("nan") if s is None else float(s) for s in row] for row in scores],
+                         dtype=torch.float32).reshape(len(scores), len(weights))
+    return nullable(combine_rewards(table, torch.tensor([float(w) for w in weights], dtype=torch.float32)))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prefill_kit.errors import ConfigError, DataError
+from prefill_kit.prompts.render import last_user_text
 from prefill_kit.rewards.format import is_think_format
 
 MODES = ("turns", "system")
@@ -92,12 +93,7 @@ def normalized_question(text: str) -> str:
 
 def row_question(messages: list[dict[str, Any]]) -> str:
     """The row's own question: the text of its last user message ('' when it has none)."""
-    from prefill_kit.prompts.render import message_text
-
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return message_text(message.get("content"))
-    return ""
+    return last_user_text(messages) or ""
 
 
 def choose_examples(few_shot: FewShot, index: int, question: str) -> list[int]:

@@ -95,8 +95,17 @@ def message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
     return ""
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str | None:
+    """The text of the last user message: the row's question (few-shot's leak check, the completion log's
+    `question` column); None when no user spoke."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return None
 
 
 def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate | str | Path, prefix: str = "", *,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefill_kit.config import DataSection
 from prefill_kit.errors import ConfigError, DataError
@@ -49,17 +48,6 @@ def load_training_data(section: DataSection, tokenizer):
     return dataset.map(tokenize, batched=True)
 
 
-def last_user_text(messages: list[dict[str, Any]]) -> str | None:
-    """The text of the last user message (its text parts joined), or None when no user spoke."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return "".join(p.get("text") or "" for p in content if p.get("type") == "text")
-            return content
-    return None
-
-
 def with_question_column(raw, rendered, fmt: str):
     """`rendered` plus a `question` column: each row's last user message, which rendering folds into the prompt.
 
@@ -67,6 +55,7 @@ def with_question_column(raw, rendered, fmt: str):
     `rendered` must hold one row per `raw` row (rendering fails on a bad row rather than skip it).
     """
     from prefill_kit.data.formats import detect_format, to_conversation
+    from prefill_kit.prompts.render import last_user_text
 
     if "question" in rendered.column_names:
         return rendered

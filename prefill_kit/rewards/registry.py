@@ -34,6 +34,17 @@ class WeightedReward:
     weight: float
 
 
+def none_if_nan(value: Any) -> float | None:
+    """The one rule for a score that cannot judge: None in lists, logs and JSON; NaN in tensors and for verl.
+
+    None and NaN give None; anything else is the score as a float.
+    """
+    if value is None:
+        return None
+    value = float(value)
+    return None if value != value else value
+
+
 def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -26,13 +26,13 @@ Rows are written by the main process only, for step 1 and every `output.log_comp
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prefill_kit.data.io import keep_rows_through_step
 from prefill_kit.errors import ConfigError
+from prefill_kit.rewards.registry import none_if_nan
 
 COMPLETIONS_FILE = "completions.jsonl"
 LEADING_COLUMNS = ("step", "prompt_index", "prefix", "completion", "completion_length", "truncated")
@@ -50,24 +50,20 @@ def check_reward_names(names: Sequence[str]) -> None:
                               f"{COMPLETIONS_FILE}; give it another name")
 
 
-def weighted_total(scores: Sequence[float | None], weights: Sequence[float]) -> float | None:
-    """The total reward of one completion as both backends compute it: a weighted sum that skips None,
-    and None when every reward returned None (the completion is unscorable)."""
-    present = [(s, w) for s, w in zip(scores, weights, strict=True) if _number(s) is not None]
-    return sum(s * w for s, w in present) if present else None
-
-
 def eval_metrics(scores: list[list[float | None]], names: list[str], weights: list[float]) -> dict[str, float | None]:
     """`eval/reward` and `eval/rewards/<name>` over every eval completion (one row of scores per completion).
 
     None-aware as the training metrics are: a reward's mean skips its None scores, and the total of a
-    completion is the weighted sum of the scores it has (None, and skipped, when every reward returned None).
+    completion is the weighted sum of the scores it has (None, and skipped, when every reward returned None),
+    computed as the rollout computes it (`prefill_kit.grpo.scoring.weighted_totals`; needs torch, as training does).
     """
+    from prefill_kit.grpo.scoring import weighted_totals
+
     def mean(values: list[float | None]) -> float | None:
         present = [v for v in values if v is not None]
         return sum(present) / len(present) if present else None
 
-    out = {"eval/reward": mean([weighted_total(row, weights) for row in scores])}
+    out = {"eval/reward": mean(weighted_totals(scores, weights))}
     for k, name in enumerate(names):
         out[f"eval/rewards/{name}"] = mean([row[k] for row in scores])
     return out
@@ -92,9 +88,9 @@ def completion_rows(*, step: int, prompt_indices: Sequence[int], prefixes: Seque
             row["solution"] = None if solutions[i] is None else str(solutions[i])
         row.update(prefix=prefixes[i], completion=completion, completion_length=int(completion_lengths[i]),
                    truncated=bool(truncated[i]))
-        row.update((name, _number(scores[i])) for name, scores in rewards.items())
-        row["reward"] = _number(reward[i])
-        row["advantage"] = _number(advantages[i])
+        row.update((name, none_if_nan(scores[i])) for name, scores in rewards.items())
+        row["reward"] = none_if_nan(reward[i])
+        row["advantage"] = none_if_nan(advantages[i])
         if turns is not None:
             row["turns"] = turns[i]
         rows.append(row)
@@ -161,10 +157,3 @@ class CompletionLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(text)  # one write per step: a crash leaves whole steps
 
-
-def _number(value: Any) -> float | None:
-    """A JSON-safe score: None for None and NaN."""
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value

@@ -99,8 +99,8 @@ def row_header(row: dict[str, Any], names: list[str]) -> str:
             f"advantage {_score(row['advantage'])}" + (f" · {scores}" if scores else "") + f" · {length}")
 
 
-def format_rows(rows: list[dict[str, Any]], names: list[str] | None = None, *, color: bool = False,
-                indent: str = "    ") -> str:
+def rows_as_text(rows: list[dict[str, Any]], names: list[str] | None = None, *, color: bool = False,
+                 indent: str = "    ") -> str:
     """Each row: a header with its scores, the question and solution when logged, then prefix (highlighted) +
     completion, indented."""
     names = reward_names(rows) if names is None else names
@@ -155,7 +155,7 @@ td.none { color: #999; }
 """
 
 
-def render_html(rows: list[dict[str, Any]], names: list[str] | None = None, *, title: str = "completions") -> str:
+def html_page(rows: list[dict[str, Any]], names: list[str] | None = None, *, title: str = "completions") -> str:
     """One self-contained page (inline CSS, no scripts, nothing fetched) with the rows as a table."""
     names = reward_names(rows) if names is None else names
     context = context_columns(rows)
@@ -188,5 +188,5 @@ def write_html(path: str | Path, rows: list[dict[str, Any]], *, title: str) -> P
     from prefill_kit.data.io import atomic_output
 
     with atomic_output(path) as f:
-        f.write(render_html(rows, title=title))
+        f.write(html_page(rows, title=title))
     return Path(path)

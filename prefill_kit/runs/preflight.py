@@ -11,7 +11,6 @@ It trains nothing and prints nothing but a progress bar; `prefill-kit preflight`
 from __future__ import annotations
 
 import functools
-import math
 import statistics
 import sys
 import warnings
@@ -25,6 +24,7 @@ from prefill_kit.grpo.advantages import compute_advantages
 from prefill_kit.grpo.policy import load_model, load_tokenizer
 from prefill_kit.grpo.prompt_order import prompt_indices
 from prefill_kit.grpo.rollout import eos_token_ids, make_generation_config, sample_and_score
+from prefill_kit.grpo.scoring import nullable
 from prefill_kit.prompts.prompt_tokens import PromptTokenizer, boundary_merges, describe_merge, exact_ids_tokenizer
 from prefill_kit.prompts.training_data import few_shot_examples, load_training_data
 from prefill_kit.runs.checks import check_paths, run_rewards
@@ -174,9 +174,9 @@ def run_preflight(config: TrainingConfig, *, backend: str | None = None, num_pro
     truncated = rollout.truncated
     advantages = compute_advantages(totals, g.num_generations, g.scale_rewards)
 
-    summaries = [_summary(r.name, float(r.weight), scores[:, k].tolist()) for k, r in enumerate(rewards)]
-    total = _summary("reward", 1.0, totals.tolist())
-    total_list = [None if math.isnan(v) else v for v in totals.tolist()]
+    summaries = [_summary(r.name, float(r.weight), nullable(scores[:, k])) for k, r in enumerate(rewards)]
+    total_list = nullable(totals)
+    total = _summary("reward", 1.0, total_list)
     truncation_rate = sum(truncated) / len(truncated)
     zero_spread = zero_spread_share(total_list, g.num_generations)
     samples = completion_rows(
@@ -265,8 +265,8 @@ def _trl_prompt_problems(tokenizer, dataset) -> list[Problem]:
     return []
 
 
-def _summary(name: str, weight: float, values: list[float]) -> RewardSummary:
-    scored = [v for v in values if not math.isnan(v)]
+def _summary(name: str, weight: float, values: list[float | None]) -> RewardSummary:
+    scored = [v for v in values if v is not None]
     return RewardSummary(
         name=name, weight=weight, mean=statistics.fmean(scored) if scored else None,
         std=statistics.stdev(scored) if len(scored) > 1 else None,

@@ -52,10 +52,11 @@ def zero_spread_advice(share: float) -> str:
 
 
 def zero_spread_share(totals: Sequence[float | None], num_generations: int) -> float:
-    """Share of prompt groups (blocks of `num_generations` rows) whose total rewards do not vary.
+    """Share of prompt groups (blocks of `num_generations` rows) whose total rewards do not vary: the one rule
+    for preflight, the built-in loop's `zero_std_ratio` and the TRL backend's health warning.
 
-    A group with fewer than two scorable (non-None) rows has no spread either, as in the backends, where its
-    standard deviation is NaN and counts as zero.
+    "Does not vary" is TRL's `frac_reward_zero_std`: a standard deviation within 1e-8 of 0. A group with fewer
+    than two scorable (non-None) rows has no spread either (its standard deviation is NaN, counted as zero).
     """
     if not totals or len(totals) % num_generations:
         raise ValueError(f"expected a positive multiple of {num_generations} rewards, got {len(totals)}")

@@ -68,7 +68,7 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
 
 
 def _eval_kwargs(config: TrainingConfig) -> dict[str, Any]:
-    """TRL's evaluation settings: every `eval_steps` steps (and after the last, see `_final_eval_callback`)."""
+    """TRL's evaluation settings: every `eval_steps` steps (and after the last, see `FinalEval` in backends/trl.py)."""
     g, t = config.grpo, config.train
     if not config.data.eval_path:
         return {"eval_strategy": "no"}
