@@ -272,7 +272,7 @@ MUTATIONS = [
              ("tests/test_cli_interrupts.py", "-k", "sigterm")),
     Mutation("pool workers stay in the parent's process group", "prefill_kit/interrupts.py",
              "    os.setpgid(0, 0)\n", "    pass\n",
-             ("tests/test_cli_interrupts.py", "-k", "sigterm_mid_render")),
+             ("tests/test_cli_interrupts.py", "-k", "sigterm_mid_render or leaves_the_parents_process_group")),
     Mutation("preflight skips the held-out eval check", "prefill_kit/runs/checks.py",
              "        check_eval_held_out(config.data.path, config.data.eval_path)\n", "",
              ("tests/test_preflight.py", "-k", "training_data_as_train")),

@@ -131,3 +131,19 @@ def test_forked_workers_take_sigterm_only_from_their_parent():
                 os._exit(inherited + 2 * (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
         assert signal.getsignal(signal.SIGTERM) is handler
     assert os.waitpid(pid, 0)[1] >> 8 == 3
+
+
+def test_a_pool_worker_leaves_the_parents_process_group():
+    """Deterministic half of the SIGTERM test above: after its initializer, a worker is the leader of its own
+    process group, so a group signal (`timeout`, Ctrl-C) cannot kill it while it holds the pool's queue lock."""
+    from prefill_kit.interrupts import leave_signals_to_parent
+
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the child reports in its exit code: 0 its own group, 1 still the parent's, 2 raised
+        try:
+            leave_signals_to_parent(parent)
+            os._exit(0 if os.getpgid(0) == os.getpid() != os.getpgid(parent) else 1)
+        except BaseException:
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] >> 8 == 0
