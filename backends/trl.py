@@ -34,7 +34,7 @@ from typing import Any
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import PrefillKitError
-from prefill_kit.prompts.prompt_tokens import exact_ids_tokenizer
+from prefill_kit.prompts.tokens import exact_ids_tokenizer
 from prefill_kit.runs.trl_config import check_prompt_ids, eval_temperature, grpo_config_kwargs, trl_extra_kwargs
 
 # TRL log key -> the metric name both backends write to metrics.jsonl.

@@ -126,7 +126,7 @@ def peak_rss_of_cli(rows: list[dict], n: int, tokenizer_dir: Path, num_proc: int
 def cold_memo(tokenizer) -> None:
     """The piece memo on text it has never seen (each GSM8K answer and MATH-500 problem and solution once),
     so that the figures above, on repeated questions, are not read as a cache's best case only."""
-    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.tokens import PromptTokenizer
 
     texts = []
     for name in ("gsm8k", "math500"):
@@ -212,7 +212,7 @@ def tokenization_stage(name: str, tokenizer, texts: list[str], expected: list[li
     """The exact ids path alone, in the pipeline's slices, against whole-prompt batch encoding of the same
     texts; the route (piecewise or whole) is the one `PromptTokenizer` measures on its first slice."""
     from prefill_kit.prompts.pipeline import BatchRenderer
-    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.tokens import PromptTokenizer
 
     size = BatchRenderer.SLICE
     whole, ours, routes = [], [], set()

@@ -13,7 +13,7 @@ _EXPORTS = {
     "RenderedPrompt": "prefill_kit.prompts.render",
     "decode_escapes": "prefill_kit.prompts.render",
     "render_dataset": "prefill_kit.prompts.pipeline",
-    "exact_ids_tokenizer": "prefill_kit.prompts.prompt_tokens",
+    "exact_ids_tokenizer": "prefill_kit.prompts.tokens",
     "turn_bridge": "prefill_kit.prompts.turns",
     "TurnBridge": "prefill_kit.prompts.turns",
     "load_template": "prefill_kit.templates",

@@ -10,7 +10,7 @@ import pytest
 from prefill_kit.data.readers import Record
 from prefill_kit.errors import ConfigError, DataError
 from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, render_dataset, shard_bounds
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+from prefill_kit.prompts.tokens import PromptTokenizer
 from prefill_kit.prompts.render import render_prompt
 from prefill_kit.templates import ChatTemplate
 from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE

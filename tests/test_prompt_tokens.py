@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import AddedToken
 
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer, added_token_splitter, piecewise_blocker
+from prefill_kit.prompts.tokens import PromptTokenizer, added_token_splitter, piecewise_blocker
 from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 from tests.tokenizer_families import CHATML, FAMILIES, SENTENCEPIECE, build, random_texts
 

@@ -26,7 +26,7 @@ from prefill_kit.data.readers import Record
 from prefill_kit.data.writers import to_columns
 from prefill_kit.errors import ConfigError, DataError, PrefillKitError, TemplateError, TemplateSecurityError
 from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
-from prefill_kit.prompts.prompt_tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
+from prefill_kit.prompts.tokens import BoundaryMerge, PromptTokenizer, boundary_merges, describe_merge
 from prefill_kit.prompts.render import assistant_opening, render_prompt
 from prefill_kit.templates import SPECIAL_TOKEN_KEYS, ChatTemplate, load_template
 

@@ -25,7 +25,7 @@ from prefill_kit.data.writers import ENCODERS, open_sink, output_format, rejects
 from prefill_kit.errors import DataError, TemplateError
 from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
 from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, detect, output_columns
-from prefill_kit.prompts.prompt_tokens import BoundaryMerge
+from prefill_kit.prompts.tokens import BoundaryMerge
 
 
 @dataclass

@@ -24,7 +24,7 @@ def load_training_data(section: DataSection, tokenizer):
     puts worked examples before each raw row, as `prefill-kit render --few-shot` does.
     """
     from prefill_kit.prompts.pipeline import as_dataset, render_dataset
-    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.tokens import PromptTokenizer
 
     path = Path(section.path)
     if not path.exists():
