@@ -12,7 +12,7 @@ _EXPORTS = {
     "render_prompt": "prefill_kit.prompts.render",
     "RenderedPrompt": "prefill_kit.prompts.render",
     "decode_escapes": "prefill_kit.prompts.render",
-    "render_dataset": "prefill_kit.prompts.pipeline",
+    "render_dataset": "prefill_kit.prompts.dataset",
     "exact_ids_tokenizer": "prefill_kit.prompts.tokens",
     "turn_bridge": "prefill_kit.prompts.turns",
     "TurnBridge": "prefill_kit.prompts.turns",

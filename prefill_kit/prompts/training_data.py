@@ -23,7 +23,7 @@ def load_training_data(section: DataSection, tokenizer):
     rendered file's own ids are replaced), so the model sees exactly the rendered prompt. `section.few_shot`
     puts worked examples before each raw row, as `prefill-kit render --few-shot` does.
     """
-    from prefill_kit.prompts.pipeline import as_dataset, render_dataset
+    from prefill_kit.prompts.dataset import as_dataset, render_dataset
     from prefill_kit.prompts.tokens import PromptTokenizer
 
     path = Path(section.path)

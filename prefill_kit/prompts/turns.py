@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.formats import message_text
 from prefill_kit.errors import ConfigError, DataError, TemplateError
+from prefill_kit.prompts.render import _inside_token, render_prompt
 from prefill_kit.prompts.tokens import PromptTokenizer
-from prefill_kit.prompts.render import _inside_token, message_text, render_prompt
 from prefill_kit.templates import ChatTemplate, load_template
 
 THINKING_HISTORY = ("keep", "split")
