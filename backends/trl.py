@@ -42,7 +42,7 @@ from prefill_kit.errors import PrefillKitError
 from prefill_kit.grpo.policy import load_model, load_tokenizer, lora_config
 from prefill_kit.grpo.rollout import eos_token_ids
 from prefill_kit.grpo.scoring import weighted_totals
-from prefill_kit.prompts.prompt_tokens import exact_ids_tokenizer
+from prefill_kit.prompts.tokens import exact_ids_tokenizer
 from prefill_kit.prompts.training_data import load_eval_data, load_training_data
 from prefill_kit.rewards.registry import none_if_nan
 from prefill_kit.runs.checks import check_paths, run_rewards

@@ -126,7 +126,7 @@ def peak_rss_of_cli(rows: list[dict], n: int, tokenizer_dir: Path, num_proc: int
 def cold_memo(tokenizer) -> None:
     """The piece memo on text it has never seen (each GSM8K answer and MATH-500 problem and solution once),
     so that the figures above, on repeated questions, are not read as a cache's best case only."""
-    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.tokens import PromptTokenizer
 
     texts = []
     for name in ("gsm8k", "math500"):
@@ -171,7 +171,8 @@ def load_tokenizer(name: str):
 
 def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
     """Baselines, floor, ceiling and prefill-kit on one tokenizer (its own chat template); outputs identical."""
-    from prefill_kit.prompts.pipeline import render_dataset, resolve_template
+    from prefill_kit.prompts.dataset import render_dataset
+    from prefill_kit.prompts.options import resolve_template
 
     added = len(tokenizer.backend_tokenizer.get_added_tokens_decoder())
     print(f"\n== {name} ({added:,} added tokens): {args.rows:,} rows, GSM8K questions, prefix {PREFIX!r}, "
@@ -211,8 +212,8 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
 def tokenization_stage(name: str, tokenizer, texts: list[str], expected: list[list[int]]) -> float:
     """The exact ids path alone, in the pipeline's slices, against whole-prompt batch encoding of the same
     texts; the route (piecewise or whole) is the one `PromptTokenizer` measures on its first slice."""
-    from prefill_kit.prompts.pipeline import BatchRenderer
-    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.batch import BatchRenderer
+    from prefill_kit.prompts.tokens import PromptTokenizer
 
     size = BatchRenderer.SLICE
     whole, ours, routes = [], [], set()

@@ -145,7 +145,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, lora: bool = Fal
 
     from prefill_kit.config import LoraSection
     from prefill_kit.grpo.policy import lora_config
-    from prefill_kit.prompts.pipeline import render_dataset
+    from prefill_kit.prompts.dataset import render_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = render_dataset(str(data), tokenizer=tokenizer, prefix=PREFIX)

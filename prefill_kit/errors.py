@@ -35,10 +35,17 @@ class DataError(PrefillKitError):
         parts = [p for p in (where, f"field {self.field!r}" if self.field else None, self.reason) if p]
         return ": ".join(parts)
 
+    def __reduce__(self):  # pickled (from a worker process) with its location, not only its message
+        return _data_error, (self.reason, self.source, self.line, self.field)
+
     def located(self, *, source: str | None = None, line: int | None = None) -> DataError:
         """The same error with its location filled in by the caller that knows it."""
         return DataError(self.reason, source=self.source or source,
                          line=self.line if self.line is not None else line, field=self.field)
+
+
+def _data_error(reason: str, source: str | None, line: int | None, field: str | None) -> DataError:
+    return DataError(reason, source=source, line=line, field=field)
 
 
 class MissingExtraError(PrefillKitError):

@@ -198,7 +198,7 @@ def test_question_and_solution_are_logged_only_when_the_data_has_them():
 
 
 def test_the_question_is_the_last_user_message_in_every_format():
-    from prefill_kit.prompts.render import last_user_text
+    from prefill_kit.data.formats import last_user_text
 
     assert last_user_text([{"role": "system", "content": "s"}, {"role": "user", "content": "first"},
                            {"role": "assistant", "content": "a"}, {"role": "user", "content": "second"},

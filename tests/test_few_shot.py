@@ -18,7 +18,7 @@ from prefill_kit.prompts.few_shot import (
     opened_block,
     with_examples,
 )
-from prefill_kit.prompts.pipeline import RenderOptions
+from prefill_kit.prompts.options import RenderOptions
 from prefill_kit.prompts.render_file import render_file
 from prefill_kit.templates import ChatTemplate, load_template
 from tests.conftest import REFERENCE_ABSENT, REPO, SHARED_REFERENCE
@@ -233,7 +233,7 @@ def test_the_same_examples_with_any_num_proc_and_batch_size(tmp_path, shots_file
 def test_the_same_examples_through_render_dataset_with_processes(shots_file, data_file, chatml):
     import datasets
 
-    from prefill_kit.prompts.pipeline import render_dataset
+    from prefill_kit.prompts.dataset import render_dataset
 
     few = load_few_shot(shots_file, shots=3, seed=7, prefix=PREFIX)
     data = datasets.load_dataset("json", data_files=data_file, split="train")
@@ -281,7 +281,7 @@ def test_over_long_rows_get_fewer_shots_before_they_are_rejected(tmp_path, shots
 
 
 def render_one(template, tokenizer, few, row, shots: int) -> int:
-    from prefill_kit.prompts.pipeline import render_row
+    from prefill_kit.prompts.render import render_row
 
     index = int(row["solution"])
     rendered = render_row({"messages": [{"role": "user", "content": f"Row {index}?"}]},

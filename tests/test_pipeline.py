@@ -9,9 +9,11 @@ import pytest
 
 from prefill_kit.data.readers import Record
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, render_dataset, shard_bounds
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+from prefill_kit.prompts.batch import BatchRenderer
+from prefill_kit.prompts.dataset import render_dataset, shard_bounds
+from prefill_kit.prompts.options import RenderOptions
 from prefill_kit.prompts.render import render_prompt
+from prefill_kit.prompts.tokens import PromptTokenizer
 from prefill_kit.templates import ChatTemplate
 from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 
@@ -72,7 +74,7 @@ def test_bad_dataset_row_raises_or_is_dropped_and_logged(chatml, caplog):
     data = datasets.Dataset.from_list(rows)
     with pytest.raises(DataError, match=r"dataset row 3: field 'messages\[0\]\.role': unknown role"):
         render_dataset(data, prefix=PREFIX)
-    with caplog.at_level(logging.WARNING, logger="prefill_kit.prompts.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="prefill_kit.prompts.dataset"):
         out = render_dataset(data, prefix=PREFIX, on_error="skip")
     assert out["id"][:] == [r["id"] for r in ROWS]
     assert "skipped dataset row 3" in caplog.text and "unknown role" in caplog.text

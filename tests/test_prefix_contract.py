@@ -47,7 +47,7 @@ def test_a_real_overlap_on_a_boundary_is_still_taken():
 
 
 def test_the_tokenizers_added_tokens_count_as_boundaries(tiny_tokenizer):
-    from prefill_kit.prompts.pipeline import resolve_template
+    from prefill_kit.prompts.options import resolve_template
 
     source = "{{ messages[0].content }}<|im_start|>"
     template = resolve_template(ChatTemplate(source), tiny_tokenizer)
@@ -109,7 +109,8 @@ def test_rendering_a_rendered_file_stops_or_passes_through(tmp_path):
 
 
 def test_pass_rendered_checks_the_prefix_column(chatml):
-    from prefill_kit.prompts.pipeline import RenderOptions, render_row
+    from prefill_kit.prompts.options import RenderOptions
+    from prefill_kit.prompts.render import render_row
 
     options = RenderOptions(chatml, pass_rendered=True)
     opening = assistant_opening(chatml)
@@ -156,7 +157,8 @@ def test_reward_cli_completions_that_include_the_prefix(tmp_path):
 
 def test_pass_rendered_takes_the_prefix_after_the_last_assistant_opening(chatml):
     # A multi-turn rendered prompt holds the opening once per assistant turn; the prefix follows the last one.
-    from prefill_kit.prompts.pipeline import RenderOptions, render_row
+    from prefill_kit.prompts.options import RenderOptions
+    from prefill_kit.prompts.render import render_row
 
     options = RenderOptions(chatml, pass_rendered=True)
     opening = assistant_opening(chatml)

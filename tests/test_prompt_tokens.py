@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import AddedToken
 
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer, added_token_splitter, piecewise_blocker
+from prefill_kit.prompts.tokens import PromptTokenizer, added_token_splitter, piecewise_blocker
 from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE
 from tests.tokenizer_families import CHATML, FAMILIES, SENTENCEPIECE, build, random_texts
 
@@ -106,7 +106,7 @@ def render_rows(template: str, tokenizer, n: int, seed: int):
 
     from datasets import Dataset
 
-    from prefill_kit.prompts.pipeline import render_dataset
+    from prefill_kit.prompts.dataset import render_dataset
 
     rng = random.Random(seed)
     contents = random_texts(n, seed=seed, specials=specials_of(tokenizer) + ("</s>", "<|im_end|>"))
@@ -128,7 +128,7 @@ def test_rendered_rows_have_whole_prompt_ids_on_mistral():
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from prefill_kit.prompts.pipeline import render_dataset
+    from prefill_kit.prompts.dataset import render_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "mistral-7b-instruct-v0.3")
     rows = [{"messages": [{"role": "user", "content": f"question {i}"}]} for i in range(40)]

@@ -11,7 +11,7 @@ import pytest
 from prefill_kit.data import writers
 from prefill_kit.data.readers import Chunk
 from prefill_kit.errors import DataError, TemplateError
-from prefill_kit.prompts.pipeline import RenderOptions
+from prefill_kit.prompts.options import RenderOptions
 from prefill_kit.prompts.render import render_prompt
 from prefill_kit.prompts.render_file import render_file
 from prefill_kit.templates import ChatTemplate

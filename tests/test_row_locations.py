@@ -9,7 +9,8 @@ import json
 import pytest
 
 from prefill_kit.errors import DataError
-from prefill_kit.prompts.pipeline import RenderOptions, render_dataset
+from prefill_kit.prompts.dataset import render_dataset
+from prefill_kit.prompts.options import RenderOptions
 from prefill_kit.prompts.render_file import render_file
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}]}

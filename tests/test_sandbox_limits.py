@@ -64,7 +64,7 @@ def test_a_render_limit_stops_the_file_render_even_when_skipping_rows(tmp_path, 
     """The template, not a row, is at fault: --on-error skip does not turn it into rejects."""
     import json
 
-    from prefill_kit.prompts.pipeline import RenderOptions
+    from prefill_kit.prompts.options import RenderOptions
     from prefill_kit.prompts.render_file import render_file
 
     (tmp_path / "in.jsonl").write_text(json.dumps({"messages": MESSAGES}) + "\n", encoding="utf-8")

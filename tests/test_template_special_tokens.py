@@ -14,7 +14,8 @@ from importlib import resources
 import pytest
 
 from prefill_kit.data.readers import Record
-from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, resolve_template
+from prefill_kit.prompts.batch import BatchRenderer
+from prefill_kit.prompts.options import RenderOptions, resolve_template
 from prefill_kit.templates import available_templates, load_template
 from prefill_kit.tiny_model import build_tokenizer
 from tests.conftest import REFERENCE_ABSENT, SHARED_REFERENCE

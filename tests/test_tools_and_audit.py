@@ -8,7 +8,8 @@ import pytest
 
 from prefill_kit.cli import main
 from prefill_kit.errors import DataError
-from prefill_kit.prompts.pipeline import RenderOptions, render_row
+from prefill_kit.prompts.options import RenderOptions
+from prefill_kit.prompts.render import render_row
 from prefill_kit.prompts.template_audit import audit_template
 from prefill_kit.templates import load_template
 from prefill_kit.tiny_model import build_tokenizer

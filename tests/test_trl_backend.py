@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 
 from prefill_kit.config import config_from_dict
 from prefill_kit.errors import PrefillKitError
-from prefill_kit.prompts.prompt_tokens import exact_ids_tokenizer
 from prefill_kit.prompts.render import render_prompt
+from prefill_kit.prompts.tokens import exact_ids_tokenizer
 from prefill_kit.runs.trl_config import check_prompt_ids, grpo_config_kwargs
 from prefill_kit.templates import load_template
 

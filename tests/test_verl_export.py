@@ -14,7 +14,8 @@ import yaml
 
 from prefill_kit.errors import ConfigError, DataError
 from prefill_kit.integrations.verl_export import _omegaconf_literal, export_verl, template_with_suffix
-from prefill_kit.prompts.pipeline import RenderOptions, render_dataset
+from prefill_kit.prompts.dataset import render_dataset
+from prefill_kit.prompts.options import RenderOptions
 from prefill_kit.templates import ChatTemplate, load_template
 from tests.conftest import REPO
 
@@ -138,6 +139,21 @@ def test_skipped_rows_go_to_rejects_and_the_kept_rows_stay_aligned(tmp_path):
         ("a", "1+1?", "2"), ("c", "2+2?", "4")]
     (reject,) = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
     assert reject["line"] == 2 and reject["field"] == "problem"
+
+
+def test_rows_over_max_prompt_tokens_are_rejected_and_the_kept_rows_stay_aligned(tmp_path, tiny_tokenizer):
+    long = "many words " * 40
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": "2", "id": "a"},
+                                              {"problem": long, "answer": "0", "id": "long"},
+                                              {"problem": "2+2?", "answer": "4", "id": "c"}])
+    options = RenderOptions(load_template("chatml"), "<think>\n", tokenizer=tiny_tokenizer, on_error="skip",
+                            max_prompt_tokens=40)
+    summary = export_verl(data, tmp_path / "out", options)
+    assert (summary.rows, summary.rejected) == (2, 1)
+    assert [(r["extra_info"]["id"], r["prompt"][-1]["content"]) for r in read_rows(tmp_path / "out")] == [
+        ("a", "1+1?"), ("c", "2+2?")]
+    (reject,) = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
+    assert reject["line"] == 2 and "prompt too long" in reject["reason"]
 
 
 def test_a_column_named_like_an_extra_info_key_is_an_error(tmp_path):

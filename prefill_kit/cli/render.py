@@ -84,7 +84,7 @@ def _json_object(text: str, flag: str) -> dict:
 def render_options(args: argparse.Namespace):
     """RenderOptions from the options `add_render_options` added (and `--continue-final` where present)."""
     from prefill_kit.errors import ConfigError
-    from prefill_kit.prompts.pipeline import RenderOptions, load_tokenizer, resolve_template
+    from prefill_kit.prompts.options import resolve_options
     from prefill_kit.prompts.render import decode_escapes
 
     template_kwargs = _json_object(args.template_kwargs, "--template-kwargs")
@@ -122,11 +122,11 @@ def render_options(args: argparse.Namespace):
             raise
         for skipped in few_shot.skipped:
             print(f"warning: skipped {skipped}", file=sys.stderr)
-    tokenizer = load_tokenizer(args.tokenizer)
-    return RenderOptions(resolve_template(args.template, tokenizer), prefix, getattr(args, "continue_final", False),
-                         template_kwargs, args.format, tokenizer, columns, args.on_error,
-                         args.max_prompt_tokens, args.check_tokens, pass_rendered=args.pass_rendered,
-                         few_shot=few_shot)
+    return resolve_options(args.template, args.tokenizer, prefix=prefix,
+                           continue_final=getattr(args, "continue_final", False), template_kwargs=template_kwargs,
+                           format=args.format, columns=columns, on_error=args.on_error,
+                           max_prompt_tokens=args.max_prompt_tokens, check_tokens=args.check_tokens,
+                           pass_rendered=args.pass_rendered, few_shot=few_shot)
 
 
 def default_output(source: str, output_format: str | None) -> str:

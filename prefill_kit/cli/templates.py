@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from prefill_kit.prompts.pipeline import load_tokenizer, resolve_template
+    from prefill_kit.prompts.options import load_tokenizer, resolve_template
     from prefill_kit.prompts.render import decode_escapes
     from prefill_kit.prompts.template_audit import audit_table, audit_template
     from prefill_kit.templates import available_templates

@@ -164,6 +164,24 @@ def detect_format(columns: Iterable[str]) -> str:
                     f"{known}. Use --format, or --columns to rename")
 
 
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or the `text` parts of a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str | None:
+    """The text of the last user message: the row's question (few-shot's leak check, the completion log's
+    `question` column); None when no user spoke."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return None
+
+
 def rename_columns(row: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
     """`row` with its keys renamed (`--columns '{"src": "dst"}'`), applied before detection."""
     return {renames.get(k, k): v for k, v in row.items()} if renames else row

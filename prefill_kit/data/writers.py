@@ -8,11 +8,12 @@ so an exception or Ctrl-C leaves no partial output.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,35 @@ def rejects_path(output: str, source: str) -> Path:
         return base.with_name(f"{base.stem if base.is_file() else base.name}.rejects.jsonl")
     out = Path(output)
     return out.with_name(f"{out.name if out.suffix == '' or out.is_dir() else out.stem}.rejects.jsonl")
+
+
+class RejectsWriter:
+    """Appends rejects (JSON-ready dicts) to a rejects file, one per line; the file is opened on the first."""
+
+    def __init__(self, path: Path, stack: ExitStack) -> None:
+        self.path = Path(path)
+        self._stack = stack
+        self._file = None
+        self.count = 0
+        self.first: dict[str, Any] | None = None
+
+    def write(self, rejects: list[dict[str, Any]]) -> None:
+        if not rejects:
+            return
+        if self._file is None:
+            self._file = self._stack.enter_context(atomic_output(self.path))
+            self.first = rejects[0]
+        self._file.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+        self.count += len(rejects)
+
+
+@contextmanager
+def rejects_file(path: str | Path) -> Iterator[RejectsWriter]:
+    """The one way a rejects file is written: atomically (it appears whole when the block ends without an
+    error), only when something was rejected; a clean run removes the file an earlier run left, which would
+    mislead."""
+    with ExitStack() as stack:
+        writer = RejectsWriter(Path(path), stack)
+        yield writer
+    if writer.count == 0:
+        Path(path).unlink(missing_ok=True)

@@ -32,10 +32,15 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from prefill_kit.data.formats import detect_format, row_tools, to_conversation
+from prefill_kit.errors import ConfigError
 from prefill_kit.grpo.advantages import combine_rewards
 from prefill_kit.grpo.rollout import Rollout, ScoredRollout, left_pad
 from prefill_kit.grpo.scoring import WeightedRewardLike, reward_weights, score_completions
 from prefill_kit.grpo.tools import ToolConfig, parse_turn, run_tool_calls
+from prefill_kit.prompts.dataset import as_dataset
+from prefill_kit.prompts.options import resolve_template
+from prefill_kit.prompts.training_data import is_rendered
 from prefill_kit.prompts.turns import Trajectory, TrajectoryBuilder, split_turns
 
 # prompts (the ids each live rollout continues from), each one's budget of new tokens -> each one's sampled ids,
@@ -301,11 +306,6 @@ class MultiTurnRollouts:
     """
 
     def __init__(self, config, tokenizer, tools: ToolConfig):
-        from prefill_kit.data.formats import detect_format, row_tools, to_conversation
-        from prefill_kit.errors import ConfigError
-        from prefill_kit.prompts.pipeline import as_dataset, resolve_template
-        from prefill_kit.prompts.training_data import is_rendered
-
         data = config.data
         raw = as_dataset(str(data.path))
         if is_rendered(raw):

@@ -11,7 +11,7 @@ export writes:
 - `verl_overrides.yaml`: the config that points verl at both and at `prefill_kit.integrations.verl`'s
   `compute_score`.
 
-Each row is rendered by `prefill_kit.prompts.pipeline` as `prefill-kit render` does, and the written template is
+Each row is rendered by `prefill_kit.prompts.stream` as `prefill-kit render` does, and the written template is
 checked against every rendered prompt: a row it would render differently is an error, never a silent drift.
 Few-shot examples become the turns (or system text) of the row's messages, as render puts them there. With
 `pass_rendered`, every row is exported as its rendered text: verl's `prompt` is one message holding it, and the
@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefill_kit.data.formats import rename_columns, to_conversation
-from prefill_kit.data.io import atomic_directory, atomic_output
-from prefill_kit.data.readers import DEFAULT_BATCH_SIZE, Record, chunk_columns, chunk_records, iter_chunks
+from prefill_kit.data.io import atomic_directory
+from prefill_kit.data.readers import DEFAULT_BATCH_SIZE, Record, iter_chunks
+from prefill_kit.data.writers import rejects_file
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.prompts.pipeline import BatchRenderer, RenderOptions, detect
+from prefill_kit.prompts.batch import BatchResult
+from prefill_kit.prompts.options import RenderOptions
+from prefill_kit.prompts.stream import open_stream, render_stream
 from prefill_kit.templates import ChatTemplate
 
 DATA_FILE = "train.parquet"
@@ -75,27 +77,6 @@ def template_with_suffix(source: str, suffix: str) -> str:
     return f'{body}{{{{ {literal} if add_generation_prompt is defined and add_generation_prompt else "" }}}}'
 
 
-def _messages(record: Record, options: RenderOptions, fmt: str, rendered: dict[str, Any]) -> list[dict[str, Any]]:
-    """The messages verl renders for a row: the conversation without a trailing assistant reference answer,
-    which render_prompt also removes (and keeps as `solution`), with the row's few-shot examples in front."""
-    messages = to_conversation(rename_columns(record.row, options.columns), fmt).messages
-    messages = messages[:-1] if messages[-1].get("role") == "assistant" else messages
-    if options.few_shot is not None and rendered.get("few_shot_indices"):
-        from prefill_kit.prompts.few_shot import with_examples
-
-        by_index = {e.index: e for e in options.few_shot.examples}
-        messages = with_examples(messages, [by_index[i] for i in rendered["few_shot_indices"]], options.few_shot.mode)
-    return messages
-
-
-def _kept(records: list[Record], rejects: list[dict[str, Any]]) -> list[Record]:
-    """The records that rendered: all but the rejected ones (a reject names its source and line or row)."""
-    if not rejects:
-        return records
-    gone = {(r["source"], r.get("line", r.get("row"))) for r in rejects}
-    return [r for r in records if (r.source, r.loc) not in gone]
-
-
 class _Exporter:
     """Turns rendered rows into verl rows, fixing the generation suffix on the first one and checking the
     written template against every later one."""
@@ -109,11 +90,11 @@ class _Exporter:
         self.first: tuple[str, str] | None = None  # (where, effective prefix) of the first row
         self.suffix = ""  # what the written template appends to the generation prompt
 
-    def add(self, record: Record, rendered: dict[str, Any], fmt: str) -> None:
+    def add(self, record: Record, rendered: dict[str, Any], messages: list[dict[str, Any]] | None) -> None:
+        """Add a rendered row; `messages` are those its prompt renders (None for a row passed through rendered)."""
         if self.options.pass_rendered:
             self._add_rendered(record, rendered)
             return
-        messages = _messages(record, self.options, fmt, rendered)
         kwargs = self.options.template_kwargs
         if self.template is None:
             generation_prompt = self.options.template.render(messages, add_generation_prompt=True, **kwargs)
@@ -183,22 +164,13 @@ def export_verl(source: str | Path, directory: str | Path, options: RenderOption
     exporter = _Exporter(options, data_source or Path(str(source)).stem, ability)
     summary = VerlExport(directory.resolve())
     rejects: list[dict[str, Any]] = []
-    renderer = None
     lengths: list[int] = []
-    for chunk in iter_chunks(source, batch_size):
-        records = chunk_records(chunk)
-        if renderer is None:
-            columns = chunk_columns(chunk)
-            if columns is None:  # no readable row yet: each record is a reject (or, on_error=fail, raises)
-                rejects.extend(BatchRenderer(options, "messages")(records).rejects)
-                continue
-            fmt = detect(columns, options)
-            renderer = BatchRenderer(options, fmt)
-        result = renderer(records)
+    stream = open_stream(iter_chunks(source, batch_size), options)
+    for records, result in render_stream(stream, options, _records_and_result, keep_messages=True):
         rejects.extend(result.rejects)
         summary.boundary_merges += result.merges
-        for record, row in zip(_kept(records, result.rejects), result.rows, strict=True):
-            exporter.add(record, row, fmt)
+        for record, row, messages in zip(result.kept, result.rows, result.messages, strict=True):
+            exporter.add(record, row, messages)
             if "num_prompt_tokens" in row:
                 lengths.append(row["num_prompt_tokens"])
         if progress is not None:
@@ -220,11 +192,15 @@ def export_verl(source: str | Path, directory: str | Path, options: RenderOption
                                    max_prompt_tokens=summary.max_prompt_tokens)
         (tmp / OVERRIDES_FILE).write_text(overrides, encoding="utf-8")
         summary.files = [DATA_FILE, TEMPLATE_FILE, OVERRIDES_FILE]
-        if rejects:
-            with atomic_output(tmp / REJECTS_FILE) as f:
-                f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+        with rejects_file(tmp / REJECTS_FILE) as written:
+            written.write(rejects)
+        if written.count:
             summary.files.append(REJECTS_FILE)
     return summary
+
+
+def _records_and_result(records: list[Record], result: BatchResult) -> tuple[list[Record], BatchResult]:
+    return records, result
 
 
 def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:

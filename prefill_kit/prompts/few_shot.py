@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.formats import detect_format, last_user_text, message_text, to_conversation
+from prefill_kit.data.readers import chunk_columns, chunk_records, iter_chunks
 from prefill_kit.errors import ConfigError, DataError
-from prefill_kit.prompts.render import last_user_text
 from prefill_kit.rewards.format import is_think_format
 
 MODES = ("turns", "system")
@@ -155,9 +156,6 @@ def check_verbatim(prompt: str, examples: list[Example], template_name: str, mod
 
 def _example(row: dict[str, Any], fmt: str, where: str, index: int) -> Example:
     """A question and its answer from one example row; DataError naming the field otherwise."""
-    from prefill_kit.data.formats import to_conversation
-    from prefill_kit.prompts.render import message_text
-
     conversation = to_conversation(row, fmt)
     messages = conversation.messages
     answer = None
@@ -187,9 +185,6 @@ def load_few_shot(path: str | Path, *, shots: int, seed: int = 0, mode: str = "t
     left out and recorded in `FewShot.skipped`. The prefix is the run's `--prefix` (a row's own `prefix`
     column is not known here).
     """
-    from prefill_kit.data.formats import detect_format
-    from prefill_kit.data.readers import chunk_columns, chunk_records, iter_chunks
-
     source = str(path)
     if not Path(path).exists():
         raise DataError("no such few-shot file", source=source)

@@ -1,4 +1,4 @@
-"""Render a conversation into a prefilled GRPO prompt.
+"""Render a conversation into a prefilled GRPO prompt, and one input row into one output row.
 
 Names used throughout prefill-kit:
 
@@ -18,10 +18,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from prefill_kit.data.formats import Conversation, message_text, row_tools, to_conversation
 from prefill_kit.errors import ConfigError, DataError, TemplateError
+from prefill_kit.prompts import few_shot
 from prefill_kit.templates import ChatTemplate, load_template
+
+if TYPE_CHECKING:
+    from prefill_kit.prompts.options import RenderOptions
 
 # A reasoning block the template opened (or opened and closed empty, as Qwen3 does with
 # enable_thinking=False) at the very end of its generation prompt.
@@ -88,24 +93,6 @@ def assistant_opening(template: ChatTemplate, template_kwargs: dict[str, Any] | 
     think = _TEMPLATE_THINK_TAIL.search(tail)
     tail = tail[:think.start()] if think else tail
     return tail if tail.strip() else None
-
-
-def message_text(content: Any) -> str:
-    """The text of a message's content: a string, or the `text` parts of a list of typed parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
-def last_user_text(messages: list[dict[str, Any]]) -> str | None:
-    """The text of the last user message: the row's question (few-shot's leak check, the completion log's
-    `question` column); None when no user spoke."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return message_text(message.get("content"))
-    return None
 
 
 def render_prompt(messages: list[dict[str, Any]], template: ChatTemplate | str | Path, prefix: str = "", *,
@@ -183,3 +170,96 @@ def _render_continue_final(messages, template, prefix, kwargs) -> RenderedPrompt
         raise TemplateError(f"template {template.name}: it rewrites the final assistant message "
                             "(e.g. strips reasoning), so that message cannot be continued verbatim")
     return RenderedPrompt(prompt, partial, None)
+
+
+@dataclass(frozen=True)
+class RowConversation:
+    """An input row read for rendering: the `messages` the template gets (few-shot examples in front), the
+    row's `prefix`, its `conversation` (consumed columns, reference answer) and the few-shot `examples` put in
+    front (None without few-shot)."""
+
+    messages: list[dict[str, Any]]
+    prefix: str
+    conversation: Conversation
+    examples: list[few_shot.Example] | None
+
+
+def without_reference(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages `render_prompt` renders (without continue_final): a trailing assistant message is the
+    reference answer, never part of the prompt."""
+    return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+
+
+def is_rendered(row: dict[str, Any], fmt: str, opening: str | None) -> bool:
+    """Whether a `prompt` row is already rendered: it holds the template's assistant opening."""
+    return opening is not None and fmt == "prompt" and isinstance(row.get("prompt"), str) and opening in row["prompt"]
+
+
+def read_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int | None = None,
+             shots: int | None = None) -> RowConversation:
+    """Read one (already renamed) row as the conversation to render; raises DataError (with the field).
+
+    With few-shot examples, `index` (the row's position in the input) picks them and `shots` caps their number.
+    """
+    conversation = to_conversation(row, fmt)
+    prefix = row.get("prefix")
+    if prefix is None:
+        prefix = options.prefix
+    elif not isinstance(prefix, str):
+        raise DataError(f"expected a string, got {type(prefix).__name__}", field="prefix")
+    messages, examples = conversation.messages, None
+    if options.few_shot is not None:
+        if index is None:
+            raise ConfigError("few-shot examples are chosen by row index, and this row has none")
+        chosen = few_shot.choose_examples(options.few_shot, index, few_shot.row_question(messages))[:shots]
+        examples = [options.few_shot.examples[i] for i in chosen]
+        messages = few_shot.with_examples(messages, examples, options.few_shot.mode)
+    return RowConversation(messages, prefix, conversation, examples)
+
+
+def render_read(row: dict[str, Any], read: RowConversation, options: RenderOptions) -> dict[str, Any]:
+    """The output row of `row` read as `read`: prompt, prefix, passthrough columns, solution; raises
+    TemplateError when the template fails."""
+    rendered = render_prompt(read.messages, options.template, read.prefix,
+                             continue_final=options.continue_final, template_kwargs=options.template_kwargs,
+                             tools=row_tools(row))
+    out = {"prompt": rendered.prompt, "prefix": rendered.prefix}
+    if read.examples is not None:
+        few_shot.check_verbatim(rendered.prompt, read.examples, options.template.name, options.few_shot.mode)
+        out["few_shot_indices"] = [e.index for e in read.examples]
+    out.update((k, v) for k, v in row.items() if k not in read.conversation.consumed and k not in out)
+    reference = rendered.solution if rendered.solution is not None else read.conversation.reference
+    if reference is not None and out.get("solution") is None:
+        out["solution"] = reference
+    return out
+
+
+def render_row(row: dict[str, Any], options: RenderOptions, fmt: str, index: int | None = None,
+               shots: int | None = None, *, opening: str | None = None) -> dict[str, Any]:
+    """Render one (already renamed) row; raises DataError (with the field) or TemplateError.
+
+    With few-shot examples, `index` (the row's position in the input) picks them and `shots` caps their number.
+    `opening` is the template's assistant opening (`assistant_opening`): a `prompt` string holding it is
+    already rendered and is never wrapped again.
+    """
+    if is_rendered(row, fmt, opening):
+        return _rendered_row(row, options, opening)
+    return render_read(row, read_row(row, options, fmt, index, shots), options)
+
+
+def _rendered_row(row: dict[str, Any], options: RenderOptions, opening: str) -> dict[str, Any]:
+    """A row whose prompt is already rendered: copied unchanged with `pass_rendered`, else an error.
+
+    Its effective prefix is what follows the last assistant opening; a `prefix` column must say the same.
+    """
+    prompt = row["prompt"]
+    if not options.pass_rendered:
+        raise DataError(f"already rendered: it holds the template's assistant opening {opening!r}. Rendering it "
+                        "again would wrap one conversation in another. Train on the file as it is, or pass "
+                        "--pass-rendered to copy such rows unchanged", field="prompt")
+    after = prompt[prompt.rfind(opening) + len(opening):]
+    prefix = row.get("prefix")
+    if prefix is not None and prefix != after:
+        raise DataError(f"the rendered prompt ends with {after!r} after the assistant opening, not with the "
+                        f"row's prefix {prefix!r}", field="prefix")
+    return {**row, "prefix": after}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefill_kit.errors import TemplateError
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer
 from prefill_kit.prompts.render import _TEMPLATE_THINK_TAIL, render_prompt
+from prefill_kit.prompts.tokens import PromptTokenizer
 from prefill_kit.prompts.turns import TurnBridge, _atomic, _bridge, _stop
 from prefill_kit.templates import ChatTemplate
 

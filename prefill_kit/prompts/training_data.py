@@ -22,8 +22,8 @@ def load_training_data(section: DataSection, tokenizer):
     rendered file's own ids are replaced), so the model sees exactly the rendered prompt. `section.few_shot`
     puts worked examples before each raw row, as `prefill-kit render --few-shot` does.
     """
-    from prefill_kit.prompts.pipeline import as_dataset, render_dataset
-    from prefill_kit.prompts.prompt_tokens import PromptTokenizer
+    from prefill_kit.prompts.dataset import as_dataset, render_dataset
+    from prefill_kit.prompts.tokens import PromptTokenizer
 
     path = Path(section.path)
     if not path.exists():
@@ -54,8 +54,7 @@ def with_question_column(raw, rendered, fmt: str):
     It lets a completion log show what was asked. A `question` column the data passes through is kept as is.
     `rendered` must hold one row per `raw` row (rendering fails on a bad row rather than skip it).
     """
-    from prefill_kit.data.formats import detect_format, to_conversation
-    from prefill_kit.prompts.render import last_user_text
+    from prefill_kit.data.formats import detect_format, last_user_text, to_conversation
 
     if "question" in rendered.column_names:
         return rendered

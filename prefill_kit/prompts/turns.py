@@ -23,7 +23,7 @@ Names used here:
   before the last user query). Rendering is *append-only* where no bridge has a rewrite.
 
 A bridge's ids are exact: its text starts right after the stop token, an added token, where a tokenizer cuts
-any text before anything else (`prompt_tokens` module docstring). So the ids of `stop + text` are the stop
+any text before anything else (`tokens` module docstring). So the ids of `stop + text` are the stop
 token's id followed by exactly the ids this text has inside the whole conversation.
 """
 
@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefill_kit.data.formats import message_text
 from prefill_kit.errors import ConfigError, DataError, TemplateError
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer
-from prefill_kit.prompts.render import _inside_token, message_text, render_prompt
+from prefill_kit.prompts.render import _inside_token, render_prompt
+from prefill_kit.prompts.tokens import PromptTokenizer
 from prefill_kit.templates import ChatTemplate, load_template
 
 THINKING_HISTORY = ("keep", "split")

@@ -25,7 +25,7 @@ from prefill_kit.grpo.policy import load_model, load_tokenizer
 from prefill_kit.grpo.prompt_order import prompt_indices
 from prefill_kit.grpo.rollout import eos_token_ids, make_generation_config, sample_and_score
 from prefill_kit.grpo.scoring import nullable
-from prefill_kit.prompts.prompt_tokens import PromptTokenizer, boundary_merges, describe_merge, exact_ids_tokenizer
+from prefill_kit.prompts.tokens import PromptTokenizer, boundary_merges, describe_merge, exact_ids_tokenizer
 from prefill_kit.prompts.training_data import few_shot_examples, load_training_data
 from prefill_kit.runs.checks import check_paths, run_rewards
 from prefill_kit.runs.completion_log import check_reward_names, completion_rows
@@ -82,7 +82,7 @@ class PreflightReport:
     zero_spread_share: float
     boundary_rows_checked: int
     boundary_merges: list[int]  # rows whose prefix merges with the text before it
-    merge_example: Any  # a `prompt_tokens.BoundaryMerge` for the first such row, or None
+    merge_example: Any  # a `tokens.BoundaryMerge` for the first such row, or None
     prefix: str  # the effective prefix of the first sampled prompt
     prefix_tokens: list[str]  # the prompt's last tokens that hold it, each decoded: what the model conditions on
     samples: list[dict[str, Any]]  # completion rows (completion_log schema, step 0)

@@ -221,7 +221,7 @@ def test_swifts_template_with_response_prefix_encodes_prefill_kits_prompt_ids(te
     """So `prefill-kit render --check-tokens` with the same tokenizer and prefix answers for ms-swift too."""
     import json
 
-    from prefill_kit.prompts.pipeline import render_dataset
+    from prefill_kit.prompts.dataset import render_dataset
     from tests.conftest import REPO
 
     example = REPO / "examples" / "math_tiny.jsonl"

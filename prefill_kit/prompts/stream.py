@@ -1,0 +1,119 @@
+"""The render loop every front end shares: chunks in, the format detected from the first readable row, each
+chunk rendered by one `BatchRenderer`, results out in input order, in this process or in a pool of forked ones.
+
+`render_file` (files), `render_dataset` (HF datasets) and the verl export all run here, so there is one
+detection rule and one process pool (`ordered_map`): workers inherit the loaded tokenizer and template by
+fork, ignore Ctrl-C (the parent handles it), and at most `2 * num_proc` jobs are in flight.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+from prefill_kit.data.readers import Chunk, Record, chunk_columns, chunk_records
+from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
+from prefill_kit.prompts.batch import BatchRenderer, BatchResult
+from prefill_kit.prompts.options import RenderOptions, detect
+
+
+@dataclass
+class Stream:
+    """An input's chunks with the format they are read as: `fmt` and `columns` are None when no row was
+    readable (every record is then a reject); `empty` when there were no chunks at all."""
+
+    fmt: str | None
+    columns: list[str] | None
+    chunks: Iterator[Chunk]
+    empty: bool
+
+
+def open_stream(chunks: Iterable[Chunk], options: RenderOptions) -> Stream:
+    """Detect the format from the first readable row; the chunks read for that are kept and come first."""
+    chunks = iter(chunks)
+    seen: list[Chunk] = []
+    columns = None
+    for chunk in chunks:
+        seen.append(chunk)
+        if (columns := chunk_columns(chunk)) is not None:
+            break
+    fmt = detect(columns, options) if columns is not None else None
+    return Stream(fmt, columns, chain(seen, chunks), not seen)
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """A chunk's records rendered, then `finish(records, result)` (run where the rendering ran: a worker
+    encodes its rows for the writer there, so only bytes cross back)."""
+
+    renderer: BatchRenderer
+    finish: Callable[[list[Record], BatchResult], Any]
+
+    def __call__(self, chunk: Chunk) -> Any:
+        records = chunk_records(chunk)
+        return self.finish(records, self.renderer(records))
+
+
+def render_stream(stream: Stream, options: RenderOptions, finish: Callable[[list[Record], BatchResult], Any], *,
+                  num_proc: int = 1, keep_messages: bool = False) -> Iterator[Any]:
+    """`finish(records, result)` of every chunk of `stream`, in input order."""
+    renderer = BatchRenderer(options, stream.fmt or "messages", keep_messages=keep_messages)
+    return ordered_map(ChunkJob(renderer, finish), stream.chunks, num_proc)
+
+
+_worker_job: Callable | None = None
+
+
+def _init_worker(job: Callable, parent: int) -> None:
+    global _worker_job
+    ignore_interrupts()  # also for a worker the pool starts later to replace one that died
+    leave_signals_to_parent(parent)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no thread oversubscription
+    _worker_job = job
+
+
+def _run_in_worker(item: Any) -> Any:
+    return _worker_job(item)
+
+
+def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) -> Iterator[Any]:
+    """`map(job, items)` in input order; with several processes, at most 2 * num_proc items are in flight.
+
+    Workers are forked: `job` (tokenizer, template, a dataset) reaches them as it is in memory, never pickled;
+    only the items and results are. An error in a worker is raised here (DataError keeps its location).
+    """
+    if num_proc <= 1:
+        yield from map(job, items)
+        return
+    with _tokenizers_single_threaded(), interrupts_ignored_by_new_processes():
+        pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
+                                                        initargs=(job, os.getpid()))
+    with pool:  # leaving it, also by Ctrl-C or a broken pipe, terminates the workers
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(_run_in_worker, (item,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@contextmanager
+def _tokenizers_single_threaded() -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM=false while the pool forks: workers run one per core, and tokenizers' own thread
+    pool would oversubscribe (and warn about the fork)."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
