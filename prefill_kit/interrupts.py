@@ -9,8 +9,9 @@ SIGTERM (`timeout`, a job scheduler, `kill`) takes the same path: `sigterm_as_in
 `Terminated`, a `KeyboardInterrupt`, in the parent, and the CLI exits 143 (128 + SIGTERM) after the unwinding.
 A forked pool worker cannot simply ignore SIGTERM (the pool stops it with SIGTERM), and must not die of one
 sent to the whole group (`timeout` does that): killed while it holds the pool's queue lock, it hangs the
-parent's `Pool.terminate()` as above. So `leave_signals_to_parent` moves it into a process group of its own,
-where group signals do not reach it, and asks the kernel to kill it when its parent dies.
+parent's `Pool.terminate()` as above. So it starts with SIGTERM blocked, and `leave_signals_to_parent` moves it
+into a process group of its own, where group signals do not reach it, asks the kernel to kill it when its
+parent dies, and unblocks SIGTERM.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def leave_signals_to_parent(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request above: nobody is left to stop us
         os._exit(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a SIGTERM already sent ends it now
 
 
 @contextmanager
@@ -76,10 +78,14 @@ def interrupts_ignored_by_new_processes() -> Iterator[None]:
         yield  # only the main thread may change handlers; a worker thread's caller never gets Ctrl-C anyway
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Until its initializer leaves the group, a new worker ignores a group SIGTERM too (see the module docstring).
-    previous_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Until its initializer leaves the group, a new worker holds SIGTERM blocked (pending, not lost): a group
+    # SIGTERM cannot kill it then, and the pool's own SIGTERM, sent before the initializer ran (a pool closed
+    # right after it started), still ends it once `leave_signals_to_parent` unblocks it. Ignoring it instead
+    # lost that SIGTERM, and `Pool.terminate()` waited forever for the worker. The pool's own threads, started
+    # here too, keep it blocked, so the workers they start to replace dead ones begin the same way.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGTERM, previous_term)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -270,6 +270,11 @@ MUTATIONS = [
              "previous = signal.signal(signal.SIGTERM, _raise_terminated)",
              "previous = signal.getsignal(signal.SIGTERM)",
              ("tests/test_cli_interrupts.py", "-k", "sigterm")),
+    Mutation("a new pool worker ignores SIGTERM instead of holding it", "prefill_kit/interrupts.py",
+             "    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n",
+             "    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set()); signal.signal(signal.SIGTERM, "
+             "signal.SIG_IGN)\n",
+             ("tests/test_cli_interrupts.py", "-k", "before_the_workers_initializer")),
     Mutation("pool workers stay in the parent's process group", "prefill_kit/interrupts.py",
              "    os.setpgid(0, 0)\n", "    pass\n",
              ("tests/test_cli_interrupts.py", "-k", "sigterm_mid_render or leaves_the_parents_process_group")),

@@ -117,20 +117,46 @@ def test_sigterm_mid_render_exits_143_with_one_line_and_no_temp_files(big_input,
 
 
 def test_forked_workers_take_sigterm_only_from_their_parent():
-    """A forked worker must not inherit the parent's SIGTERM-as-interrupt handler; it ignores a group SIGTERM until
-    its initializer leaves the group, then keeps the default action (the pool stops it with SIGTERM)."""
+    """A forked worker must not inherit the parent's SIGTERM-as-interrupt handler; it holds a group SIGTERM
+    blocked until its initializer leaves the group, then keeps the default action (the pool stops it with
+    SIGTERM). The parent's handler and signal mask are as they were after the block."""
     from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, sigterm_as_interrupt
+
+    def term_blocked() -> bool:
+        return signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
     with sigterm_as_interrupt():
         handler = signal.getsignal(signal.SIGTERM)
         with interrupts_ignored_by_new_processes():
             pid = os.fork()
-            if pid == 0:  # the child reports its SIGTERM handlers in its exit code
-                inherited = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            if pid == 0:  # the child reports in its exit code: SIGTERM blocked at birth, default action after
+                inherited = term_blocked()
                 ignore_interrupts()
                 os._exit(inherited + 2 * (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
-        assert signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGTERM) is handler and not term_blocked()
     assert os.waitpid(pid, 0)[1] >> 8 == 3
+
+
+def test_a_sigterm_sent_before_the_workers_initializer_still_ends_it():
+    """A pool closed right after it started sends SIGTERM to a worker whose initializer has not run yet: the
+    signal must wait (blocked), not be lost (ignored), or `Pool.terminate()` waits for that worker forever."""
+    from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
+
+    parent = os.getpid()
+    read, write = os.pipe()
+    with interrupts_ignored_by_new_processes():
+        pid = os.fork()
+        if pid == 0:  # a worker before its initializer: wait for the parent's go, then initialize, then idle
+            os.read(read, 1)
+            ignore_interrupts()
+            leave_signals_to_parent(parent)
+            time.sleep(5)
+            os._exit(0)  # reached only if the SIGTERM was lost
+    os.kill(pid, signal.SIGTERM)
+    os.write(write, b"x")
+    status = os.waitpid(pid, 0)[1]
+    os.close(read), os.close(write)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 
 def test_a_pool_worker_leaves_the_parents_process_group():
