@@ -116,9 +116,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    if config.trl:
-        raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend does "
-                          "not support it (remove it, or run with --backend trl)")
+    _check_builtin_options(config)
     g, t, out = config.grpo, config.train, config.output
     # Without a GPU, ask for CPU explicitly: that is what makes accelerate use gloo across the processes
     # torchrun (`accelerate launch --multi_gpu`) starts; otherwise each would train alone.
@@ -128,22 +126,12 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     # that a second run in the same process (a notebook, the tests) could not change.
     autocast = functools.partial(torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=t.bf16)
     set_seed(t.seed, device_specific=True)  # each process samples differently
-    if accelerator.is_main_process:
-        for message in loss_warnings(g.loss_type, g.importance_sampling_level):
-            logger.warning(message)
+    for message in loss_warnings(g.loss_type, g.importance_sampling_level) if accelerator.is_main_process else ():
+        logger.warning(message)
 
     # ---- setup: check what can be checked before loading anything; then models, data, optimizer
     check_paths(config)
-    rewards = run_rewards(config, reward_funcs)
-    tools = None
-    if config.rollout.multi_turn:
-        if config.data.eval_path:
-            raise ConfigError("data.eval_path: evaluation of multi-turn tool rollouts is not built yet; remove "
-                              "data.eval_path (and train.eval_steps) or rollout.tools / rollout.environment")
-        r = config.rollout
-        tools = load_tools(r.tools, r.environment, r.tool_timeout)
-        if tools.reward_name is not None:  # TRL's rule: the environment's get_reward, named after its class
-            rewards = [*rewards, EnvironmentReward(tools.reward_name)]
+    tools, rewards = _tools_and_rewards(config, run_rewards(config, reward_funcs))
     session.claim()
     accelerator.wait_for_everyone()
     tokenizer, model, ref_model = load_models(config)
@@ -154,22 +142,14 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     weights = reward_weights(rewards)
     sampling = dict(tokenizer=tokenizer, rewards=rewards, eos_ids=eos_ids, autocast=autocast,
                     generation_config=make_generation_config(g, tokenizer, eos_ids))
-    eval_generation_config = make_generation_config(
-        dataclasses.replace(g, temperature=g.eval_temperature or g.temperature), tokenizer, eos_ids)
+    eval_sampling = make_generation_config(dataclasses.replace(g, temperature=g.eval_temperature or g.temperature),
+                                           tokenizer, eos_ids)
+    evaluate_policy = functools.partial(
+        evaluate, dataset=eval_dataset, rewards=rewards, tokenizer=tokenizer, generation_config=eval_sampling,
+        eos_ids=eos_ids, autocast=autocast, num_generations=g.eval_num_generations, accelerator=accelerator,
+        prompts_per_batch=max(1, t.per_device_train_batch_size // g.eval_num_generations))
 
-    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapter's
-    optimizer, scheduler = _optimizer_and_schedule(trainable, t)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if ref_model is not None:
-        ref_model.to(accelerator.device)
-    state = LoopState()
-    # The scheduler is registered, not prepared: a prepared scheduler steps once per process.
-    accelerator.register_for_checkpointing(scheduler, state)
-    if config.model.lora is not None:
-        register_adapter_checkpointing(accelerator)
-    if session.checkpoint is not None:
-        check_resume_kind(session.checkpoint, config.model.lora)
-        accelerator.load_state(str(session.checkpoint))
+    model, optimizer, scheduler, trainable, state = _prepare(accelerator, model, ref_model, config, session)
     session.start(state.step, [r.name for r in rewards])
     accelerator.wait_for_everyone()
 
@@ -242,11 +222,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
 
         # ---- 5. evaluate, checkpoint (after evaluating: the eval row is then part of the checkpoint's past)
         if eval_dataset is not None and (state.step % t.eval_steps == 0 or state.step == t.max_steps):
-            eval_row = {"step": state.step, **evaluate(
-                policy, eval_dataset, rewards=rewards, tokenizer=tokenizer, generation_config=eval_generation_config,
-                eos_ids=eos_ids, num_generations=g.eval_num_generations,
-                prompts_per_batch=max(1, t.per_device_train_batch_size // g.eval_num_generations),
-                accelerator=accelerator, seed=eval_seed(t.seed, state.step, rank), autocast=autocast)}
+            eval_row = {"step": state.step, **evaluate_policy(policy, seed=eval_seed(t.seed, state.step, rank))}
             eval_history.append(eval_row)
             session.log(eval_row)
         if out.save_steps and state.step % out.save_steps == 0 and state.step < t.max_steps:
@@ -254,16 +230,62 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     bar.close()
 
     # ---- final model
+    _save_final_model(accelerator, session, model, tokenizer)
+    session.finish()
+    return TrainResult(session.dir, state.step, history, eval_history)
+
+
+def _prepare(accelerator, model, ref_model, config: TrainingConfig, session: RunSession):
+    """The model and optimizer prepared by accelerate, the scheduler, the trainable parameters (all, or the LoRA
+    adapter's) and the loop state, resumed from `session.checkpoint` when there is one."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = _optimizer_and_schedule(trainable, config.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ref_model is not None:
+        ref_model.to(accelerator.device)
+    state = LoopState()
+    # The scheduler is registered, not prepared: a prepared scheduler steps once per process.
+    accelerator.register_for_checkpointing(scheduler, state)
+    if config.model.lora is not None:
+        register_adapter_checkpointing(accelerator)
+    if session.checkpoint is not None:
+        check_resume_kind(session.checkpoint, config.model.lora)
+        accelerator.load_state(str(session.checkpoint))
+    return model, optimizer, scheduler, trainable, state
+
+
+def _check_builtin_options(config: TrainingConfig) -> None:
+    if config.trl:
+        raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend does "
+                          "not support it (remove it, or run with --backend trl)")
+
+
+def _tools_and_rewards(config: TrainingConfig, rewards: list) -> tuple[Any, list]:
+    """The tools of a multi-turn run (None for single-turn) and the rewards, with the environment's own
+    `get_reward` added as TRL does (named after its class, weight 1)."""
+    if not config.rollout.multi_turn:
+        return None, rewards
+    if config.data.eval_path:
+        raise ConfigError("data.eval_path: evaluation of multi-turn tool rollouts is not built yet; remove "
+                          "data.eval_path (and train.eval_steps) or rollout.tools / rollout.environment")
+    r = config.rollout
+    tools = load_tools(r.tools, r.environment, r.tool_timeout)
+    if tools.reward_name is not None:
+        rewards = [*rewards, EnvironmentReward(tools.reward_name)]
+    return tools, rewards
+
+
+def _save_final_model(accelerator, session: RunSession, model, tokenizer) -> None:
+    """The trained model (with LoRA: the adapter, for PeftModel.from_pretrained; merged too if asked) and the
+    user's tokenizer, moved into the run directory only once whole."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with session.final_model_dir() as staging:
             final = accelerator.unwrap_model(model)
-            final.save_pretrained(staging)  # with LoRA: the adapter, for PeftModel.from_pretrained
+            final.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             session.save_merged(final, tokenizer, staging)
     accelerator.wait_for_everyone()
-    session.finish()
-    return TrainResult(session.dir, state.step, history, eval_history)
 
 
 def _optimizer_and_schedule(trainable, t):
