@@ -257,9 +257,14 @@ def test_verls_agent_loop_and_reward_loop_score_a_batch_as_the_trainer_builds_it
         prompt = output.batch["prompts"][i][output.batch["attention_mask"][i][:prompt_length].bool()].tolist()
         row = rendered[i // 2]
         assert prompt == row["prompt_ids"]  # verl's left-padded prompt is exactly prefill-kit's
-        text = sampled[tuple(prompt)][i % 2]
+        # Which of the prompt's two samples this is, by its ids (the agent loop runs samples concurrently, so
+        # the server's call order need not be the output order).
+        response = output.batch["responses"][i][output.batch["attention_mask"][i][prompt_length:].bool()].tolist()
+        by_ids = {tuple(tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id]): t
+                  for t in sampled[tuple(prompt)]}
+        text = by_ids[tuple(response)]
         expected = {name: get_reward(name)([text], prefix=["<think>\n"], solution=[row["solution"]])[0]
                     for name in ("format", "accuracy")}
-        assert expected == {"format": 1.0, "accuracy": 1.0 if i % 2 == 0 else 0.0}
+        assert expected == {"format": 1.0, "accuracy": 1.0 if text == sampled[tuple(prompt)][0] else 0.0}
         assert {name: float(extra[name][i]) for name in expected} == expected
         assert reward_tensor[i].sum().item() == expected["format"] + 2 * expected["accuracy"]
