@@ -42,6 +42,7 @@ from prefill_kit.prompts.dataset import as_dataset
 from prefill_kit.prompts.options import resolve_template
 from prefill_kit.prompts.training_data import is_rendered
 from prefill_kit.prompts.turns import Trajectory, TrajectoryBuilder, split_turns
+from prefill_kit.prompts.turns import _encoder as cached_encoder
 
 # prompts (the ids each live rollout continues from), each one's budget of new tokens -> each one's sampled ids,
 # through its first stop id or cut at its budget
@@ -282,9 +283,7 @@ def _after_prompt(result: RolloutResult) -> str:
 
 
 def _encoder(tokenizer) -> Callable[[str], list[int]]:
-    from prefill_kit.prompts.turns import _encoder as cached
-
-    encoder = cached(tokenizer)
+    encoder = cached_encoder(tokenizer)
     return lambda text: encoder.encode([text])[0]
 
 

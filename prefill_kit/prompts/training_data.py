@@ -1,10 +1,11 @@
-"""What every backend does the same way: load the training prompts exactly as rendered, and know the EOS ids."""
+"""What every backend and preflight do the same way: load the training (and eval) prompts exactly as rendered."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefill_kit.config import DataSection
+from prefill_kit.data.formats import detect_format, last_user_text, to_conversation
 from prefill_kit.errors import ConfigError, DataError
 
 
@@ -22,7 +23,7 @@ def load_training_data(section: DataSection, tokenizer):
     rendered file's own ids are replaced), so the model sees exactly the rendered prompt. `section.few_shot`
     puts worked examples before each raw row, as `prefill-kit render --few-shot` does.
     """
-    from prefill_kit.prompts.dataset import as_dataset, render_dataset
+    from prefill_kit.prompts.dataset import as_dataset, render_dataset  # datasets loads only when data does
     from prefill_kit.prompts.tokens import PromptTokenizer
 
     path = Path(section.path)
@@ -54,7 +55,6 @@ def with_question_column(raw, rendered, fmt: str):
     It lets a completion log show what was asked. A `question` column the data passes through is kept as is.
     `rendered` must hold one row per `raw` row (rendering fails on a bad row rather than skip it).
     """
-    from prefill_kit.data.formats import detect_format, last_user_text, to_conversation
 
     if "question" in rendered.column_names:
         return rendered
