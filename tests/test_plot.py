@@ -116,3 +116,14 @@ def test_reward_histograms_say_how_many_scores_are_none():
 
     assert histogram_title("accuracy (x2)", [1.0, None, 0.0, None]) == "accuracy (x2)\n2 of 4 None (not drawn)"
     assert histogram_title("format (x1)", [1.0, 0.0]) == "format (x1)\nall 2 scored"
+
+
+def test_an_environments_own_reward_is_labelled_with_weight_one(tmp_path):
+    """A multi-turn run's environment reward (named after its class, weight 1 as TRL gives it) is not in
+    config.yaml's `rewards`; its label must still carry its weight, not `x?`."""
+    from prefill_kit.runs.plots import reward_weights
+
+    run = write_run(tmp_path / "run", rows(0.0))
+    (run / "config.yaml").write_text("rewards: [{name: format, weight: 0.5}]\n"
+                                     "rollout: {environment: 'examples.calculator:Calculator'}\n", encoding="utf-8")
+    assert reward_weights(run) == {"format": 0.5, "Calculator": 1.0}

@@ -49,10 +49,14 @@ def reward_weights(run_dir: str | Path) -> dict[str, float] | str:
     if not path.is_file():
         return "no config.yaml in the run directory"
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))["rewards"]
-        return {w.name: w.weight for w in parse_reward_spec(spec)}
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        weights = {w.name: w.weight for w in parse_reward_spec(config["rewards"])}
     except (PrefillKitError, yaml.YAMLError, KeyError, TypeError) as exc:
         return f"config.yaml: {exc}"
+    environment = (config.get("rollout") or {}).get("environment")
+    if environment:  # its get_reward() is a reward named after its class, weight 1 (TRL's rule)
+        weights.setdefault(environment.rsplit(":", 1)[-1].rsplit(".", 1)[-1], 1.0)
+    return weights
 
 
 def _reward_label(name: str, weights: dict[str, float] | str) -> str:
