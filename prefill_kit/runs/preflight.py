@@ -330,10 +330,11 @@ def multi_turn_problems(summary: MultiTurnSummary, context: int | None, max_comp
     out = []
     longest = summary.prompt_tokens[2]
     if context and longest + max_completion_length > context:
+        lower = ", or lower grpo.max_completion_length" if longest < context else ""
         out.append(Problem("blocking", f"the rollouts' prompts, with the tools' schemas, are up to {longest} tokens: "
                                        f"plus grpo.max_completion_length ({max_completion_length}) they exceed the "
                                        f"model's context of {context} tokens; shorten the prompts or the tools' "
-                                       "descriptions, or lower grpo.max_completion_length"))
+                                       f"descriptions{lower}"))
     if summary.thinking_history != "keep" or summary.append_only:
         return out
     if summary.rewritten:
