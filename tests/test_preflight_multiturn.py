@@ -91,6 +91,9 @@ def test_preflight_reports_the_true_turns_calls_and_failures_of_the_rollouts(tin
     assert all(t["prefix"] == PREFIX for t in turns if t["role"] == "assistant")
     # rollout prompts hold the tools' schemas: longer than the rendered rows
     assert m.prompt_tokens[0] > report.prompt_tokens[2]
+    over = [p for p in report.blocking if p.message.startswith("the rollouts' prompts, with the tools' schemas, are up "
+                                                               f"to {m.prompt_tokens[2]} tokens")]
+    assert len(over) == 1 and "of 512 tokens" in over[0].message
 
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps(_config(tiny_model_dir)), encoding="utf-8")
