@@ -30,14 +30,13 @@ from typing import Any
 import torch
 
 from prefill_kit.backends.builtin.checkpoint import LoopState, save_checkpoint
-from prefill_kit.backends.builtin.evaluation import eval_seed, evaluate
+from prefill_kit.backends.builtin.evaluation import eval_rollouts, eval_seed, evaluate
 from prefill_kit.backends.lora import check_resume_kind, register_adapter_checkpointing
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import ConfigError
 from prefill_kit.grpo.advantages import combine_rewards, compute_advantages, nanstd
 from prefill_kit.grpo.loss import WINDOW_NORMALIZED, grpo_loss, loss_warnings
 from prefill_kit.grpo.multiturn import (
-    EnvironmentReward,
     MultiTurnRollouts,
     MultiTurnScored,
     sample_advantages,
@@ -55,9 +54,8 @@ from prefill_kit.grpo.rollout import (
     sample_and_score,
 )
 from prefill_kit.grpo.scoring import WeightedRewardLike, none_if_nan, nullable, reward_weights
-from prefill_kit.grpo.tools import load_tools
 from prefill_kit.prompts.training_data import load_eval_data, load_training_data
-from prefill_kit.runs.checks import check_paths, run_rewards
+from prefill_kit.runs.checks import check_paths, run_rewards, run_tools
 from prefill_kit.runs.completion_log import completion_rows, gather_rows
 from prefill_kit.runs.run_health import zero_spread_share
 from prefill_kit.runs.session import RunSession, TrainResult
@@ -131,7 +129,7 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
 
     # ---- setup: check what can be checked before loading anything; then models, data, optimizer
     check_paths(config)
-    tools, rewards = _tools_and_rewards(config, run_rewards(config, reward_funcs))
+    tools, rewards = run_tools(config, run_rewards(config, reward_funcs))
     session.claim()
     accelerator.wait_for_everyone()
     tokenizer, model, ref_model = load_models(config)
@@ -147,7 +145,8 @@ def train(config: TrainingConfig, *, reward_funcs: Sequence[WeightedRewardLike] 
     evaluate_policy = functools.partial(
         evaluate, dataset=eval_dataset, rewards=rewards, tokenizer=tokenizer, generation_config=eval_sampling,
         eos_ids=eos_ids, autocast=autocast, num_generations=g.eval_num_generations, accelerator=accelerator,
-        prompts_per_batch=max(1, t.per_device_train_batch_size // g.eval_num_generations))
+        prompts_per_batch=max(1, t.per_device_train_batch_size // g.eval_num_generations),
+        multi_turn=eval_rollouts(config, tokenizer, tools))
 
     model, optimizer, scheduler, trainable, state = _prepare(accelerator, model, ref_model, config, session)
     session.start(state.step, [r.name for r in rewards])
@@ -258,21 +257,6 @@ def _check_builtin_options(config: TrainingConfig) -> None:
     if config.trl:
         raise ConfigError(f"trl.{next(iter(config.trl))}: an option of the trl backend; the builtin backend does "
                           "not support it (remove it, or run with --backend trl)")
-
-
-def _tools_and_rewards(config: TrainingConfig, rewards: list) -> tuple[Any, list]:
-    """The tools of a multi-turn run (None for single-turn) and the rewards, with the environment's own
-    `get_reward` added as TRL does (named after its class, weight 1)."""
-    if not config.rollout.multi_turn:
-        return None, rewards
-    if config.data.eval_path:
-        raise ConfigError("data.eval_path: evaluation of multi-turn tool rollouts is not built yet; remove "
-                          "data.eval_path (and train.eval_steps) or rollout.tools / rollout.environment")
-    r = config.rollout
-    tools = load_tools(r.tools, r.environment, r.tool_timeout)
-    if tools.reward_name is not None:
-        rewards = [*rewards, EnvironmentReward(tools.reward_name)]
-    return tools, rewards
 
 
 def _save_final_model(accelerator, session: RunSession, model, tokenizer) -> None:

@@ -4,6 +4,8 @@ Checks the config for the chosen backend, renders the data, samples `grpo.num_ge
 few of the prompts the run starts with (configured model and sampling), scores them with the configured
 rewards, and reports prompt lengths, truncation, reward statistics, zero-spread groups, prefix token merges,
 the prefix as the model sees it and sample completions, with a verdict and advice. It trains nothing.
+With rollout.tools / rollout.environment it samples the multi-turn tool rollouts training runs, and reports
+turns, tool calls and failed calls by kind, and whether the template renders the rollouts append-only.
 
 Exit codes: 0, or 1 with --strict when a blocking problem was found; 2 for a config error.
 """
@@ -86,6 +88,8 @@ def report_as_text(report, *, color: bool = False) -> str:
     lines.append(f"truncation:  {percent(r.truncation_rate)} of completions reached {r.max_completion_length} tokens "
                  "without EOS")
     lines.append(f"zero spread: {percent(r.zero_spread_share)} of prompt groups (all completions scored the same)")
+    if r.multi_turn is not None:
+        lines += _multi_turn_lines(r.multi_turn)
     lines += ["", "rewards:", f"  {'name':<24} {'weight':>6} {'mean':>8} {'std':>8} {'None':>6}"]
     for s in [*r.rewards, r.total]:
         weight = "" if s is r.total else f"{s.weight:g}"
@@ -103,6 +107,29 @@ def report_as_text(report, *, color: bool = False) -> str:
     for p in r.problems:
         lines.append(f"  {'✗' if p.severity == 'blocking' else '!'} {p.message}")
     return "\n".join(lines)
+
+
+def _multi_turn_lines(m) -> list[str]:
+    """Turns, tool calls and failures of the sampled rollouts; append-only status (the audit's probe, then what
+    the rollouts met); the loss rows `thinking_history` makes of them."""
+    kinds = ", ".join(f"{count} {kind}" for kind, count in m.failure_kinds.items())
+    audit = m.audit
+
+    def status(bridge, error: str | None = None) -> str:
+        if bridge is None:
+            return f"refused ({error})" if error else "-"
+        return "yes" if bridge.rewrites is None else f"no, {bridge.rewrites.describe()}"
+
+    seen = (f"rewrites in {len(m.rewritten)} of {m.rollouts}" if m.rewritten
+            else f"no rewrite in {m.rollouts}")
+    low, mean, high = m.prompt_tokens
+    return [f"rollouts:    {m.rollouts}, prompts (with the tools' schemas) {low}-{high} tokens (mean {mean:.1f})",
+            f"turns:       {m.turns_mean:.2f} per rollout on average (rollout.max_turns {m.max_turns})",
+            f"tool calls:  {m.tool_calls}, {m.tool_failures} failed" + (f" ({kinds})" if kinds else ""),
+            f"append-only: after a tool turn: {status(audit.tool_bridge, audit.tool_error)}; after a user turn: "
+            f"{status(audit.user_bridge)} (template {audit.name}, probed); sampled rollouts: {seen}",
+            f"history:     rollout.thinking_history {m.thinking_history}: {m.loss_samples} loss row(s) from "
+            f"{m.rollouts} rollouts"]
 
 
 def _num(value: float | None) -> str:

@@ -139,6 +139,22 @@ def run_rewards(config, reward_funcs: Sequence[Any] | None = None) -> list:
     return rewards
 
 
+def run_tools(config, rewards: list) -> tuple[Any, list]:
+    """The tools of a multi-turn run (a `grpo.tools.ToolConfig`; None for single-turn) and its rewards, with the
+    environment's own `get_reward` added as TRL does (named after its class, weight 1). Train and preflight call
+    this one function, so both score with the same rewards."""
+    if not config.rollout.multi_turn:
+        return None, rewards
+    from prefill_kit.grpo.multiturn import EnvironmentReward
+    from prefill_kit.grpo.tools import load_tools
+
+    r = config.rollout
+    tools = load_tools(r.tools, r.environment, r.tool_timeout)
+    if tools.reward_name is not None:
+        rewards = [*rewards, EnvironmentReward(tools.reward_name)]
+    return tools, rewards
+
+
 def check_rewards_of(config_path: str, spec) -> None:
     """Resolve the config's rewards once, early (before the training stack is imported: seconds), and name the
     config file in the error, as every other config error does."""
