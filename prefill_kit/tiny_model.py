@@ -56,10 +56,12 @@ def build_tokenizer(*, chat_template: str, add_bos: bool = False, vocab_size: in
 
 
 def make_tiny_model(out_dir: str | Path, *, chat_template: str | None = None, add_bos: bool = False,
-                    arch: str = "qwen2", hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+                    arch: str = "qwen2", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                    context: int = 2048) -> Path:
     """Write a tiny random causal LM and its tokenizer to `out_dir`; returns the directory.
 
-    `chat_template` defaults to the shipped `chatml` template.
+    `chat_template` defaults to the shipped `chatml` template. `context` is `max_position_embeddings`: 2048 holds
+    the tools example's rollout prompts (the tools' schemas are ~1,000 tokens through the tiny tokenizer).
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -73,7 +75,7 @@ def make_tiny_model(out_dir: str | Path, *, chat_template: str | None = None, ad
     config = config_cls(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=True,
+        max_position_embeddings=context, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)

@@ -52,7 +52,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 model with the chatml template (tokenizer adds no BOS)."""
     from prefill_kit.tiny_model import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), context=512)  # short: over-long prompts are cheap to reach
 
 
 @pytest.fixture(scope="session")
