@@ -335,6 +335,9 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self.rollout_inputs = inputs
+        # TRL resets `self.environments` with the batch's prompts wherever it is set; the environments are
+        # ToolRollouts' (it sets them for the rewards), and it resets them itself with the data rows
+        self.environments = None
         output = super()._generate_and_score_completions(inputs)
         if self.model.training:
             self._after_rollout(output["advantages"].tolist())

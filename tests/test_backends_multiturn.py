@@ -201,13 +201,13 @@ def test_trl_train_with_tools_writes_turn_metrics_and_turns(tiny_model_dir, tmp_
         f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "backend=trl",
         "output.log_completions_steps=1"])
     result = trl_backend.train(config)
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     assert all(1.0 <= r["turns/mean"] <= 3.0 and 0 <= r["tools/failures"] <= r["tools/calls"] for r in rows)
     assert all(r["completion_length"] <= 48 for r in rows)
     assert all("rewards/Calculator" in r for r in rows)
-    logged = [json.loads(line) for line in (result.run_dir / "completions.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (result.output_dir / "completions.jsonl").read_text().splitlines()]
     assert len(logged) == 16
     for row in logged:
         assistant = [t for t in row["turns"] if t["role"] == "assistant"]
@@ -227,4 +227,5 @@ def test_trl_config_maps_max_turns_and_refuses_what_trl_cannot_train(tiny_model_
     with pytest.raises(ConfigError, match=r"trl.max_tool_calling_iterations: .*set rollout.max_turns instead"):
         trl_extra_kwargs(_config(tiny_model_dir, tmp_path, "qwen2.5", "trl={max_tool_calling_iterations: 1}"))
     with pytest.raises(ConfigError, match=r"data.eval_path: evaluation of multi-turn"):
-        grpo_config_kwargs(_config(tiny_model_dir, tmp_path, "qwen2.5", "data.eval_path=examples/math_tiny.jsonl"))
+        grpo_config_kwargs(_config(tiny_model_dir, tmp_path, "qwen2.5", "data.eval_path=examples/math_tiny.jsonl",
+                                   "train.eval_steps=1"))
