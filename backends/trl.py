@@ -233,7 +233,7 @@ class ToolRollouts:
         device = trainer.accelerator.device
         summed = trainer.accelerator.gather(torch.tensor(
             [[local["turns/mean"] * len(results), local["tools/calls"], local["tools/failures"], len(results)]],
-            device=device, dtype=torch.float64)).sum(dim=0).tolist()
+            device=device, dtype=torch.float32)).sum(dim=0).tolist()
         mode = "train" if trainer.model.training else "eval"
         trainer._metrics[mode]["turns/mean"].append(summed[0] / max(1.0, summed[3]))
         trainer._metrics[mode]["tools/calls"].append(summed[1])
