@@ -14,6 +14,36 @@ TRL 1.16 has three traps for prefilled prompts, each closed here:
 The loss mask is TRL's completion mask: generated tokens only. The prefix is part of the prompt ids,
 never of `completion_ids`.
 
+Multi-turn tool rollouts (`rollout.tools`, `rollout.environment`). TRL 1.16's own tool loop builds the ids after a
+tool result from a dummy conversation (`_get_tool_suffix_ids`) without the response prefix, so every assistant turn
+after the first starts without it; it also parses calls only through a response parser TRL knows for the template,
+drops a malformed call silently, and has no tool timeout. So the tools are not handed to TRL's `tools` /
+`environment_factory`: the trainer gets `ToolRollouts` as its `rollout_func` (TRL's hook for custom rollouts), which
+runs the built-in backend's rollout loop (`prefill_kit.grpo.multiturn.run_rollouts`) on TRL's batch and samples
+every turn with TRL's own generation (`_generate_single_turn`: transformers, continuous batching or vLLM). The
+conventions are TRL's (and the built-in backend's): one environment instance per rollout, pooled; `reset(**row)`
+with the data row; its public methods are tools; `get_reward()` is one more reward named after the class, weight 1;
+rewards get `environments=`. So both backends build the same trajectories, token for token
+(tests/test_backends_multiturn.py):
+
+- ids: the prompt ids (prefix included), then each turn's sampled ids as sampled, each followed by prefill-kit's
+  bridge (the stop token's tail, the tool results, the next assistant opening and the prefix, once);
+- the loss mask: TRL's `env_mask` (its tool mask), 1 exactly on sampled ids, so no prompt, prefix, bridge or tool
+  result is trained on; TRL's attention mask still covers the bridges;
+- rewards: `completions` as message lists whose assistant contents start with their prefix, the prompts as the
+  conversations after `reset`, `prefix` the first turn's (TRL's `_calculate_rewards` is given these);
+- `rollout.max_turns` is enforced by the loop; it is mapped to TRL's `max_tool_calling_iterations` as
+  `max_turns - 1` (TRL counts the turns after the first), for the record;
+- `grpo.max_completion_length` bounds sampled ids and bridges together; a tool result that would pass it ends the
+  rollout. Such a rollout ends on a stop token, so TRL does not count it in `truncated_ratio`; completions.jsonl
+  marks it truncated, and with `grpo.mask_truncated_completions` its mask is zeroed, as in the built-in backend;
+- metrics `turns/mean`, `tools/calls`, `tools/failures`; completions.jsonl rows carry each rollout's `turns`.
+
+Not on this backend: `rollout.thinking_history: split` (several samples per rollout; TRL trains one per
+completion) and evaluation with tools (neither backend yet); both are refused before any model loads. Each turn is
+one generation call on every process, so processes whose rollouts end early make fewer calls: as with TRL's own
+tool loop, setups where generation is a collective across processes (vLLM server mode, ZeRO-3 gathering) are untested.
+
 Like the built-in backend, it writes completions.jsonl (`prefill_kit.runs.completion_log`) and warns when truncation
 or zero reward spread persists (`prefill_kit.runs.run_health`); see `CompletionRecorder` for how. Metrics go to
 metrics.jsonl and to prefill-kit's trackers (`prefill_kit.runs.trackers`) under the built-in backend's names, so
@@ -29,8 +59,11 @@ import copy
 import functools
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
@@ -39,9 +72,12 @@ from trl import GRPOConfig, GRPOTrainer
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import PrefillKitError
+from prefill_kit.grpo.multiturn import EnvironmentReward, MultiTurnRollouts, RolloutResult, run_rollouts, turn_log
+from prefill_kit.grpo.multiturn import metrics as turn_metrics
 from prefill_kit.grpo.policy import load_model, load_tokenizer, lora_config
 from prefill_kit.grpo.rollout import eos_token_ids
 from prefill_kit.grpo.scoring import weighted_totals
+from prefill_kit.grpo.tools import load_tools
 from prefill_kit.prompts.tokens import exact_ids_tokenizer
 from prefill_kit.prompts.training_data import load_eval_data, load_training_data
 from prefill_kit.rewards.registry import none_if_nan
@@ -69,6 +105,10 @@ METRIC_NAMES = {
     "step_time": "step_time",
     "grad_norm": "grad_norm",
 }
+
+
+# What multi-turn runs log besides (ToolRollouts), under the built-in backend's names.
+TURN_METRICS = ("turns/mean", "tools/calls", "tools/failures")
 
 
 # A column added to the training data so that each completion can be traced to its data row: TRL passes every
@@ -111,17 +151,128 @@ class CompletionRecorder:
         return [(int(index), [none_if_nan(self.scores[name][j]) for name in names])
                 for j, index in enumerate(self.call[PROMPT_INDEX_COLUMN])]
 
-    def rows(self, *, step: int, advantages: list[float], weights: list[float], eos_ids: set[int]) -> list[dict]:
-        """The completions.jsonl rows of the latest rollout on this process."""
+    def rows(self, *, step: int, advantages: list[float], weights: list[float], eos_ids: set[int],
+             turns: Sequence[RolloutResult] | None = None) -> list[dict]:
+        """The completions.jsonl rows of the latest rollout on this process; with the multi-turn rollouts `turns`
+        (the same order), as the built-in backend logs them: the text after the prompt, the sampled token count,
+        prefill-kit's truncation rule, and each rollout's turns."""
         call, names = self.call, list(self.scores)
         ids = [list(i) for i in call["completion_ids"]]
         n = len(ids)
+        if turns is None:
+            completions, lengths = call["completions"], [len(i) for i in ids]
+            truncated = [not eos_ids.intersection(i) for i in ids]
+        else:
+            completions = [r.trajectory.text[len(r.trajectory.turn_prompts[0]):] for r in turns]
+            lengths, truncated = [r.sampled_tokens for r in turns], [r.truncated for r in turns]
         return completion_rows(
             step=step, prompt_indices=call[PROMPT_INDEX_COLUMN], prefixes=call.get("prefix") or [""] * n,
-            completions=call["completions"], completion_lengths=[len(i) for i in ids],
-            truncated=[not eos_ids.intersection(i) for i in ids], rewards=self.scores,
+            completions=completions, completion_lengths=lengths, truncated=truncated, rewards=self.scores,
             reward=weighted_totals([[self.scores[k][j] for k in names] for j in range(n)], weights),
-            advantages=advantages, questions=call.get("question"), solutions=call.get("solution"))
+            advantages=advantages, questions=call.get("question"), solutions=call.get("solution"),
+            turns=None if turns is None else [turn_log(r) for r in turns])
+
+
+@dataclass
+class ToolBatch:
+    """The latest multi-turn rollout on this process: each rollout's prompt (its conversation after `reset`) and
+    result, in the order of the batch."""
+
+    prompts: list[list[dict[str, Any]]]
+    results: list[RolloutResult]
+
+
+class ToolRollouts:
+    """Multi-turn tool rollouts for TRL's `GRPOTrainer`, given to it as its `rollout_func` (module docstring).
+
+    Each call runs prefill-kit's rollout loop (`prefill_kit.grpo.multiturn.run_rollouts`, the built-in backend's)
+    on the trainer's batch, sampling each turn with TRL's own generation, and returns the ids TRL trains on: the
+    prompt ids (prefix included), then sampled ids and bridges as one completion, and `env_mask` (TRL's name for
+    the tool mask) 1 exactly on sampled ids.
+    """
+
+    def __init__(self, rollouts: MultiTurnRollouts, *, eos_ids: Sequence[int], max_turns: int,
+                 max_completion_length: int, mask_truncated_completions: bool):
+        self.rollouts, self.eos_ids = rollouts, list(eos_ids)
+        self.max_turns, self.max_completion_length = max_turns, max_completion_length
+        self.mask_truncated_completions = mask_truncated_completions
+        self.latest: ToolBatch | None = None
+
+    def __call__(self, prompts: list, trainer) -> dict[str, Any]:
+        # TRL passes the prompts only; which data row each completion is for comes from the batch it is scoring
+        row_indices = [int(x[PROMPT_INDEX_COLUMN]) for x in trainer.rollout_inputs]
+        builders, schemas, conversations, environments = self.rollouts.start(row_indices)
+        tools = self.rollouts.tools
+        sampler = TrlSampler(trainer)
+        results = run_rollouts(
+            builders, sampler, tokenizer=self.rollouts.tokenizer, eos_ids=self.eos_ids,
+            tables=[tools.tool_table(environments[i] if environments else None) for i in range(len(builders))],
+            schemas=schemas, max_turns=self.max_turns, max_completion_length=self.max_completion_length,
+            tool_timeout=tools.timeout)
+        trainer.environments = environments  # TRL passes them to every reward function (`environments=`)
+        self.latest = ToolBatch(conversations, results)
+        self._log_metrics(trainer, results)
+        masks = []
+        for r in results:
+            mask = r.trajectory.mask[r.prompt_length:]
+            # TRL's `mask_truncated_completions` sees a rollout cut off only where its last id is no stop token; one
+            # ended because a tool result would pass max_completion_length ends on one: masked here, as builtin does
+            if self.mask_truncated_completions and r.truncated:
+                mask = [0] * len(mask)
+            masks.append(mask)
+        return {"prompt_ids": [r.trajectory.ids[:r.prompt_length] for r in results],
+                "completion_ids": [r.completion_ids for r in results],
+                "logprobs": sampler.aligned_logprobs(results),
+                "env_mask": masks,
+                "prefix": [r.trajectory.prefix for r in results]}  # to the rewards, as every other column
+
+    @staticmethod
+    def _log_metrics(trainer, results: list[RolloutResult]) -> None:
+        """`turns/mean` over every process's rollouts, `tools/calls` and `tools/failures` summed, in TRL's logs."""
+        local = turn_metrics(results)
+        device = trainer.accelerator.device
+        summed = trainer.accelerator.gather(torch.tensor(
+            [[local["turns/mean"] * len(results), local["tools/calls"], local["tools/failures"], len(results)]],
+            device=device, dtype=torch.float32)).sum(dim=0).tolist()
+        mode = "train" if trainer.model.training else "eval"
+        trainer._metrics[mode]["turns/mean"].append(summed[0] / max(1.0, summed[3]))
+        trainer._metrics[mode]["tools/calls"].append(summed[1])
+        trainer._metrics[mode]["tools/failures"].append(summed[2])
+
+
+class TrlSampler:
+    """A `prefill_kit.grpo.multiturn.Sampler` on TRL's own generation (`_generate_single_turn`: transformers,
+    continuous batching or vLLM), one sample per prompt; it keeps each call's log-probs (vLLM returns them)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.calls: list[list[list[float]] | None] = []
+
+    def __call__(self, prompts: list[list[int]], budgets: list[int]) -> list[list[int]]:
+        ids, logprobs = self.trainer._generate_single_turn(prompts, None, {}, 1)
+        self.calls.append(logprobs)
+        return [list(i) for i in ids]
+
+    def aligned_logprobs(self, results: list[RolloutResult]) -> list[list[float]] | None:
+        """Each completion's sampling log-probs, 0.0 on bridge ids (TRL's rule for tool results); None when the
+        generation gave none. Call `t` sampled the rollouts with more than `t` turns, in order (`run_rollouts`)."""
+        if not self.calls or any(c is None for c in self.calls):
+            return None
+        ranks = [{i: k for k, i in enumerate(j for j, r in enumerate(results) if r.turns > t)}
+                 for t in range(len(self.calls))]
+        out = []
+        for i, r in enumerate(results):
+            traj, p = r.trajectory, r.prompt_length
+            logprobs = [0.0] * (len(traj.ids) - p)
+            ends = [*traj.turn_starts[1:], len(traj.ids)]
+            for t, (start, end) in enumerate(zip(traj.turn_starts, ends, strict=True)):
+                sampled = self.calls[t][ranks[t][i]]
+                j = start
+                while j < end and traj.mask[j]:
+                    logprobs[j - p] = sampled[j - start]
+                    j += 1
+            out.append(logprobs)
+        return out
 
 
 def one_record_set(records: list[tuple[int, list[float | None]]], *, num_prompts: int,
@@ -157,8 +308,13 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer, plus completions.jsonl and run-health warnings after each rollout."""
 
     def __init__(self, *args, recorder: CompletionRecorder, completion_log, health, weights: list[float],
-                 eos_ids: list[int], user_tokenizer, eval_temperature: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+                 eos_ids: list[int], user_tokenizer, eval_temperature: float | None = None,
+                 tool_rollouts: ToolRollouts | None = None, **kwargs):
+        with warnings.catch_warnings():  # TRL calls `rollout_func` experimental; it is how tools run here (module doc)
+            warnings.filterwarnings("ignore", message=r"You are using 'rollout_func'", category=UserWarning)
+            super().__init__(*args, rollout_func=tool_rollouts, **kwargs)
+        self.tool_rollouts = tool_rollouts
+        self.rollout_inputs: list[dict[str, Any]] = []  # the batch being rolled out (ToolRollouts reads its rows)
         if self.pop_callback(ProgressCallback) is not None:  # the bar, without a printed dict per step
             self.add_callback(_BarOnly)
         self.recorder, self.completion_log, self.health = recorder, completion_log, health
@@ -178,12 +334,25 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
         self.user_tokenizer.save_pretrained(output_dir or self.args.output_dir)
 
     def _generate_and_score_completions(self, inputs):
+        self.rollout_inputs = inputs
+        # TRL resets `self.environments` with the batch's prompts wherever it is set; the environments are
+        # ToolRollouts' (it sets them for the rewards), and it resets them itself with the data rows
+        self.environments = None
         output = super()._generate_and_score_completions(inputs)
         if self.model.training:
             self._after_rollout(output["advantages"].tolist())
         else:
             self.eval_records += self.recorder.eval_records()
         return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Multi-turn: TRL decoded the whole completion as one text and has only the data's prompts; rewards get what
+        # the built-in backend gives them instead: each rollout's conversation, and its completion as message lists
+        # whose assistant contents start with their prefix.
+        if self.tool_rollouts is not None:
+            batch = self.tool_rollouts.latest
+            prompts, completions = batch.prompts, [r.completion for r in batch.results]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     def evaluation_loop(self, *args, **kwargs):
         """TRL's evaluation, sampled at `eval_temperature`, plus the whole-set means (`eval/...` keys)."""
@@ -219,8 +388,9 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
         step = self.state.global_step + 1  # the optimizer step this rollout is for
         # every process, every rollout: a prompt's group may span processes, so the zero-spread share
         # needs all rows (TRL gathers its prompts and completions each rollout the same way)
+        turns = self.tool_rollouts.latest.results if self.tool_rollouts is not None else None
         rows = gather_rows(self.recorder.rows(step=step, advantages=advantages, weights=self.weights,
-                                              eos_ids=self.eos_ids))
+                                              eos_ids=self.eos_ids, turns=turns))
         if not self.accelerator.is_main_process:
             return
         truncated = sum(r["truncated"] for r in rows) / len(rows)
@@ -234,15 +404,16 @@ class MetricsWriter(TrainerCallback):
     """Hands TRL's logs to the session (metrics.jsonl and the trackers) under the names the built-in backend
     uses (main process only)."""
 
-    def __init__(self, session: RunSession, reward_names: list[str]):
+    def __init__(self, session: RunSession, reward_names: list[str], *, multi_turn: bool = False):
         self.session, self.reward_names = session, reward_names
+        self.names = {**METRIC_NAMES, **({k: k for k in TURN_METRICS} if multi_turn else {})}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         row: dict[str, Any] = {"step": state.global_step}
         if "loss" in logs:
-            for trl_key, name in METRIC_NAMES.items():
+            for trl_key, name in self.names.items():
                 value = logs.get(trl_key)
                 row[name] = float(value) if value is not None else None  # e.g. no KL is computed when beta == 0
             for name in self.reward_names:
@@ -270,6 +441,12 @@ def train(config: TrainingConfig):
     check_trackers(config.output.report_to)  # a missing tracker package
     check_paths(config)
     rewards = run_rewards(config)
+    tools = None
+    if config.rollout.multi_turn:  # the environment's get_reward is one more reward (TRL's rule: its class, weight 1)
+        r = config.rollout
+        tools = load_tools(r.tools, r.environment, r.tool_timeout)
+        if tools.reward_name is not None:
+            rewards = [*rewards, EnvironmentReward(tools.reward_name)]
     check_reward_names([r.name for r in rewards])
     args = GRPOConfig(**grpo_config_kwargs(config), **trl_extra_kwargs(config),
                       reward_weights=[r.weight for r in rewards])
@@ -288,6 +465,13 @@ def train(config: TrainingConfig):
         eval_dataset = eval_dataset.add_column(PROMPT_INDEX_COLUMN, list(range(len(eval_dataset))))
 
     model = load_model(config, with_lora=False)  # TRL wraps it; with beta > 0 its reference is the adapter off
+    eos_ids = eos_token_ids(tokenizer, model)
+    tool_rollouts = None
+    if tools is not None:
+        g = config.grpo
+        tool_rollouts = ToolRollouts(MultiTurnRollouts(config, tokenizer, tools), eos_ids=eos_ids,
+                                     max_turns=config.rollout.max_turns, max_completion_length=g.max_completion_length,
+                                     mask_truncated_completions=g.mask_truncated_completions)
     session.dir.mkdir(parents=True, exist_ok=True)
     session.start(session.resume_step, [r.name for r in rewards])
     recorder = CompletionRecorder()
@@ -296,10 +480,10 @@ def train(config: TrainingConfig):
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=exact,
         peft_config=lora_config(lora) if lora is not None else None,
         reward_funcs=[recorder.wrap(r.name, r.fn) for r in rewards],
-        callbacks=[MetricsWriter(session, [r.name for r in rewards]), FinalEval()],
+        callbacks=[MetricsWriter(session, [r.name for r in rewards], multi_turn=tools is not None), FinalEval()],
         eval_temperature=eval_temperature(config),
         recorder=recorder, completion_log=session.completion_log, health=session.health,
-        weights=[r.weight for r in rewards], eos_ids=eos_token_ids(tokenizer, model), user_tokenizer=tokenizer)
+        weights=[r.weight for r in rewards], eos_ids=eos_ids, user_tokenizer=tokenizer, tool_rollouts=tool_rollouts)
     start = time.perf_counter()
     with warnings.catch_warnings():
         # TRL 1.16 toggles checkpointing around generation under the names transformers 5.24 deprecated

@@ -319,12 +319,14 @@ class MultiTurnRollouts:
         self.template = resolve_template(data.template, tokenizer)
         self.tokenizer, self.tools, self.config = tokenizer, tools, config
 
-    def __call__(self, policy, rows: dict[str, list[Any]], indices: list[int], *, rewards, num_generations: int,
-                 generation_config, eos_ids, autocast=None, timing: Timing | None = None) -> MultiTurnScored:
-        config, n = self.config, len(indices) * num_generations
-        environments = self.tools.environments(n)
+    def start(self, row_indices: Sequence[int]) -> tuple[list[TrajectoryBuilder], list[list | None], list[Any],
+                                                       list[Any] | None]:
+        """One rollout per entry of `row_indices` (a data row each, repeated for its generations): the builders,
+        each one's tool schemas, its prompt (the conversation after `reset`) and its environment (None without)."""
+        config = self.config
+        environments = self.tools.environments(len(row_indices))
         builders, schemas, prompts = [], [], []
-        for j, index in enumerate(i for i in indices for _ in range(num_generations)):
+        for j, index in enumerate(row_indices):
             messages = [dict(m) for m in self.conversations[index]]
             if environments is not None:
                 observation = environments[j].reset(**self.rows[index])
@@ -335,6 +337,12 @@ class MultiTurnRollouts:
                                               template_kwargs=dict(config.data.template_kwargs), tools=schema))
             schemas.append(schema)
             prompts.append(messages)
+        return builders, schemas, prompts, environments
+
+    def __call__(self, policy, rows: dict[str, list[Any]], indices: list[int], *, rewards, num_generations: int,
+                 generation_config, eos_ids, autocast=None, timing: Timing | None = None) -> MultiTurnScored:
+        config = self.config
+        builders, schemas, prompts, environments = self.start([i for i in indices for _ in range(num_generations)])
         skip = {"prompt", "prompt_ids", "num_prompt_tokens", "prefix"}
         columns = {k: [v for v in values for _ in range(num_generations)] for k, values in rows.items()
                    if k not in skip}

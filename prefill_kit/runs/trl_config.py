@@ -16,9 +16,6 @@ from prefill_kit.runs.trackers import run_name
 def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
     """The config, under TRL's `GRPOConfig` names. Pure, so the mapping is testable on its own."""
     g, t, o = config.grpo, config.train, config.output
-    if config.rollout.multi_turn:  # TRL's tools/environment_factory with prefill-kit's bridge: not mapped yet
-        raise ConfigError("rollout.tools / rollout.environment: multi-turn tool rollouts run on the builtin backend "
-                          "only for now (run with --backend builtin)")
     return {
         "output_dir": o.dir,
         "num_generations": g.num_generations,
@@ -59,6 +56,7 @@ def grpo_config_kwargs(config: TrainingConfig) -> dict[str, Any]:
         # prefill-kit's trackers get the metrics rows; transformers' callbacks would log them renamed (module doc)
         "report_to": "none",
         **_eval_kwargs(config),
+        **_multi_turn_kwargs(config),
         # Without a GPU, say so: that is what makes the processes `accelerate launch` starts join over gloo
         # instead of each training alone.
         "use_cpu": not _has_accelerator(),
@@ -75,6 +73,24 @@ def _eval_kwargs(config: TrainingConfig) -> dict[str, Any]:
     prompts_per_batch = max(1, t.per_device_train_batch_size // g.eval_num_generations)
     return {"eval_strategy": "steps", "eval_steps": t.eval_steps, "num_generations_eval": g.eval_num_generations,
             "per_device_eval_batch_size": prompts_per_batch * g.eval_num_generations}
+
+
+def _multi_turn_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    """`rollout.max_turns` under TRL's name: `max_tool_calling_iterations` counts the turns after the first (TRL
+    samples one turn, then up to that many more after tool results), so it is `max_turns - 1`. The TRL backend runs
+    prefill-kit's own rollout loop (backends/trl.py), which enforces `max_turns`; the value is mapped so that TRL's
+    saved arguments say the same. Options TRL's one-sample-per-completion layout cannot carry are refused here."""
+    r = config.rollout
+    if not r.multi_turn:
+        return {}
+    if r.thinking_history == "split":
+        raise ConfigError("rollout.thinking_history: split makes several samples of one rollout, which TRL's "
+                          "GRPOTrainer (one sample per completion) cannot train; use keep, or run with "
+                          "--backend builtin")
+    if config.data.eval_path:
+        raise ConfigError("data.eval_path: evaluation of multi-turn tool rollouts runs on the builtin backend "
+                          "only; run with --backend builtin, or remove data.eval_path (and train.eval_steps)")
+    return {"max_tool_calling_iterations": r.max_turns - 1}
 
 
 def eval_temperature(config: TrainingConfig) -> float | None:
@@ -100,7 +116,8 @@ def trl_extra_kwargs(config: TrainingConfig) -> dict[str, Any]:
     owned = {"reward_weights", "model_init_kwargs"}  # set from `rewards:` and `model:`
     instead = {"report_to": "output.report_to", "run_name": "output.run_name", "eval_steps": "train.eval_steps",
                "eval_strategy": "train.eval_steps", "num_generations_eval": "grpo.eval_num_generations",
-               "per_device_eval_batch_size": "train.per_device_train_batch_size"}
+               "per_device_eval_batch_size": "train.per_device_train_batch_size",
+               "max_tool_calling_iterations": "rollout.max_turns"}
     for key in config.trl:
         if key not in known:
             raise ConfigError(f"trl.{key}: not an option of TRL's GRPOConfig")
