@@ -72,16 +72,15 @@ from trl import GRPOConfig, GRPOTrainer
 
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import PrefillKitError
-from prefill_kit.grpo.multiturn import EnvironmentReward, MultiTurnRollouts, RolloutResult, run_rollouts, turn_log
+from prefill_kit.grpo.multiturn import MultiTurnRollouts, RolloutResult, run_rollouts, turn_log
 from prefill_kit.grpo.multiturn import metrics as turn_metrics
 from prefill_kit.grpo.policy import load_model, load_tokenizer, lora_config
 from prefill_kit.grpo.rollout import eos_token_ids
 from prefill_kit.grpo.scoring import weighted_totals
-from prefill_kit.grpo.tools import load_tools
 from prefill_kit.prompts.tokens import exact_ids_tokenizer
 from prefill_kit.prompts.training_data import load_eval_data, load_training_data
 from prefill_kit.rewards.registry import none_if_nan
-from prefill_kit.runs.checks import check_paths, run_rewards
+from prefill_kit.runs.checks import check_paths, run_rewards, run_tools
 from prefill_kit.runs.completion_log import check_reward_names, completion_rows, eval_metrics, gather_rows
 from prefill_kit.runs.run_health import zero_spread_share
 from prefill_kit.runs.session import RunSession, TrainResult
@@ -440,13 +439,7 @@ def train(config: TrainingConfig):
     trl_extra_kwargs(config)
     check_trackers(config.output.report_to)  # a missing tracker package
     check_paths(config)
-    rewards = run_rewards(config)
-    tools = None
-    if config.rollout.multi_turn:  # the environment's get_reward is one more reward (TRL's rule: its class, weight 1)
-        r = config.rollout
-        tools = load_tools(r.tools, r.environment, r.tool_timeout)
-        if tools.reward_name is not None:
-            rewards = [*rewards, EnvironmentReward(tools.reward_name)]
+    tools, rewards = run_tools(config, run_rewards(config))  # + the environment's get_reward (its class, weight 1)
     check_reward_names([r.name for r in rewards])
     args = GRPOConfig(**grpo_config_kwargs(config), **trl_extra_kwargs(config),
                       reward_weights=[r.weight for r in rewards])

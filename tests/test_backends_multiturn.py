@@ -100,14 +100,13 @@ def run_trl(config, monkeypatch):
 
 def run_builtin(config, row_indices: list[int]):
     """The built-in backend's rollout of the same data rows (each repeated for its generations, as TRL's batch is)."""
-    from prefill_kit.backends.builtin.loop import _tools_and_rewards
     from prefill_kit.grpo import multiturn
     from prefill_kit.grpo.policy import load_tokenizer
     from prefill_kit.prompts.training_data import load_training_data
-    from prefill_kit.runs.checks import run_rewards
+    from prefill_kit.runs.checks import run_rewards, run_tools
 
     tokenizer = load_tokenizer(config)
-    tools, rewards = _tools_and_rewards(config, run_rewards(config))
+    tools, rewards = run_tools(config, run_rewards(config))
     rollouts = multiturn.MultiTurnRollouts(config, tokenizer, tools)
     dataset = load_training_data(config.data, tokenizer)
     g = config.grpo.num_generations
