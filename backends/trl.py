@@ -37,19 +37,22 @@ rewards get `environments=`. So both backends build the same trajectories, token
 - `grpo.max_completion_length` bounds sampled ids and bridges together; a tool result that would pass it ends the
   rollout. Such a rollout ends on a stop token, so TRL does not count it in `truncated_ratio`; completions.jsonl
   marks it truncated, and with `grpo.mask_truncated_completions` its mask is zeroed, as in the built-in backend;
-- metrics `turns/mean`, `tools/calls`, `tools/failures`; completions.jsonl rows carry each rollout's `turns`.
+- metrics `turns/mean`, `tools/calls`, `tools/failures`; completions.jsonl rows carry each rollout's `turns`;
+- evaluation (`data.eval_path`, TRL's `evaluation_loop`, the model in eval mode) runs the same loop over the eval
+  rows (`eval_rollouts`, the built-in backend's: same tools, template, prefix and bridge; `reset` with the eval row),
+  and adds `eval/turns/mean`, `eval/tools/calls`, `eval/tools/failures` over every eval rollout.
 
 Not on this backend: `rollout.thinking_history: split` (several samples per rollout; TRL trains one per
-completion) and evaluation with tools (neither backend yet); both are refused before any model loads. Each turn is
-one generation call on every process, so processes whose rollouts end early make fewer calls: as with TRL's own
-tool loop, setups where generation is a collective across processes (vLLM server mode, ZeRO-3 gathering) are untested.
+completion), refused before any model loads. Each turn is one generation call on every process, so processes whose
+rollouts end early make fewer calls: as with TRL's own tool loop, setups where generation is a collective across
+processes (vLLM server mode, ZeRO-3 gathering) are untested.
 
 Like the built-in backend, it writes completions.jsonl (`prefill_kit.runs.completion_log`) and warns when truncation
 or zero reward spread persists (`prefill_kit.runs.run_health`); see `CompletionRecorder` for how. Metrics go to
 metrics.jsonl and to prefill-kit's trackers (`prefill_kit.runs.trackers`) under the built-in backend's names, so
 TRL's own `report_to` stays "none". Evaluation is TRL's (`eval_dataset`, `eval_steps`, `num_generations_eval`);
 its logged means are per batch, so `eval/reward` and `eval/rewards/<name>` are computed here over every eval
-completion, from what the rewards returned.
+completion, from what the rewards returned (and with tools, the eval turn metrics from every eval rollout).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import PartialState
@@ -70,6 +73,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from prefill_kit.backends.builtin.evaluation import TurnCounts, eval_rollouts
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import PrefillKitError
 from prefill_kit.grpo.multiturn import MultiTurnRollouts, RolloutResult, run_rollouts, turn_log
@@ -105,6 +109,8 @@ METRIC_NAMES = {
     "grad_norm": "grad_norm",
 }
 
+
+T = TypeVar("T")
 
 # What multi-turn runs log besides (ToolRollouts), under the built-in backend's names.
 TURN_METRICS = ("turns/mean", "tools/calls", "tools/failures")
@@ -191,20 +197,25 @@ class ToolRollouts:
     """
 
     def __init__(self, rollouts: MultiTurnRollouts, *, eos_ids: Sequence[int], max_turns: int,
-                 max_completion_length: int, mask_truncated_completions: bool):
-        self.rollouts, self.eos_ids = rollouts, list(eos_ids)
+                 max_completion_length: int, mask_truncated_completions: bool,
+                 eval_rollouts: MultiTurnRollouts | None = None):
+        self.rollouts, self.eval_rollouts, self.eos_ids = rollouts, eval_rollouts, list(eos_ids)
         self.max_turns, self.max_completion_length = max_turns, max_completion_length
         self.mask_truncated_completions = mask_truncated_completions
         self.latest: ToolBatch | None = None
 
     def __call__(self, prompts: list, trainer) -> dict[str, Any]:
-        # TRL passes the prompts only; which data row each completion is for comes from the batch it is scoring
+        # TRL passes the prompts only; which data row each completion is for comes from the batch it is scoring, and
+        # in evaluation (`evaluation_loop`: the model in eval mode) that row is one of the eval data's
+        rollouts = self.rollouts if trainer.model.training else self.eval_rollouts
+        if rollouts is None:
+            raise PrefillKitError("evaluation with tools: no eval rollouts were set up (data.eval_path)")
         row_indices = [int(x[PROMPT_INDEX_COLUMN]) for x in trainer.rollout_inputs]
-        builders, schemas, conversations, environments = self.rollouts.start(row_indices)
-        tools = self.rollouts.tools
+        builders, schemas, conversations, environments = rollouts.start(row_indices)
+        tools = rollouts.tools
         sampler = TrlSampler(trainer)
         results = run_rollouts(
-            builders, sampler, tokenizer=self.rollouts.tokenizer, eos_ids=self.eos_ids,
+            builders, sampler, tokenizer=rollouts.tokenizer, eos_ids=self.eos_ids,
             tables=[tools.tool_table(environments[i] if environments else None) for i in range(len(builders))],
             schemas=schemas, max_turns=self.max_turns, max_completion_length=self.max_completion_length,
             tool_timeout=tools.timeout)
@@ -274,9 +285,9 @@ class TrlSampler:
         return out
 
 
-def one_record_set(records: list[tuple[int, list[float | None]]], *, num_prompts: int,
-                   num_generations: int) -> list[list[float | None]]:
-    """The scores of exactly `num_generations` completions of every eval prompt, from all processes' records.
+def one_record_set(records: list[tuple[int, T]], *, num_prompts: int, num_generations: int) -> list[T]:
+    """What was recorded (scores; with tools, also each rollout's `TurnCounts`) for exactly `num_generations`
+    completions of every eval prompt, from all processes' `(prompt index, record)` pairs.
 
     Under several processes accelerate pads the last eval batches with repeats of the first prompts (so every
     process gets a full batch); those extra completions are dropped, so each prompt counts equally. A
@@ -284,10 +295,10 @@ def one_record_set(records: list[tuple[int, list[float | None]]], *, num_prompts
     """
     seen = [0] * num_prompts
     kept = []
-    for index, scores in records:
+    for index, record in records:
         if seen[index] < num_generations:
             seen[index] += 1
-            kept.append(scores)
+            kept.append(record)
     short = [i for i, n in enumerate(seen) if n < num_generations]
     if short:
         raise PrefillKitError(f"evaluation: eval row {short[0]} got {seen[short[0]]} completions, not "
@@ -320,7 +331,8 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
         self.user_tokenizer = user_tokenizer
         self.weights, self.eos_ids = weights, set(eos_ids)
         self.eval_temperature = eval_temperature
-        self.eval_records: list[tuple[int, list[float | None]]] = []  # (prompt index, scores) per completion
+        # (prompt index, (scores, its rollout's TurnCounts or None)) per eval completion
+        self.eval_records: list[tuple[int, tuple[list[float | None], TurnCounts | None]]] = []
         # optimizer steps one rollout serves: TRL generates every steps_per_generation * num_iterations
         # micro-steps, and an optimizer step takes gradient_accumulation_steps of them
         self.steps_per_rollout = max(1, self.args.steps_per_generation * self.num_iterations
@@ -341,8 +353,18 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
         if self.model.training:
             self._after_rollout(output["advantages"].tolist())
         else:
-            self.eval_records += self.recorder.eval_records()
+            self.eval_records += self._eval_records()
         return output
+
+    def _eval_records(self) -> list[tuple[int, tuple[list[float | None], TurnCounts | None]]]:
+        """The latest eval batch's records; with tools, each completion's rollout counts go with its scores (the
+        same batch order), so the padding repeats `one_record_set` drops are dropped from both."""
+        records = self.recorder.eval_records()
+        if self.tool_rollouts is None:
+            return [(index, (scores, None)) for index, scores in records]
+        results = self.tool_rollouts.latest.results
+        return [(index, (scores, TurnCounts(r.turns, r.tool_calls, r.tool_failures)))
+                for (index, scores), r in zip(records, results, strict=True)]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # Multi-turn: TRL decoded the whole completion as one text and has only the data's prompts; rewards get what
@@ -354,14 +376,17 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     def evaluation_loop(self, *args, **kwargs):
-        """TRL's evaluation, sampled at `eval_temperature`, plus the whole-set means (`eval/...` keys)."""
+        """TRL's evaluation, sampled at `eval_temperature`, plus the whole-set figures (`eval/...` keys): reward
+        means and, with tools, `eval/turns/mean`, `eval/tools/calls`, `eval/tools/failures` over every eval rollout
+        (as the built-in backend's; TRL's own `eval_...` keys are means of per-batch figures)."""
         self.eval_records = []
         with self._eval_sampling():
             output = super().evaluation_loop(*args, **kwargs)
         records = gather_object(self.eval_records) if self.accelerator.num_processes > 1 else self.eval_records
-        scores = one_record_set(records, num_prompts=len(self.eval_dataset),
-                                num_generations=self.num_generations_eval)
-        output.metrics.update(eval_metrics(scores, list(self.recorder.scores), self.weights))
+        kept = one_record_set(records, num_prompts=len(self.eval_dataset), num_generations=self.num_generations_eval)
+        output.metrics.update(eval_metrics([s for s, _ in kept], list(self.recorder.scores), self.weights))
+        if self.tool_rollouts is not None:
+            output.metrics.update({f"eval/{k}": v for k, v in turn_metrics([c for _, c in kept]).items()})
         return output
 
     @contextlib.contextmanager
@@ -464,7 +489,8 @@ def train(config: TrainingConfig):
         g = config.grpo
         tool_rollouts = ToolRollouts(MultiTurnRollouts(config, tokenizer, tools), eos_ids=eos_ids,
                                      max_turns=config.rollout.max_turns, max_completion_length=g.max_completion_length,
-                                     mask_truncated_completions=g.mask_truncated_completions)
+                                     mask_truncated_completions=g.mask_truncated_completions,
+                                     eval_rollouts=eval_rollouts(config, tokenizer, tools))
     session.dir.mkdir(parents=True, exist_ok=True)
     session.start(session.resume_step, [r.name for r in rewards])
     recorder = CompletionRecorder()

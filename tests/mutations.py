@@ -451,6 +451,19 @@ MUTATIONS = [
     Mutation("max_turns mapped to max_tool_calling_iterations one too many", "prefill_kit/runs/trl_config.py",
              '{"max_tool_calling_iterations": r.max_turns - 1}', '{"max_tool_calling_iterations": r.max_turns}',
              ("tests/test_backends_multiturn.py", "-k", "maps_max_turns")),
+    # issue 17: TRL eval with tools (the eval rows' rollouts, whole-set turn metrics)
+    Mutation("TRL eval with tools rolls out the training rows", "backends/trl.py",
+             "rollouts = self.rollouts if trainer.model.training else self.eval_rollouts",
+             "rollouts = self.rollouts",
+             ("tests/test_backends_multiturn.py", "-k", "over_the_eval_rows")),
+    Mutation("TRL eval turn metrics come from the last eval batch only", "backends/trl.py",
+             "turn_metrics([c for _, c in kept])", "turn_metrics([c for _, c in kept][-4:])",
+             ("tests/test_backends_multiturn.py", "-k", "over_the_eval_rows")),
+    Mutation("TRL eval with tools is refused again", "prefill_kit/runs/trl_config.py",
+             '    return {"max_tool_calling_iterations": r.max_turns - 1}',
+             '    if config.data.eval_path:\n        raise ConfigError("data.eval_path")\n'
+             '    return {"max_tool_calling_iterations": r.max_turns - 1}',
+             ("tests/test_backends_multiturn.py", "-k", "maps_max_turns")),
 ]
 
 

@@ -30,6 +30,10 @@ def scripted_turn(text: str) -> str:
     """The policy: what the model writes next, given everything it has seen (`text`). Rows differ by their data
     row (its solution is in the conversation through the calculator's reset text: see `_kind`)."""
     done = text.count("<tool_response>")
+    if HELDOUT in text:  # an eval row (`_eval_file`): add (ok) and an unknown tool (a failure), then the answer
+        if f"{HELDOUT} call" not in text or done:
+            return "Sum.\n</think>\n\n<answer>3</answer>"
+        return "Add.\n</think>\n\nOk." + _call("add", a=1, b=2) + _call("nope", x=1)
     kind = _kind(text)
     if kind == 0:  # answers at once
         return "Easy.\n</think>\n\n<answer>7</answer>"
@@ -40,6 +44,20 @@ def scripted_turn(text: str) -> str:
     if done == 0:
         return "Try.\n</think>\n\nHm.\n<tool_call>\n{not json\n</tool_call>" + _call("divide", a=1, b=0)
     return "Again.\n</think>\n\nOk." + _call("multiply", a=3, b=4)
+
+
+HELDOUT = "HELDOUT"
+# eval rows: (question, solution). Each "call" row's rollout takes 2 turns, 2 calls, 1 failure; each "direct" row's
+# 1 turn. The Calculator reward is 1.0 where add(1, 2) = 3 is the row's solution: rows 0, 3 and 5.
+EVAL_ROWS = [("call 1 + 2?", "3"), ("direct 3?", "3"), ("call 2 + 2?", "4"), ("call one plus two?", "3"),
+             ("direct 7?", "7"), ("call 2 + 1?", "3")]
+
+
+def _eval_file(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{HELDOUT} {q}"}], "solution": s})
+                            + "\n" for q, s in EVAL_ROWS), encoding="utf-8")
+    return path
 
 
 def _kind(text: str) -> int:
@@ -225,6 +243,65 @@ def test_trl_config_maps_max_turns_and_refuses_what_trl_cannot_train(tiny_model_
         grpo_config_kwargs(split)
     with pytest.raises(ConfigError, match=r"trl.max_tool_calling_iterations: .*set rollout.max_turns instead"):
         trl_extra_kwargs(_config(tiny_model_dir, tmp_path, "qwen2.5", "trl={max_tool_calling_iterations: 1}"))
-    with pytest.raises(ConfigError, match=r"data.eval_path: evaluation of multi-turn"):
-        grpo_config_kwargs(_config(tiny_model_dir, tmp_path, "qwen2.5", "data.eval_path=examples/math_tiny.jsonl",
-                                   "train.eval_steps=1"))
+    evaluating = grpo_config_kwargs(_config(tiny_model_dir, tmp_path, "qwen2.5",  # evaluation with tools: not refused
+                                            f"data.eval_path={_eval_file(tmp_path)}", "train.eval_steps=1"))
+    assert evaluating["eval_strategy"] == "steps" and evaluating["max_tool_calling_iterations"] == 2
+
+
+def builtin_eval(config) -> dict:
+    """The built-in backend's evaluation (`evaluate` with `eval_rollouts`) of the eval rows with the scripted policy."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from prefill_kit.backends.builtin.evaluation import eval_rollouts, evaluate
+    from prefill_kit.grpo import multiturn
+    from prefill_kit.grpo.policy import load_tokenizer
+    from prefill_kit.prompts.training_data import load_eval_data
+    from prefill_kit.runs.checks import run_rewards, run_tools
+
+    tokenizer = load_tokenizer(config)
+    tools, rewards = run_tools(config, run_rewards(config))
+    original = multiturn.hf_sampler
+    multiturn.hf_sampler = lambda *a, **k: lambda prompts, budgets: [scripted_ids(tokenizer, p) for p in prompts]
+    try:
+        return evaluate(None, load_eval_data(config.data, tokenizer), rewards=rewards, tokenizer=tokenizer,
+                        generation_config=None, eos_ids=[tokenizer.eos_token_id],
+                        num_generations=config.grpo.eval_num_generations, prompts_per_batch=4,
+                        accelerator=SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu")),
+                        seed=0, autocast=None, multi_turn=eval_rollouts(config, tokenizer, tools))
+    finally:
+        multiturn.hf_sampler = original
+
+
+def test_trl_evaluates_with_tools_over_the_eval_rows(tiny_model_dir, tmp_path, monkeypatch, one_torch_thread):
+    """TRL's evaluation runs the multi-turn rollouts over the EVAL rows (environment reset with each), in two eval
+    batches (8 and 4 completions), and logs the whole-set turn metrics the built-in backend's evaluation gives."""
+    from prefill_kit.backends.trl import PROMPT_INDEX_COLUMN
+
+    monkeypatch.chdir(REPO)
+    config = _config(tiny_model_dir, tmp_path, "qwen2.5", f"data.eval_path={_eval_file(tmp_path)}",
+                     "train.eval_steps=1", "grpo.eval_num_generations=2")
+    result, seen = run_trl(config, monkeypatch)
+
+    evals = [(inputs, latest, scores) for inputs, _, latest, _, scores in seen if HELDOUT in str(inputs[0]["prompt"])]
+    assert [len(inputs) for inputs, _, _ in evals] == [8, 4]  # every eval completion, in two batches
+    assert len(seen) == 3  # one training rollout, then the evaluation after step 1
+    for inputs, latest, scores in evals:
+        rows = [int(x[PROMPT_INDEX_COLUMN]) for x in inputs]
+        # each rollout's conversation is its eval row's, after `reset` with that row; so is its Calculator reward
+        for j, (index, conversation, r) in enumerate(zip(rows, latest.prompts, latest.results, strict=True)):
+            question, solution = EVAL_ROWS[index]
+            assert conversation[-1]["content"].startswith(f"{HELDOUT} {question} (You may call")
+            calls = question.startswith("call")
+            assert (r.turns, r.tool_calls, r.tool_failures) == ((2, 2, 1) if calls else (1, 0, 0))
+            assert scores["Calculator"][j] == (1.0 if calls and solution == "3" else 0.0)
+
+    logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    [row] = [r for r in logged if "eval/reward" in r]
+    assert row["eval/turns/mean"] == pytest.approx(20 / 12)  # 8 rollouts of 2 turns, 4 of 1
+    assert (row["eval/tools/calls"], row["eval/tools/failures"]) == (16.0, 8.0)
+    assert row["eval/rewards/Calculator"] == 0.5  # rows 0, 3, 5: 6 of 12 rollouts
+    builtin = builtin_eval(config)
+    assert {k: v for k, v in row.items() if k.startswith("eval/")} == pytest.approx(builtin)
+    assert set(builtin) >= {"eval/turns/mean", "eval/tools/calls", "eval/tools/failures", "eval/reward"}

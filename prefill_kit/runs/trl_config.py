@@ -87,9 +87,6 @@ def _multi_turn_kwargs(config: TrainingConfig) -> dict[str, Any]:
         raise ConfigError("rollout.thinking_history: split makes several samples of one rollout, which TRL's "
                           "GRPOTrainer (one sample per completion) cannot train; use keep, or run with "
                           "--backend builtin")
-    if config.data.eval_path:
-        raise ConfigError("data.eval_path: evaluation of multi-turn tool rollouts runs on the builtin backend "
-                          "only; run with --backend builtin, or remove data.eval_path (and train.eval_steps)")
     return {"max_tool_calling_iterations": r.max_turns - 1}
 
 
