@@ -9,9 +9,9 @@ SIGTERM (`timeout`, a job scheduler, `kill`) takes the same path: `sigterm_as_in
 `Terminated`, a `KeyboardInterrupt`, in the parent, and the CLI exits 143 (128 + SIGTERM) after the unwinding.
 A forked pool worker cannot simply ignore SIGTERM (the pool stops it with SIGTERM), and must not die of one
 sent to the whole group (`timeout` does that): killed while it holds the pool's queue lock, it hangs the
-parent's `Pool.terminate()` as above. So it starts with SIGTERM blocked, and `leave_signals_to_parent` moves it
-into a process group of its own, where group signals do not reach it, asks the kernel to kill it when its
-parent dies, and unblocks SIGTERM.
+parent's `Pool.terminate()` as above. So it starts with SIGTERM blocked (`signals_held_for_new_workers`), and
+`leave_signals_to_parent` moves it into a process group of its own, where group signals do not reach it, asks the
+kernel to kill it when its parent dies, and unblocks SIGTERM.
 """
 
 from __future__ import annotations
@@ -70,22 +70,29 @@ def leave_signals_to_parent(parent: int) -> None:
 
 
 @contextmanager
-def interrupts_ignored_by_new_processes() -> Iterator[None]:
-    """Start worker processes inside this block: they inherit SIGINT ignored from their first instruction,
-    before any initializer runs. The parent's own handler is restored at the end of the block.
+def signals_held_for_new_workers() -> Iterator[None]:
+    """Fork worker processes inside this block: a Ctrl-C or SIGTERM that arrives meanwhile is held, never lost,
+    by the parent and by the new workers, until each is ready for it.
+
+    - The parent: a Ctrl-C that lands while the pool forks (under load, long enough to matter) is recorded by a
+      stand-in handler (whichever thread the kernel gives it to, Python runs handlers here) and re-raised when
+      the block ends. Ignoring SIGINT here, as before, lost it, and the render ran to the end (exit 0, not 130).
+    - A new worker inherits the stand-in handler, so a Ctrl-C sent to the group before its initializer runs is
+      recorded in the worker and dropped there. It starts with SIGTERM blocked (forked from this thread or from
+      the pool's threads, started here and so blocking it too), and a SIGTERM it holds still ends it once
+      `leave_signals_to_parent` unblocks it. Ignoring SIGTERM instead lost the pool's own SIGTERM to a worker
+      closed before its initializer ran, and `Pool.terminate()` waited forever.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may change handlers; a worker thread's caller never gets Ctrl-C anyway
+        yield  # only the main thread takes Ctrl-C; a worker thread's caller never gets it anyway
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Until its initializer leaves the group, a new worker holds SIGTERM blocked (pending, not lost): a group
-    # SIGTERM cannot kill it then, and the pool's own SIGTERM, sent before the initializer ran (a pool closed
-    # right after it started), still ends it once `leave_signals_to_parent` unblocks it. Ignoring it instead
-    # lost that SIGTERM, and `Pool.terminate()` waited forever for the worker. The pool's own threads, started
-    # here too, keep it blocked, so the workers they start to replace dead ones begin the same way.
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if held:
+            signal.raise_signal(signal.SIGINT)

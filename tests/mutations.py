@@ -464,6 +464,15 @@ MUTATIONS = [
              '    if config.data.eval_path:\n        raise ConfigError("data.eval_path")\n'
              '    return {"max_tool_calling_iterations": r.max_turns - 1}',
              ("tests/test_backends_multiturn.py", "-k", "maps_max_turns")),
+    # issue 17/18 follow-up: a Ctrl-C that lands while the render pool forks is held, not lost
+    Mutation("the parent ignores a Ctrl-C that lands while its workers fork", "prefill_kit/interrupts.py",
+             "previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))",
+             "previous = signal.signal(signal.SIGINT, signal.SIG_IGN)",
+             ("tests/test_cli_interrupts.py", "-k", "while_the_workers_fork")),
+    Mutation("a Ctrl-C held while the workers fork is not raised afterwards", "prefill_kit/interrupts.py",
+             "        if held:\n", "        if False:\n",
+             ("tests/test_cli_interrupts.py", "-k", "while_the_workers_fork")),
+
 ]
 
 

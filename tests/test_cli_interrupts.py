@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,15 +72,45 @@ def test_closed_stdout_exits_quietly(big_input, tmp_path, num_proc):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_processes_started_in_the_block_ignore_sigint_and_the_parent_keeps_its_handler():
-    from prefill_kit.interrupts import interrupts_ignored_by_new_processes
+@pytest.mark.parametrize("taken_by", ["main thread", "another thread"])
+def test_a_ctrl_c_while_the_workers_fork_reaches_the_parent_when_they_have_started(taken_by):
+    """The parent holds Ctrl-C while it forks its pool (under load that takes a while), never drops it: ignoring
+    SIGINT there lost a Ctrl-C and the render ran to the end (exit 0 instead of 130). A thread other than the main
+    one may take a signal sent to the process (the tokenizers' pool): both ways in are tried."""
+    from prefill_kit.interrupts import signals_held_for_new_workers
 
     before = signal.getsignal(signal.SIGINT)
-    with interrupts_ignored_by_new_processes():
-        child = subprocess.Popen([sys.executable, "-c", "import signal, sys; "
-                                  "sys.exit(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"])
-    assert child.wait(timeout=60) == 1
+    other = threading.Thread(target=time.sleep, args=(2,), daemon=True)
+    other.start()
+    reached_the_end_of_the_block = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held_for_new_workers():
+            signal.pthread_kill(threading.get_ident() if taken_by == "main thread" else other.ident, signal.SIGINT)
+            time.sleep(0.2)  # a SIGINT handled as usual would have raised by now
+            reached_the_end_of_the_block = True
+    assert reached_the_end_of_the_block
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_ctrl_c_sent_to_a_worker_before_its_initializer_is_dropped():
+    """A worker forked in the block records a SIGINT until its initializer ignores SIGINT: a terminal's Ctrl-C
+    reaching the group then neither kills it nor prints a traceback; afterwards SIGINT is ignored."""
+    from prefill_kit.interrupts import ignore_interrupts, leave_signals_to_parent, signals_held_for_new_workers
+
+    parent = os.getpid()
+    with signals_held_for_new_workers():
+        pid = os.fork()
+        if pid == 0:  # exit code: 0 alive and SIGINT ignored after the initializer; 1 not ignored; 2 raised
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+                ignore_interrupts()
+                leave_signals_to_parent(parent)
+                os._exit(0 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 1)
+            except BaseException:
+                os._exit(2)
+    status = os.waitpid(pid, 0)[1]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def test_verify_workers_leave_ctrl_c_to_their_parent():
@@ -120,14 +151,14 @@ def test_forked_workers_take_sigterm_only_from_their_parent():
     """A forked worker must not inherit the parent's SIGTERM-as-interrupt handler; it holds a group SIGTERM
     blocked until its initializer leaves the group, then keeps the default action (the pool stops it with
     SIGTERM). The parent's handler and signal mask are as they were after the block."""
-    from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, sigterm_as_interrupt
+    from prefill_kit.interrupts import ignore_interrupts, signals_held_for_new_workers, sigterm_as_interrupt
 
     def term_blocked() -> bool:
         return signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
     with sigterm_as_interrupt():
         handler = signal.getsignal(signal.SIGTERM)
-        with interrupts_ignored_by_new_processes():
+        with signals_held_for_new_workers():
             pid = os.fork()
             if pid == 0:  # the child reports in its exit code: SIGTERM blocked at birth, default action after
                 inherited = term_blocked()
@@ -140,11 +171,11 @@ def test_forked_workers_take_sigterm_only_from_their_parent():
 def test_a_sigterm_sent_before_the_workers_initializer_still_ends_it():
     """A pool closed right after it started sends SIGTERM to a worker whose initializer has not run yet: the
     signal must wait (blocked), not be lost (ignored), or `Pool.terminate()` waits for that worker forever."""
-    from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
+    from prefill_kit.interrupts import ignore_interrupts, leave_signals_to_parent, signals_held_for_new_workers
 
     parent = os.getpid()
     read, write = os.pipe()
-    with interrupts_ignored_by_new_processes():
+    with signals_held_for_new_workers():
         pid = os.fork()
         if pid == 0:  # a worker before its initializer: wait for the parent's go, then initialize, then idle
             os.read(read, 1)

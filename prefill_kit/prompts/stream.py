@@ -18,7 +18,7 @@ from itertools import chain
 from typing import Any
 
 from prefill_kit.data.readers import Chunk, Record, chunk_columns, chunk_records
-from prefill_kit.interrupts import ignore_interrupts, interrupts_ignored_by_new_processes, leave_signals_to_parent
+from prefill_kit.interrupts import ignore_interrupts, leave_signals_to_parent, signals_held_for_new_workers
 from prefill_kit.prompts.batch import BatchRenderer, BatchResult
 from prefill_kit.prompts.options import RenderOptions, detect
 
@@ -91,7 +91,7 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
     if num_proc <= 1:
         yield from map(job, items)
         return
-    with _tokenizers_single_threaded(), interrupts_ignored_by_new_processes():
+    with _tokenizers_single_threaded(), signals_held_for_new_workers():
         pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
                                                         initargs=(job, os.getpid()))
     with pool:  # leaving it, also by Ctrl-C or a broken pipe, terminates the workers
