@@ -37,7 +37,7 @@ from prefill_kit.errors import ConfigError
 from prefill_kit.grpo.advantages import combine_rewards
 from prefill_kit.grpo.rollout import Rollout, ScoredRollout, left_pad
 from prefill_kit.grpo.scoring import WeightedRewardLike, reward_weights, score_completions
-from prefill_kit.grpo.tools import ToolConfig, parse_turn, run_tool_calls
+from prefill_kit.grpo.tools import ToolConfig, has_response_parser, parse_turn, run_tool_calls
 from prefill_kit.prompts.dataset import as_dataset
 from prefill_kit.prompts.options import resolve_template
 from prefill_kit.prompts.training_data import is_rendered
@@ -93,6 +93,7 @@ def run_rollouts(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, tok
     completions: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     truncated, turns, calls, failures = [False] * n, [0] * n, [0] * n, [0] * n
     lengths = list(prompt_lengths)
+    parser = has_response_parser(tokenizer)  # its parser reads the ids each turn continues from
     live = list(range(n))
     while live:
         budgets = [limit[i] - lengths[i] for i in live]
@@ -104,7 +105,8 @@ def run_rollouts(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, tok
         for i, ids, budget in zip(live, sampled, budgets, strict=True):
             ids = _cut(list(ids), eos, budget)
             builder = builders[i]
-            message, tool_calls = parse_turn(tokenizer, ids, schemas[i])
+            message, tool_calls = parse_turn(tokenizer, ids, schemas[i],
+                                             prompt_ids=builder.prompt_ids if parser else None)
             text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             prefix = builder.turn_prefix
             builder.add_turn(ids, text, message)

@@ -175,21 +175,38 @@ def _hermes_call(block: str) -> ToolCall:
     return ToolCall(data["name"], arguments)
 
 
+def _new_style_parser(tokenizer: Any) -> bool:
+    """Whether `tokenizer.parse_response` is transformers' new-style parser (>= 5.13: it reads `response_template`
+    and needs `prefix=`), which no longer reads the legacy `response_schema`."""
+    parse = getattr(type(tokenizer), "parse_response", None)
+    return parse is not None and "prefix" in inspect.signature(parse).parameters
+
+
 def has_response_parser(tokenizer: Any) -> bool:
-    return (getattr(tokenizer, "response_template", None) is not None
-            or getattr(tokenizer, "response_schema", None) is not None)
+    """Whether the tokenizer parses its own responses (TRL's rule): a `response_template` where transformers reads
+    it, else a legacy `response_schema` where transformers still reads that."""
+    if not callable(getattr(tokenizer, "parse_response", None)):
+        return False
+    if _new_style_parser(tokenizer):
+        return getattr(tokenizer, "response_template", None) is not None
+    return getattr(tokenizer, "response_schema", None) is not None
 
 
-def parse_turn(tokenizer: Any, ids: list[int], tools: list[dict[str, Any]] | None = None
-               ) -> tuple[dict[str, Any], list[ToolCall]]:
+def parse_turn(tokenizer: Any, ids: list[int], tools: list[dict[str, Any]] | None = None, *,
+               prompt_ids: list[int] | None = None) -> tuple[dict[str, Any], list[ToolCall]]:
     """The assistant message of one sampled turn (content without the prefix, `tool_calls` when any) and its calls.
 
-    The tokenizer's own response parsing where it has one (TRL's `parse_response` rule: a parse failure means the
-    turn is plain text), else Hermes on the turn decoded without special tokens.
+    The tokenizer's own response parsing where it has one (TRL's `parse_response` rule: the new-style parser gets
+    the ids the turn continued from as `prefix=`, which tells it what the template and the prefix already opened,
+    and `tools=`, which types the arguments; a parse failure means the turn is plain text), else Hermes on the
+    turn decoded without special tokens.
     """
     if has_response_parser(tokenizer):
         try:
-            parsed = tokenizer.parse_response(ids)
+            if _new_style_parser(tokenizer):
+                parsed = tokenizer.parse_response(ids, prefix=list(prompt_ids or []), tools=tools)
+            else:
+                parsed = tokenizer.parse_response(ids)
             if parsed is None:
                 raise ValueError("nothing parsed")
         except (ValueError, TypeError):
