@@ -33,7 +33,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from prefill_kit.data.formats import detect_format, row_tools, to_conversation
-from prefill_kit.errors import ConfigError
+from prefill_kit.errors import ConfigError, DataError
 from prefill_kit.grpo.advantages import combine_rewards
 from prefill_kit.grpo.rollout import Rollout, ScoredRollout, left_pad
 from prefill_kit.grpo.scoring import WeightedRewardLike, reward_weights, score_completions
@@ -98,16 +98,17 @@ def run_rollouts(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, tok
     while live:
         budgets = [limit[i] - lengths[i] for i in live]
         t0 = time.perf_counter()
-        sampled = sampler([builders[i].prompt_ids for i in live], budgets)
+        prompts = [builders[i].prompt_ids for i in live]
+        sampled = sampler(prompts, budgets)
         if timing is not None:
             timing.sampling += time.perf_counter() - t0
         still = []
-        for i, ids, budget in zip(live, sampled, budgets, strict=True):
+        for i, ids, budget, prompt in zip(live, sampled, budgets, prompts, strict=True):
             ids = _cut(list(ids), eos, budget)
             builder = builders[i]
             message, tool_calls = parse_turn(tokenizer, ids, schemas[i],
                                              prompt_ids=builder.prompt_ids if parser else None)
-            text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = turn_text(tokenizer, prompt[-1], ids)
             prefix = builder.turn_prefix
             builder.add_turn(ids, text, message)
             lengths[i] += len(ids)
@@ -136,6 +137,18 @@ def run_rollouts(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, tok
         timing.total += time.perf_counter() - start
     return [RolloutResult(b.result(), prompt_lengths[i], completions[i], truncated[i], turns[i], calls[i],
                           failures[i]) for i, b in enumerate(builders)]
+
+
+def turn_text(tokenizer, last_prompt_id: int, ids: list[int]) -> str:
+    """The text of a sampled turn where it stands: after the prompt's last token. Decoded alone, a Metaspace or
+    SentencePiece decoder drops the space its first token opens with (Mistral's ` 5` after `[/INST]` would read
+    `5`, and the trajectory's text would no longer be what the model continued); decoded after one token of
+    context, the turn is what the decoder adds to that token's text (decoders treat only the first token apart)."""
+    head = tokenizer.decode([last_prompt_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    both = tokenizer.decode([last_prompt_id, *ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if not both.startswith(head):
+        raise DataError(f"the sampled turn does not decode after the prompt's last token {head!r}", field="ids")
+    return both[len(head):]
 
 
 def _cut(ids: list[int], eos: set[int], budget: int) -> list[int]:
