@@ -405,6 +405,27 @@ MUTATIONS = [
     Mutation("the tied-embedding notice shows in the quick start", "prefill_kit/cli/quiet.py",
              "save_logger.addFilter(notice)", "None",
              ("tests/test_example_tiny.py", "-k", "chatter")),
+    # issue 17: exactness matrix (whole rollouts on every template x family, the response parser, the bridge memo)
+    Mutation("the bridge-ids memo forgets the tokenizer", "prefill_kit/prompts/turns.py",
+             "    key = (encoder, stop, text)\n", "    key = (stop, text)\n",
+             ("tests/test_rollout_matrix.py", "-k", "memo")),
+    Mutation("the response parser is not given the prompt", "prefill_kit/grpo/tools.py",
+             "parsed = tokenizer.parse_response(ids, prefix=list(prompt_ids or []), tools=tools)",
+             "parsed = tokenizer.parse_response(ids)",
+             ("tests/test_rollout_matrix.py", "-k", "response_template")),
+    Mutation("a sampled turn is decoded alone", "prefill_kit/grpo/multiturn.py",
+             "            text = turn_text(tokenizer, prompt[-1], ids)\n",
+             "            text = tokenizer.decode(ids, skip_special_tokens=False)\n",
+             ("tests/test_rollout_matrix.py", "-k", "exact and mistral-metaspace-first-merging")),
+    Mutation("a sampled id re-encoded in a whole rollout", "prefill_kit/prompts/turns.py",
+             "        self._ids += ids\n", "        self._ids += self._encoder.encode([text])[0]\n",
+             ("tests/test_rollout_matrix.py", "-k", "exact and qwen2.5-qwen")),
+    Mutation("a tool result inside the mask of a whole rollout", "prefill_kit/prompts/turns.py",
+             "self._mask += [0] * len(bridge.ids)", "self._mask += [1] * len(bridge.ids)",
+             ("tests/test_rollout_matrix.py", "-k", "exact and qwen2.5-gpt2")),
+    Mutation("a whole rollout's bridge doubles the prefix", "prefill_kit/prompts/turns.py",
+             "text = whole.prompt[len(old):]\n", "text = whole.prompt[len(old):] + whole.prefix\n",
+             ("tests/test_rollout_matrix.py", "-k", "exact and gemma-gpt2")),
 ]
 
 
