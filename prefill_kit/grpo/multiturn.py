@@ -106,8 +106,8 @@ def run_rollouts(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, tok
         for i, ids, budget, prompt in zip(live, sampled, budgets, prompts, strict=True):
             ids = _cut(list(ids), eos, budget)
             builder = builders[i]
-            message, tool_calls = parse_turn(tokenizer, ids, schemas[i],
-                                             prompt_ids=builder.prompt_ids if parser else None)
+            message, tool_calls = parse_turn(tokenizer, ids, schemas[i], prompt_ids=builder.prompt_ids if parser
+                                             else None, turn_prefix=builder.turn_prefix)
             text = turn_text(tokenizer, prompt[-1], ids)
             prefix = builder.turn_prefix
             builder.add_turn(ids, text, message)
@@ -143,12 +143,32 @@ def turn_text(tokenizer, last_prompt_id: int, ids: list[int]) -> str:
     """The text of a sampled turn where it stands: after the prompt's last token. Decoded alone, a Metaspace or
     SentencePiece decoder drops the space its first token opens with (Mistral's ` 5` after `[/INST]` would read
     `5`, and the trajectory's text would no longer be what the model continued); decoded after one token of
-    context, the turn is what the decoder adds to that token's text (decoders treat only the first token apart)."""
-    head = tokenizer.decode([last_prompt_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    both = tokenizer.decode([last_prompt_id, *ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    context, the turn is what the decoder adds to that token's text (decoders treat only the first token apart).
+
+    After an added token the turn starts a new segment, where an encoder may write text of its own: a legacy
+    SentencePiece normalizer prepends `▁` to every segment, so the template's ` 5.` after `[/INST]` is `▁ ▁5 .`,
+    which decodes in context as `  5.` and alone as ` 5.`. Where the two readings differ, the turn's text is the
+    one the tokenizer encodes, after that token, to ids that decode as the sampled ids do (the in-context one where
+    both do: the tokenizer cannot tell them apart); a turn that neither reading encodes back is a DataError.
+    """
+    def decode(token_ids: list[int]) -> str:
+        return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    head, both = decode([last_prompt_id]), decode([last_prompt_id, *ids])
     if not both.startswith(head):
         raise DataError(f"the sampled turn does not decode after the prompt's last token {head!r}", field="ids")
-    return both[len(head):]
+    text = both[len(head):]
+    if last_prompt_id not in (getattr(tokenizer, "added_tokens_decoder", None) or {}):
+        return text
+    alone = decode(ids)
+    if alone == text:
+        return text
+    for candidate in (text, alone):
+        again = tokenizer(head + candidate, add_special_tokens=False)["input_ids"]
+        if again[:1] == [last_prompt_id] and decode(again) == both:
+            return candidate
+    raise DataError(f"the sampled turn after the added token {head!r} reads {text!r} in context and {alone!r} "
+                    "alone, and the tokenizer encodes neither back to it", field="ids")
 
 
 def _cut(ids: list[int], eos: set[int], budget: int) -> list[int]:

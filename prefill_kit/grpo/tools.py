@@ -193,18 +193,22 @@ def has_response_parser(tokenizer: Any) -> bool:
 
 
 def parse_turn(tokenizer: Any, ids: list[int], tools: list[dict[str, Any]] | None = None, *,
-               prompt_ids: list[int] | None = None) -> tuple[dict[str, Any], list[ToolCall]]:
+               prompt_ids: list[int] | None = None, turn_prefix: str = "") -> tuple[dict[str, Any], list[ToolCall]]:
     """The assistant message of one sampled turn (content without the prefix, `tool_calls` when any) and its calls.
 
     The tokenizer's own response parsing where it has one (TRL's `parse_response` rule: the new-style parser gets
     the ids the turn continued from as `prefix=`, which tells it what the template and the prefix already opened,
     and `tools=`, which types the arguments; a parse failure means the turn is plain text), else Hermes on the
-    turn decoded without special tokens.
+    turn decoded without special tokens. The new-style parser reads the message from the assistant opening on, so
+    its content starts with what the prompt wrote after that opening, the turn's effective prefix (`turn_prefix`,
+    `<think>\n`), which the model did not sample: it is taken off, as the content is the sampled part only.
     """
     if has_response_parser(tokenizer):
         try:
             if _new_style_parser(tokenizer):
                 parsed = tokenizer.parse_response(ids, prefix=list(prompt_ids or []), tools=tools)
+                if prompt_ids and isinstance(parsed, dict) and isinstance(parsed.get("content"), str):
+                    parsed = {**parsed, "content": parsed["content"].removeprefix(turn_prefix)}
             else:
                 parsed = tokenizer.parse_response(ids)
             if parsed is None:
