@@ -426,6 +426,24 @@ MUTATIONS = [
     Mutation("a whole rollout's bridge doubles the prefix", "prefill_kit/prompts/turns.py",
              "text = whole.prompt[len(old):]\n", "text = whole.prompt[len(old):] + whole.prefix\n",
              ("tests/test_rollout_matrix.py", "-k", "exact and gemma-gpt2")),
+    # issue 17: the matrix's open cells closed (response parser's prefix, legacy SentencePiece turn text), the loss's
+    # attention over bridges and padding
+    Mutation("the parsed content keeps the prefix the prompt wrote", "prefill_kit/grpo/tools.py",
+             'parsed = {**parsed, "content": parsed["content"].removeprefix(turn_prefix)}', "pass",
+             ("tests/test_rollout_matrix.py", "-k", "prefix_the_prompt_wrote or (exact and llama3-gpt2)")),
+    Mutation("a turn after an added token is read in context only", "prefill_kit/grpo/multiturn.py",
+             "    if alone == text:\n", "    if True:\n",
+             ("tests/test_rollout_matrix.py", "-k",
+              "after_an_added_token or (exact and mistral-sentencepiece-legacy)")),
+    Mutation("the loss hides bridges from the model (completion_attention_mask dropped)", "prefill_kit/grpo/rollout.py",
+             "attended = batch.completion_mask if batch.completion_attention_mask is None else "
+             "batch.completion_attention_mask",
+             "attended = batch.completion_mask",
+             ("tests/test_multiturn_logps.py", "-k", "alone")),
+    Mutation("the loss attends to padding", "prefill_kit/grpo/rollout.py",
+             "attention_mask = torch.cat([batch.prompt_mask, attended], dim=1)",
+             "attention_mask = torch.ones_like(input_ids)",
+             ("tests/test_multiturn_logps.py", "-k", "alone")),
 ]
 
 
