@@ -11,10 +11,13 @@
 - A malformed call, an unknown tool, a tool that raises, or one that runs past `rollout.tool_timeout` becomes a tool
   message holding the error (TRL's `{'error': ...}` form); it never stops the run.
 
-Timeouts: an environment's tools share its instance's state, so they cannot run in another process. Each call runs
-in its own daemon thread and is waited for up to the deadline; one that overruns is abandoned (never joined, so it
-blocks neither the rollout nor interpreter exit) and its eventual result is dropped. Python cannot stop a thread: a
-tool that spins forever keeps a core busy, so tools must be written to return; the timeout keeps the run going.
+Timeouts: an environment's tools share its instance's state, so they cannot run in another process. Calls run in a
+daemon worker thread, one per calling thread, reused from call to call (a new thread per call cost more than most
+tools do), and each is waited for up to the deadline. A call that overruns is abandoned with its worker: the worker
+takes no further call and ends once the tool returns (it is never joined, so it blocks neither the rollout nor
+interpreter exit), its eventual result is dropped, and the next call gets a new worker. Python cannot stop a
+thread: a tool that spins forever keeps a core busy, so tools must be written to return; the timeout keeps the run
+going.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import queue
 import re
 import threading
 from collections.abc import Callable
@@ -256,21 +260,46 @@ def run_tool_calls(calls: list[ToolCall], table: dict[str, Callable], timeout: f
 
 
 def call_with_deadline(fn: Callable, arguments: dict[str, Any], timeout: float) -> tuple[Any, bool]:
-    """`(result, failed)`: `fn(**arguments)` in a daemon thread, waited for at most `timeout` seconds (module
-    docstring). An exception or an overrun is `({"error": ...}, True)`."""
+    """`(result, failed)`: `fn(**arguments)` on this thread's tool worker, waited for at most `timeout` seconds
+    (module docstring). An exception or an overrun is `({"error": ...}, True)`."""
+    worker = getattr(_WORKERS, "worker", None)
+    if worker is None:
+        worker = _WORKERS.worker = _ToolWorker()
     box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn(**arguments)
-        except BaseException as exc:  # noqa: BLE001 - a tool's failure becomes a message to the model
-            box["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-    thread = threading.Thread(target=target, name=f"prefill-kit-tool-{getattr(fn, '__name__', 'tool')}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    done = threading.Event()
+    worker.jobs.put((fn, arguments, box, done))
+    if not done.wait(timeout):
+        worker.retire()
+        _WORKERS.worker = None  # the next call gets a new worker; this one ends when the tool returns
         return {"error": f"Tool {getattr(fn, '__name__', 'tool')} timed out after {timeout:g} s."}, True
     if "error" in box:
         return {"error": box["error"]}, True
     return box.get("result"), False
+
+
+class _ToolWorker:
+    """A daemon thread running tool calls one after another, until it is retired (its call overran)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._retired = False
+        threading.Thread(target=self._run, name="prefill-kit-tools", daemon=True).start()
+
+    def retire(self) -> None:
+        self._retired = True
+        self.jobs.put(None)  # wakes it once the overrunning call returns: it takes no further call
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None or self._retired:
+                return
+            fn, arguments, box, done = job
+            try:
+                box["result"] = fn(**arguments)
+            except BaseException as exc:  # noqa: BLE001 - a tool's failure becomes a message to the model
+                box["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            done.set()
+
+
+_WORKERS = threading.local()
