@@ -444,6 +444,10 @@ MUTATIONS = [
              "attention_mask = torch.cat([batch.prompt_mask, attended], dim=1)",
              "attention_mask = torch.ones_like(input_ids)",
              ("tests/test_multiturn_logps.py", "-k", "alone")),
+    Mutation("a tool worker whose call overran takes the next call", "prefill_kit/grpo/tools.py",
+             "        _WORKERS.worker = None  # the next call gets a new worker; this one ends when the tool returns\n",
+             "        pass\n",
+             ("tests/test_tool_worker.py", "-k", "share_one_worker or does_not_block")),
 ]
 
 
