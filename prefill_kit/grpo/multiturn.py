@@ -33,11 +33,11 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from prefill_kit.data.formats import detect_format, row_tools, to_conversation
-from prefill_kit.errors import ConfigError
+from prefill_kit.errors import ConfigError, DataError
 from prefill_kit.grpo.advantages import combine_rewards
 from prefill_kit.grpo.rollout import Rollout, ScoredRollout, left_pad
 from prefill_kit.grpo.scoring import WeightedRewardLike, reward_weights, score_completions
-from prefill_kit.grpo.tools import ToolConfig, parse_turn, run_tool_calls
+from prefill_kit.grpo.tools import ToolConfig, has_response_parser, parse_turn, run_tool_calls
 from prefill_kit.prompts.dataset import as_dataset
 from prefill_kit.prompts.options import resolve_template
 from prefill_kit.prompts.training_data import is_rendered
@@ -93,19 +93,22 @@ def run_rollouts(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, tok
     completions: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     truncated, turns, calls, failures = [False] * n, [0] * n, [0] * n, [0] * n
     lengths = list(prompt_lengths)
+    parser = has_response_parser(tokenizer)  # its parser reads the ids each turn continues from
     live = list(range(n))
     while live:
         budgets = [limit[i] - lengths[i] for i in live]
         t0 = time.perf_counter()
-        sampled = sampler([builders[i].prompt_ids for i in live], budgets)
+        prompts = [builders[i].prompt_ids for i in live]
+        sampled = sampler(prompts, budgets)
         if timing is not None:
             timing.sampling += time.perf_counter() - t0
         still = []
-        for i, ids, budget in zip(live, sampled, budgets, strict=True):
+        for i, ids, budget, prompt in zip(live, sampled, budgets, prompts, strict=True):
             ids = _cut(list(ids), eos, budget)
             builder = builders[i]
-            message, tool_calls = parse_turn(tokenizer, ids, schemas[i])
-            text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            message, tool_calls = parse_turn(tokenizer, ids, schemas[i], prompt_ids=builder.prompt_ids if parser
+                                             else None, turn_prefix=builder.turn_prefix)
+            text = turn_text(tokenizer, prompt[-1], ids)
             prefix = builder.turn_prefix
             builder.add_turn(ids, text, message)
             lengths[i] += len(ids)
@@ -134,6 +137,38 @@ def run_rollouts(builders: Sequence[TrajectoryBuilder], sampler: Sampler, *, tok
         timing.total += time.perf_counter() - start
     return [RolloutResult(b.result(), prompt_lengths[i], completions[i], truncated[i], turns[i], calls[i],
                           failures[i]) for i, b in enumerate(builders)]
+
+
+def turn_text(tokenizer, last_prompt_id: int, ids: list[int]) -> str:
+    """The text of a sampled turn where it stands: after the prompt's last token. Decoded alone, a Metaspace or
+    SentencePiece decoder drops the space its first token opens with (Mistral's ` 5` after `[/INST]` would read
+    `5`, and the trajectory's text would no longer be what the model continued); decoded after one token of
+    context, the turn is what the decoder adds to that token's text (decoders treat only the first token apart).
+
+    After an added token the turn starts a new segment, where an encoder may write text of its own: a legacy
+    SentencePiece normalizer prepends `▁` to every segment, so the template's ` 5.` after `[/INST]` is `▁ ▁5 .`,
+    which decodes in context as `  5.` and alone as ` 5.`. Where the two readings differ, the turn's text is the
+    one the tokenizer encodes, after that token, to ids that decode as the sampled ids do (the in-context one where
+    both do: the tokenizer cannot tell them apart); a turn that neither reading encodes back is a DataError.
+    """
+    def decode(token_ids: list[int]) -> str:
+        return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    head, both = decode([last_prompt_id]), decode([last_prompt_id, *ids])
+    if not both.startswith(head):
+        raise DataError(f"the sampled turn does not decode after the prompt's last token {head!r}", field="ids")
+    text = both[len(head):]
+    if last_prompt_id not in (getattr(tokenizer, "added_tokens_decoder", None) or {}):
+        return text
+    alone = decode(ids)
+    if alone == text:
+        return text
+    for candidate in (text, alone):
+        again = tokenizer(head + candidate, add_special_tokens=False)["input_ids"]
+        if again[:1] == [last_prompt_id] and decode(again) == both:
+            return candidate
+    raise DataError(f"the sampled turn after the added token {head!r} reads {text!r} in context and {alone!r} "
+                    "alone, and the tokenizer encodes neither back to it", field="ids")
 
 
 def _cut(ids: list[int], eos: set[int], budget: int) -> list[int]:

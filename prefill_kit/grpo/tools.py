@@ -11,10 +11,13 @@
 - A malformed call, an unknown tool, a tool that raises, or one that runs past `rollout.tool_timeout` becomes a tool
   message holding the error (TRL's `{'error': ...}` form); it never stops the run.
 
-Timeouts: an environment's tools share its instance's state, so they cannot run in another process. Each call runs
-in its own daemon thread and is waited for up to the deadline; one that overruns is abandoned (never joined, so it
-blocks neither the rollout nor interpreter exit) and its eventual result is dropped. Python cannot stop a thread: a
-tool that spins forever keeps a core busy, so tools must be written to return; the timeout keeps the run going.
+Timeouts: an environment's tools share its instance's state, so they cannot run in another process. Calls run in a
+daemon worker thread, one per calling thread, reused from call to call (a new thread per call cost more than most
+tools do), and each is waited for up to the deadline. A call that overruns is abandoned with its worker: the worker
+takes no further call and ends once the tool returns (it is never joined, so it blocks neither the rollout nor
+interpreter exit), its eventual result is dropped, and the next call gets a new worker. Python cannot stop a
+thread: a tool that spins forever keeps a core busy, so tools must be written to return; the timeout keeps the run
+going.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import queue
 import re
 import threading
 from collections.abc import Callable
@@ -175,21 +179,42 @@ def _hermes_call(block: str) -> ToolCall:
     return ToolCall(data["name"], arguments)
 
 
+def _new_style_parser(tokenizer: Any) -> bool:
+    """Whether `tokenizer.parse_response` is transformers' new-style parser (>= 5.13: it reads `response_template`
+    and needs `prefix=`), which no longer reads the legacy `response_schema`."""
+    parse = getattr(type(tokenizer), "parse_response", None)
+    return parse is not None and "prefix" in inspect.signature(parse).parameters
+
+
 def has_response_parser(tokenizer: Any) -> bool:
-    return (getattr(tokenizer, "response_template", None) is not None
-            or getattr(tokenizer, "response_schema", None) is not None)
+    """Whether the tokenizer parses its own responses (TRL's rule): a `response_template` where transformers reads
+    it, else a legacy `response_schema` where transformers still reads that."""
+    if not callable(getattr(tokenizer, "parse_response", None)):
+        return False
+    if _new_style_parser(tokenizer):
+        return getattr(tokenizer, "response_template", None) is not None
+    return getattr(tokenizer, "response_schema", None) is not None
 
 
-def parse_turn(tokenizer: Any, ids: list[int], tools: list[dict[str, Any]] | None = None
-               ) -> tuple[dict[str, Any], list[ToolCall]]:
+def parse_turn(tokenizer: Any, ids: list[int], tools: list[dict[str, Any]] | None = None, *,
+               prompt_ids: list[int] | None = None, turn_prefix: str = "") -> tuple[dict[str, Any], list[ToolCall]]:
     """The assistant message of one sampled turn (content without the prefix, `tool_calls` when any) and its calls.
 
-    The tokenizer's own response parsing where it has one (TRL's `parse_response` rule: a parse failure means the
-    turn is plain text), else Hermes on the turn decoded without special tokens.
+    The tokenizer's own response parsing where it has one (TRL's `parse_response` rule: the new-style parser gets
+    the ids the turn continued from as `prefix=`, which tells it what the template and the prefix already opened,
+    and `tools=`, which types the arguments; a parse failure means the turn is plain text), else Hermes on the
+    turn decoded without special tokens. The new-style parser reads the message from the assistant opening on, so
+    its content starts with what the prompt wrote after that opening, the turn's effective prefix (`turn_prefix`,
+    `<think>\n`), which the model did not sample: it is taken off, as the content is the sampled part only.
     """
     if has_response_parser(tokenizer):
         try:
-            parsed = tokenizer.parse_response(ids)
+            if _new_style_parser(tokenizer):
+                parsed = tokenizer.parse_response(ids, prefix=list(prompt_ids or []), tools=tools)
+                if prompt_ids and isinstance(parsed, dict) and isinstance(parsed.get("content"), str):
+                    parsed = {**parsed, "content": parsed["content"].removeprefix(turn_prefix)}
+            else:
+                parsed = tokenizer.parse_response(ids)
             if parsed is None:
                 raise ValueError("nothing parsed")
         except (ValueError, TypeError):
@@ -235,21 +260,46 @@ def run_tool_calls(calls: list[ToolCall], table: dict[str, Callable], timeout: f
 
 
 def call_with_deadline(fn: Callable, arguments: dict[str, Any], timeout: float) -> tuple[Any, bool]:
-    """`(result, failed)`: `fn(**arguments)` in a daemon thread, waited for at most `timeout` seconds (module
-    docstring). An exception or an overrun is `({"error": ...}, True)`."""
+    """`(result, failed)`: `fn(**arguments)` on this thread's tool worker, waited for at most `timeout` seconds
+    (module docstring). An exception or an overrun is `({"error": ...}, True)`."""
+    worker = getattr(_WORKERS, "worker", None)
+    if worker is None:
+        worker = _WORKERS.worker = _ToolWorker()
     box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn(**arguments)
-        except BaseException as exc:  # noqa: BLE001 - a tool's failure becomes a message to the model
-            box["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-    thread = threading.Thread(target=target, name=f"prefill-kit-tool-{getattr(fn, '__name__', 'tool')}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
+    done = threading.Event()
+    worker.jobs.put((fn, arguments, box, done))
+    if not done.wait(timeout):
+        worker.retire()
+        _WORKERS.worker = None  # the next call gets a new worker; this one ends when the tool returns
         return {"error": f"Tool {getattr(fn, '__name__', 'tool')} timed out after {timeout:g} s."}, True
     if "error" in box:
         return {"error": box["error"]}, True
     return box.get("result"), False
+
+
+class _ToolWorker:
+    """A daemon thread running tool calls one after another, until it is retired (its call overran)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._retired = False
+        threading.Thread(target=self._run, name="prefill-kit-tools", daemon=True).start()
+
+    def retire(self) -> None:
+        self._retired = True
+        self.jobs.put(None)  # wakes it once the overrunning call returns: it takes no further call
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None or self._retired:
+                return
+            fn, arguments, box, done = job
+            try:
+                box["result"] = fn(**arguments)
+            except BaseException as exc:  # noqa: BLE001 - a tool's failure becomes a message to the model
+                box["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            done.set()
+
+
+_WORKERS = threading.local()

@@ -247,12 +247,29 @@ def _stop_id(encoder: PromptTokenizer, stop: str) -> int:
 
 
 def _bridge_ids(encoder: PromptTokenizer, stop: str, text: str) -> list[int]:
-    """Exact ids of `text` after the stop token (module docstring): those of `stop + text`, less the stop's id."""
-    stop_id = _stop_id(encoder, stop)
-    ids = encoder.encode([stop + text])[0]
-    if ids[:1] != [stop_id]:
-        raise ConfigError(f"the stop token {stop!r} does not stay one token before the bridge {text[:20]!r}")
-    return ids[1:]
+    """Exact ids of `text` after the stop token (module docstring): those of `stop + text`, less the stop's id.
+
+    Memoised: the bridges of a rollout recur in shape (every tool turn of a calculator writes the same closing,
+    tool header and opening), and their ids are a pure function of the key (`encoder`, `stop`, `text`). The encoder
+    is fixed once made (`PromptTokenizer` snapshots the tokenizer's added tokens and backend), so a hit is the very
+    list a miss would compute; the bridge's text itself is still derived and checked by rendering on every call.
+    """
+    key = (encoder, stop, text)
+    ids = _BRIDGE_IDS.get(key)
+    if ids is None:
+        stop_id = _stop_id(encoder, stop)
+        whole = encoder.encode([stop + text])[0]
+        if whole[:1] != [stop_id]:
+            raise ConfigError(f"the stop token {stop!r} does not stay one token before the bridge {text[:20]!r}")
+        ids = tuple(whole[1:])
+        if len(_BRIDGE_IDS) >= BRIDGE_MEMO_LIMIT:
+            _BRIDGE_IDS.clear()
+        _BRIDGE_IDS[key] = ids
+    return list(ids)
+
+
+BRIDGE_MEMO_LIMIT = 4096  # distinct (encoder, stop, bridge text) kept; a workload has a few shapes per template
+_BRIDGE_IDS: dict[tuple[PromptTokenizer, str, str], tuple[int, ...]] = {}
 
 
 # --- trajectories -------------------------------------------------------------------------------------------
