@@ -405,6 +405,20 @@ MUTATIONS = [
     Mutation("the tied-embedding notice shows in the quick start", "prefill_kit/cli/quiet.py",
              "save_logger.addFilter(notice)", "None",
              ("tests/test_example_tiny.py", "-k", "chatter")),
+    # issue 19: render speed (the sandbox's fast paths give and refuse what jinja's own path does)
+    Mutation("the sandbox's dict fast path reads a dict method's name as an item", "templates/sandbox.py",
+             "if kind is dict and attribute not in _DICT_ATTRIBUTES:", "if kind is dict:",
+             ("tests/test_sandbox_fast_paths.py", "-k", "jinjas_getattr or jinjas_sandbox or refuses")),
+    Mutation("the sandbox's plain-type fast path lets underscore attributes through", "templates/sandbox.py",
+             'if kind in _PLAIN_ATTRIBUTE_TYPES and not attribute.startswith("_"):',
+             "if kind in _PLAIN_ATTRIBUTE_TYPES:",
+             ("tests/test_sandbox_fast_paths.py", "-k", "refuses")),
+    Mutation("the sandbox's plain-type fast path returns str.format unsandboxed", "templates/sandbox.py",
+             "if type(value) in _METHOD_TYPES:", "if False:",
+             ("tests/test_sandbox_fast_paths.py", "-k", "jinjas_getattr")),
+    Mutation("a filter with a size check skips it", "templates/sandbox.py",
+             '_SIZED_FILTERS = frozenset({"replace", "format", "join", ', '_SIZED_FILTERS = frozenset({"replace", "format", ',
+             ("tests/test_sandbox_growth.py", "-k", "join")),
 ]
 
 
