@@ -417,8 +417,12 @@ MUTATIONS = [
              "if type(value) in _METHOD_TYPES:", "if False:",
              ("tests/test_sandbox_fast_paths.py", "-k", "jinjas_getattr")),
     Mutation("a filter with a size check skips it", "templates/sandbox.py",
-             '_SIZED_FILTERS = frozenset({"replace", "format", "join", ', '_SIZED_FILTERS = frozenset({"replace", "format", ',
+             '_SIZED_FILTERS = frozenset({"replace", "format", "join", ',
+             '_SIZED_FILTERS = frozenset({"replace", "format", ',
              ("tests/test_sandbox_growth.py", "-k", "join")),
+    Mutation("the prefix overlap tries the shortest candidate first", "prefill_kit/prompts/render.py",
+             "k = prefix.rfind(text[-1], 0, k) + 1", "k = prefix.find(text[-1], 0, k) + 1",
+             ("tests/test_render_fast_paths.py",)),
 ]
 
 
