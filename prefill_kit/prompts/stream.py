@@ -115,9 +115,7 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
 def _hold_interrupts() -> set | None:
     """Block SIGINT in the main thread while the pool starts, so that a Ctrl-C then is held pending, not lost: the
     parent ignores SIGINT while it forks (`interrupts_ignored_by_new_processes`), and an ignored signal is dropped,
-    a blocked one kept (Linux keeps it even while ignored). Only the main thread's mask changes: a Ctrl-C the kernel
-    hands to another thread of this process in that window is still dropped. Returns the mask to restore (None off
-    the main thread)."""
+    a blocked one kept (Linux keeps it even while ignored). Returns the mask to restore (None off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
