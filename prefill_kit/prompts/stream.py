@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -93,16 +91,10 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
     if num_proc <= 1:
         yield from map(job, items)
         return
-    held = _hold_interrupts()
-    try:
-        with _tokenizers_single_threaded(), interrupts_ignored_by_new_processes():
-            pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
-                                                            initargs=(job, os.getpid()))
-    except BaseException:
-        _release_interrupts(held)
-        raise
+    with _tokenizers_single_threaded(), interrupts_ignored_by_new_processes():
+        pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
+                                                        initargs=(job, os.getpid()))
     with pool:  # leaving it, also by Ctrl-C or a broken pipe, terminates the workers
-        _release_interrupts(held)  # a Ctrl-C sent while the pool started lands here
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(_run_in_worker, (item,)))
@@ -110,20 +102,6 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-def _hold_interrupts() -> set | None:
-    """Block SIGINT in the main thread while the pool starts, so that a Ctrl-C then is held pending, not lost: the
-    parent ignores SIGINT while it forks (`interrupts_ignored_by_new_processes`), and an ignored signal is dropped,
-    a blocked one kept (Linux keeps it even while ignored). Returns the mask to restore (None off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-
-def _release_interrupts(held: set | None) -> None:
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextmanager
