@@ -18,6 +18,7 @@ import json
 import operator
 import re
 import time
+import types
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def _check_size(value: Any) -> Any:
     if isinstance(value, str):
         if len(value) > LIMITS.max_string:
             raise _exceeded(f"a string of {len(value):,} characters, more than {LIMITS.max_string:,}")
-    elif isinstance(value, list | tuple) and len(value) > LIMITS.max_items:
+    elif isinstance(value, (list, tuple)) and len(value) > LIMITS.max_items:  # a tuple of types: faster than a union
         raise _exceeded(f"a list of {len(value):,} items, more than {LIMITS.max_items:,}")
     return value
 
@@ -207,17 +208,30 @@ def _check_replace(text: Any, old: Any, new: Any) -> None:
 def _bounded_call(fn, args: tuple, kwargs: dict) -> Any:
     """Call `fn` with the argument checks before and the size check after; a failed allocation is a limit too."""
     _check_time()
-    _check_arguments([*args, *kwargs.values()])
+    _check_arguments(args)
+    if kwargs:
+        _check_arguments(kwargs.values())
     try:
         return _check_size(fn(*args, **kwargs))
     except MemoryError:
         raise _exceeded("the template ran out of memory") from None
 
 
+# The filters whose result `_check_filter` measures before it is built. Any other filter's `_check_filter`
+# returns its arguments unchanged, so they skip it (a third of a filter call's cost) and go straight to the
+# bounded call: the same checks, the same result.
+_SIZED_FILTERS = frozenset({"replace", "format", "join", "string", "indent", "wordwrap", "sum"})
+
+
 def _bounded_filter(name: str, fn):
-    @functools.wraps(fn)  # keeps jinja's pass_context / pass_eval_context marks
-    def bounded(*args, **kwargs):
-        return _bounded_call(fn, _check_filter(name, list(args), kwargs), kwargs)
+    if name not in _SIZED_FILTERS:
+        @functools.wraps(fn)  # keeps jinja's pass_context / pass_eval_context marks
+        def bounded(*args, **kwargs):
+            return _bounded_call(fn, args, kwargs)
+    else:
+        @functools.wraps(fn)
+        def bounded(*args, **kwargs):
+            return _bounded_call(fn, _check_filter(name, list(args), kwargs), kwargs)
 
     return bounded
 
@@ -434,6 +448,41 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         raise jinja2.exceptions.SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
+    def getattr(self, obj, attribute):
+        """jinja's sandboxed `getattr` (the attribute, else the item, else undefined; an unsafe attribute is an
+        error), with the per-call safety check decided once per type for the objects chat templates read
+        on every row: `message.role`, `ns.index`, `loop.last`, `text.strip`.
+
+        - An exact `dict` has only its class's attributes, so a name that is not one of them is no attribute:
+          jinja goes straight to the item, and so does this (without raising an AttributeError first).
+        - For an exact `str`, `_Namespace` or `LoopContext`, `is_safe_attribute` refuses exactly the names that
+          start with `_`: none of them is a function, method, type, code, frame, generator or known mutable
+          container, the only objects it looks further into (`tests/test_sandbox_limits.py` compares both paths).
+          `str.format` is still wrapped by jinja's sandboxed formatter.
+        Anything else (a dict method such as `items`, a list, any other type) takes jinja's own path.
+        """
+        kind = type(obj)
+        if type(attribute) is str:
+            if kind is dict and attribute not in _DICT_ATTRIBUTES:
+                return self._item_or_undefined(obj, attribute)
+            if kind in _PLAIN_ATTRIBUTE_TYPES and not attribute.startswith("_"):
+                try:
+                    value = getattr(obj, attribute)
+                except AttributeError:
+                    return self._item_or_undefined(obj, attribute)
+                if type(value) in _METHOD_TYPES:  # what `wrap_str_format` looks for (neither type has subclasses)
+                    wrapped = self.wrap_str_format(value)
+                    return value if wrapped is None else wrapped
+                return value
+        return super().getattr(obj, attribute)
+
+    def _item_or_undefined(self, obj, attribute: str):
+        """What jinja's `getattr` does once `obj` has no such attribute."""
+        try:
+            return obj[attribute]
+        except (TypeError, LookupError):
+            return self.undefined(obj=obj, name=attribute)
+
     def call_binop(self, context, operator_name, left, right):
         if operator_name == "+":  # the common case (chat templates concatenate): checked before it is built
             if isinstance(left, str | list | tuple) and type(left) is type(right):
@@ -467,6 +516,10 @@ class _BoundedConcat(jinja2.visitor.NodeTransformer):
         self.generic_visit(node)
         return jinja2.nodes.Filter(jinja2.nodes.List(node.nodes), _CONCAT, [], [], None, None).set_lineno(node.lineno)
 
+
+_DICT_ATTRIBUTES = frozenset(name for klass in dict.__mro__ for name in vars(klass))  # what a dict's getattr finds
+_PLAIN_ATTRIBUTE_TYPES = frozenset({str, _Namespace, jinja2.runtime.LoopContext})  # see `_Sandbox.getattr`
+_METHOD_TYPES = frozenset({types.MethodType, types.BuiltinMethodType})
 
 _BINOPS = {"*": operator.mul, "+": operator.add, "**": operator.pow, "%": operator.mod}
 

@@ -516,6 +516,24 @@ MUTATIONS = [
              "        _WORKERS.worker = None  # the next call gets a new worker; this one ends when the tool returns\n",
              "        pass\n",
              ("tests/test_tool_worker.py", "-k", "share_one_worker or does_not_block")),
+    # issue 19: render speed (the sandbox's fast paths give and refuse what jinja's own path does)
+    Mutation("the sandbox's dict fast path reads a dict method's name as an item", "templates/sandbox.py",
+             "if kind is dict and attribute not in _DICT_ATTRIBUTES:", "if kind is dict:",
+             ("tests/test_sandbox_fast_paths.py", "-k", "jinjas_getattr or jinjas_sandbox or refuses")),
+    Mutation("the sandbox's plain-type fast path lets underscore attributes through", "templates/sandbox.py",
+             'if kind in _PLAIN_ATTRIBUTE_TYPES and not attribute.startswith("_"):',
+             "if kind in _PLAIN_ATTRIBUTE_TYPES:",
+             ("tests/test_sandbox_fast_paths.py", "-k", "refuses")),
+    Mutation("the sandbox's plain-type fast path returns str.format unsandboxed", "templates/sandbox.py",
+             "if type(value) in _METHOD_TYPES:", "if False:",
+             ("tests/test_sandbox_fast_paths.py", "-k", "jinjas_getattr")),
+    Mutation("a filter with a size check skips it", "templates/sandbox.py",
+             '_SIZED_FILTERS = frozenset({"replace", "format", "join", ',
+             '_SIZED_FILTERS = frozenset({"replace", "format", ',
+             ("tests/test_sandbox_growth.py", "-k", "join")),
+    Mutation("the prefix overlap tries the shortest candidate first", "prefill_kit/prompts/render.py",
+             "k = prefix.rfind(text[-1], 0, k) + 1", "k = prefix.find(text[-1], 0, k) + 1",
+             ("tests/test_render_fast_paths.py",)),
 ]
 
 

@@ -60,9 +60,14 @@ def prefix_overlap(text: str, prefix: str, atomic: tuple[str, ...] = ()) -> int:
     newline a prefix starts with. An overlap may not begin inside one of the `atomic` tokens (added tokens
     such as ``<|im_sep|>``): the ``>`` that ends it is not the ``>`` a prefix ``> quoted`` starts with.
     """
-    for k in range(min(len(prefix), len(text)), 0, -1):
-        if text.endswith(prefix[:k]) and prefix[:k].strip() and not _inside_token(text, len(text) - k, atomic):
+    k = min(len(prefix), len(text))
+    while k > 0:
+        # the next candidate: only a beginning of `prefix` that ends with text's last character can be an ending
+        # of text (the same lengths, longest first, as trying each one; a row's render pays one or two tries)
+        k = prefix.rfind(text[-1], 0, k) + 1
+        if k and text.endswith(prefix[:k]) and prefix[:k].strip() and not _inside_token(text, len(text) - k, atomic):
             return k
+        k -= 1
     return 0
 
 
