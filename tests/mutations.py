@@ -534,6 +534,10 @@ MUTATIONS = [
     Mutation("the prefix overlap tries the shortest candidate first", "prefill_kit/prompts/render.py",
              "k = prefix.rfind(text[-1], 0, k) + 1", "k = prefix.find(text[-1], 0, k) + 1",
              ("tests/test_render_fast_paths.py",)),
+    Mutation("a render pool interrupted while it starts keeps its workers", "prefill_kit/prompts/stream.py",
+             "        if pool is not None:\n            pool.terminate()\n", "        pass\n",
+             ("tests/test_pool_start_interrupt.py",)),
+
 ]
 
 

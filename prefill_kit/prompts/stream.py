@@ -91,9 +91,15 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
     if num_proc <= 1:
         yield from map(job, items)
         return
-    with _tokenizers_single_threaded(), signals_held_for_new_workers():
-        pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
-                                                        initargs=(job, os.getpid()))
+    pool = None
+    try:
+        with _tokenizers_single_threaded(), signals_held_for_new_workers():
+            pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
+                                                            initargs=(job, os.getpid()))
+    except BaseException:  # a Ctrl-C held while the pool started is raised as the block ends: stop its workers
+        if pool is not None:
+            pool.terminate()
+        raise
     with pool:  # leaving it, also by Ctrl-C or a broken pipe, terminates the workers
         pending: deque = deque()
         for item in items:
