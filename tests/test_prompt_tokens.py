@@ -212,11 +212,15 @@ def test_the_route_is_measured_once_and_both_are_exact(family):
     tokenizer = build(family)
     encoder = PromptTokenizer(tokenizer)
     texts = random_texts(600, seed=29, specials=specials_of(tokenizer))
+    # Template text that recurs on every row, as a chat template writes it: the route is measured on such rows.
+    opening = "<|im_start|>" if family == "qwen" else "[INST]"
+    texts = [f"{opening}system\nYou are a careful assistant; think step by step.{opening}user\n{t}" for t in texts]
     few = PromptTokenizer.CALIBRATE_ROWS - 1
     assert encoder.encode(texts[:few]) == whole(tokenizer, texts[:few])
     assert encoder.route is None  # too few rows to measure
     assert encoder.encode(texts[:200]) == whole(tokenizer, texts[:200])
     assert encoder.route in PromptTokenizer.ROUTES and set(encoder.timings) == set(PromptTokenizer.ROUTES)
+    assert encoder.route_reason.startswith("measured")
     decided = encoder.route
     assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
     assert encoder.route == decided
