@@ -41,7 +41,7 @@ def measured(monkeypatch) -> list[int]:
     return calls
 
 
-def test_piecewise_is_kept_only_when_it_wins_by_the_margin():
+def test_piecewise_is_kept_only_when_its_best_round_wins_by_the_margin():
     assert faster_route([1.0], [0.9], margin=0.05) == "piecewise"
     assert faster_route([1.0], [0.97], margin=0.05) == "whole"  # a near tie goes to whole (no overhead)
     assert faster_route([1.0], [1.0], margin=0.0) == "whole"

@@ -136,8 +136,9 @@ def added_token_splitter(tokens: frozenset[str]) -> re.Pattern:
 
 def faster_route(whole: list[float], piecewise: list[float], margin: float) -> str:
     """The route to keep from interleaved rounds of CPU seconds of each on one sample: piecewise only where its
-    best round is below whole's best by more than `margin` of it. Noise only adds time, so the best round is the
-    least disturbed; the margin gives a near tie to whole, which has no overhead over plain encoding."""
+    best round beats whole's best by more than `margin` of it. Noise only adds time, so a route's best round is
+    its least disturbed one (on a loaded machine, a per-round comparison flips more often); the margin gives a
+    near tie to whole, which has no overhead over plain encoding, so the choice is never worse than that."""
     return "piecewise" if min(piecewise) < (1 - margin) * min(whole) else "whole"
 
 
@@ -216,11 +217,13 @@ class PromptTokenizer:
 
         Piecewise saves at most the encoding of the text that recurs (template pieces), so where that is less
         than `MARGIN` of the characters, whole is kept unmeasured. Otherwise both routes are timed in
-        interleaved rounds of CPU time (which other processes barely move, unlike wall time); each route's best
-        round counts (noise only adds time), and piecewise is kept only where it saves `MARGIN` of whole's: a
-        near tie goes to whole, which costs what plain encoding costs, so noise cannot flip a run into the
-        slower route. The decision is stored per tokenizer object and set of recurring pieces (the template),
-        so another encoder of both in this process, or a forked worker, takes it without measuring.
+        interleaved rounds of CPU time (which other processes move less than wall time), and piecewise is kept
+        only where its best round saves more than `MARGIN` of whole's best (`faster_route`): a near tie goes to
+        whole, which costs what plain encoding costs.
+
+        The decision is stored per tokenizer object and set of recurring pieces (the template), so another
+        encoder of both in this process takes it without measuring, and so does a worker forked after it: call
+        this in the parent before forking workers.
         """
         if self.route is not None:
             return self.route
@@ -255,8 +258,8 @@ class PromptTokenizer:
                 rounds[name].append(time.process_time() - start)
         self.timings = {name: min(seconds) for name, seconds in rounds.items()}
         return (faster_route(rounds["whole"], rounds["piecewise"], self.MARGIN),
-                f"measured: piecewise {self.timings['piecewise'] * 1e3:.1f} ms, whole "
-                f"{self.timings['whole'] * 1e3:.1f} ms CPU on {len(sample)} rows")
+                f"measured: piecewise {self.timings['piecewise'] * 1e3:.1f} ms, whole {self.timings['whole'] * 1e3:.1f}"
+                f" ms CPU, the best of {self.CALIBRATE_ROUNDS} interleaved rounds on {len(sample)} rows")
 
     def _whole(self, texts: list[str]) -> list[list[int]]:
         # What `tokenizer(texts)` runs, without transformers' per-row conversion into a BatchEncoding.
