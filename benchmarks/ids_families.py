@@ -71,8 +71,8 @@ def tokenizers_to_run(reference: bool):
 
     for family in FAMILIES:
         yield family, (lambda f=family: build(f)), CHATML if family in ("gpt2", "qwen", "llama3") else INST
-    yield "qwen + 6,400 added", lambda: with_added(build("qwen"), gemma_like_tokens()), CHATML
-    yield "metaspace-first + 6,400 added", lambda: with_added(build("metaspace-first"), gemma_like_tokens()), INST
+    yield "qwen+6400-added", lambda: with_added(build("qwen"), gemma_like_tokens()), CHATML
+    yield "metaspace-first+6400-added", lambda: with_added(build("metaspace-first"), gemma_like_tokens()), INST
     if reference and (REFERENCE / "tokenizers").is_dir():
         from transformers import AutoTokenizer
 
