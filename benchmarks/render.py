@@ -13,8 +13,9 @@ rows/s (median of `--repeats` runs) for:
   which other processes on the machine barely move);
 - `prefill_kit.render_dataset` with 1 and `--num-proc` processes, as ratios to the batched baseline and
   as fractions of the ceiling;
-- the ids stage alone (`PromptTokenizer`, the route it measures) against whole-prompt batch tokenization,
-  here and on every family of tests/tokenizer_families.py (plus one with 3,000 added tokens).
+- the ids stage alone (`PromptTokenizer`, the route it chose and why) against whole-prompt batch tokenization,
+  here and on every family of tests/tokenizer_families.py (plus two with 6,400 added tokens), as
+  benchmarks/ids_families.py measures it (also runnable alone).
 
 Tokenizers: Qwen2.5 (byte-level BPE), Mistral-7B-v0.3 (Metaspace) and Gemma-3-like: Mistral's vocabulary
 with 6,400 more added tokens (Gemma-3 has 6,415: `<unusedN>`, turn markers, HTML tags, whitespace runs)
@@ -210,50 +211,18 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
 
 
 def tokenization_stage(name: str, tokenizer, texts: list[str], expected: list[list[int]]) -> float:
-    """The exact ids path alone, in the pipeline's slices, against whole-prompt batch encoding of the same
-    texts; the route (piecewise or whole) is the one `PromptTokenizer` measures on its first slice."""
-    from prefill_kit.prompts.batch import BatchRenderer
-    from prefill_kit.prompts.tokens import PromptTokenizer
+    """The exact ids path alone against whole-prompt batch encoding of the same texts, measured fairly (same
+    slices, interleaved repeats, median ratio) by benchmarks/ids_families.py, which also prints the route."""
+    from ids_families import ids_stage  # benchmarks/ is on sys.path: this script's directory
 
-    size = BatchRenderer.SLICE
-    whole, ours, routes = [], [], set()
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        tokenizer(texts, add_special_tokens=False)
-        whole.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        encoder = PromptTokenizer(tokenizer)  # setup included: the cutter is cached per process
-        got = [ids for i in range(0, len(texts), size) for ids in encoder.encode(texts[i:i + size])]
-        ours.append(time.perf_counter() - start)
-        assert got == expected, "ids differ"
-        routes.add(encoder.route)
-    whole_s, ours_s = statistics.median(whole), statistics.median(ours)
-    print(f"{name} ids stage alone: prefill-kit {len(texts) / ours_s:,.0f} rows/s vs whole-prompt "
-          f"{len(texts) / whole_s:,.0f} rows/s ({whole_s / ours_s:.2f}x), ids identical, route "
-          f"{' / '.join(sorted(map(str, routes)))}", flush=True)
-    return whole_s / ours_s
+    return ids_stage(name, tokenizer, texts, REPEATS)[0]
 
 
 def families_ids_stage(questions: list[str], rows: int) -> None:
-    """The ids stage on every family of tests/tokenizer_families.py and on one with 3,000 added tokens."""
-    sys.path.insert(0, str(ROOT))
-    from tokenizers import AddedToken
+    """The ids stage on every family of tests/tokenizer_families.py and two with 6,400 added tokens."""
+    import ids_families
 
-    from tests.tokenizer_families import FAMILIES, build
-
-    print(f"\n== ids stage on the test families (tiny tokenizers), {rows:,} chat-rendered GSM8K questions")
-    for family in (*FAMILIES, "qwen + 3,000 added tokens"):
-        tokenizer = build(family.split(" ")[0])
-        if "added" in family:
-            tokenizer.add_tokens([AddedToken(f"<unused{i}>", special=True, normalized=False) for i in range(3000)],
-                                 special_tokens=True)
-        if "<|im_start|>" in tokenizer.get_vocab():
-            texts = [f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
-                     f"<|im_start|>assistant\n{PREFIX}" for q in questions]
-        else:
-            texts = [f"<s>[INST] {q}[/INST]{PREFIX}" for q in questions]
-        texts = [texts[i % len(texts)] for i in range(rows)]
-        tokenization_stage(family, tokenizer, texts, tokenizer(texts, add_special_tokens=False)["input_ids"])
+    ids_families.run(rows, REPEATS, reference=False)
 
 
 def main() -> None:

@@ -538,6 +538,27 @@ MUTATIONS = [
              "        if pool is not None:\n            pool.terminate()\n", "        pass\n",
              ("tests/test_pool_start_interrupt.py",)),
 
+    # issue 19: ids routes (the margin rule, little recurring text unmeasured, decided once, inherited by workers)
+    Mutation("the route margin rule inverted", "prefill_kit/prompts/tokens.py",
+             'return "piecewise" if min(piecewise) < (1 - margin) * min(whole) else "whole"',
+             'return "piecewise" if min(piecewise) < (1 + margin) * min(whole) else "whole"',
+             ("tests/test_ids_route.py", "-k", "margin")),
+    Mutation("the route is decided on the slowest rounds", "prefill_kit/prompts/tokens.py",
+             'return "piecewise" if min(piecewise) < (1 - margin) * min(whole) else "whole"',
+             'return "piecewise" if max(piecewise) < (1 - margin) * max(whole) else "whole"',
+             ("tests/test_ids_route.py", "-k", "margin")),
+    Mutation("little recurring text is measured anyway", "prefill_kit/prompts/tokens.py",
+             "        if share < self.MARGIN:\n", "        if False:\n",
+             ("tests/test_ids_route.py", "-k", "little_recurring")),
+    Mutation("forked workers measure the route again", "prefill_kit/prompts/tokens.py",
+             "if known is not None and known[0]() is self.tokenizer:", "if False:",
+             ("tests/test_ids_route.py", "-k", "forked_workers or decided_once")),
+    Mutation("the decided route ignores the template", "prefill_kit/prompts/tokens.py",
+             "key = (id(self.tokenizer), recurring)", "key = (id(self.tokenizer), frozenset())",
+             ("tests/test_ids_route.py", "-k", "decided_once")),
+    Mutation("a pickled encoder measures its route again", "prefill_kit/prompts/tokens.py",
+             "            self.route, self.route_reason = decided, reason\n", "            pass\n",
+             ("tests/test_ids_route.py", "-k", "pickled")),
 ]
 
 

@@ -212,11 +212,15 @@ def test_the_route_is_measured_once_and_both_are_exact(family):
     tokenizer = build(family)
     encoder = PromptTokenizer(tokenizer)
     texts = random_texts(600, seed=29, specials=specials_of(tokenizer))
+    # Template text that recurs on every row, as a chat template writes it: the route is measured on such rows.
+    opening = "<|im_start|>" if family == "qwen" else "[INST]"
+    texts = [f"{opening}system\nYou are a careful assistant; think step by step.{opening}user\n{t}" for t in texts]
     few = PromptTokenizer.CALIBRATE_ROWS - 1
     assert encoder.encode(texts[:few]) == whole(tokenizer, texts[:few])
     assert encoder.route is None  # too few rows to measure
     assert encoder.encode(texts[:200]) == whole(tokenizer, texts[:200])
     assert encoder.route in PromptTokenizer.ROUTES and set(encoder.timings) == set(PromptTokenizer.ROUTES)
+    assert encoder.route_reason.startswith("measured")
     decided = encoder.route
     assert encode_in_batches(encoder, texts) == whole(tokenizer, texts)
     assert encoder.route == decided
@@ -258,13 +262,14 @@ def test_a_bos_adding_post_processor_adds_nothing_on_either_route(route):
 # --- exactness edges of the tokenizer library itself (issue 20) ------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen", "metaspace-first"])
-def test_an_added_token_that_is_a_prefix_of_another_loses_to_the_longer(family):
+@pytest.mark.parametrize("route", PromptTokenizer.ROUTES)
+def test_an_added_token_that_is_a_prefix_of_another_loses_to_the_longer(family, route):
     # Stage 1 matches leftmost-longest: "<tool>call" is one token, not "<tool>" then "call". Dictionary order
     # would try the shorter one first.
     tokenizer = build(family)
     tokenizer.add_tokens([AddedToken("<tool>", special=True, normalized=False),
                           AddedToken("<tool>call", special=True, normalized=False)], special_tokens=True)
-    encoder = PromptTokenizer(tokenizer)
+    encoder = PromptTokenizer(tokenizer, route=route)
     assert encoder.blocker is None
     texts = ["<tool>call", "x<tool>callx", "<tool>cal", "<tool><tool>call<tool>"]
     texts += random_texts(600, seed=21, specials=("<tool>", "<tool>call", "call", *specials_of(tokenizer)))
@@ -274,13 +279,14 @@ def test_an_added_token_that_is_a_prefix_of_another_loses_to_the_longer(family):
 
 
 @pytest.mark.parametrize("family", ["qwen", "metaspace-first"])
-def test_overlapping_added_tokens_match_leftmost_first(family):
+@pytest.mark.parametrize("route", PromptTokenizer.ROUTES)
+def test_overlapping_added_tokens_match_leftmost_first(family, route):
     # "<x" and "x>" overlap in "<x>": the leftmost match wins, whichever is longer or added first.
     tokenizer = build(family)
     tokenizer.add_tokens([AddedToken("x>", special=True, normalized=False),
                           AddedToken("<x", special=True, normalized=False),
                           AddedToken("<x>yz", special=True, normalized=False)], special_tokens=True)
-    encoder = PromptTokenizer(tokenizer)
+    encoder = PromptTokenizer(tokenizer, route=route)
     assert encoder.blocker is None
     texts = ["<x>", "a<x>b", "<x>y", "<x>yz", "<<x>>", "x><x"]
     texts += random_texts(600, seed=22, specials=("<x", "x>", "<x>yz", "y", "z", *specials_of(tokenizer)))
@@ -288,7 +294,8 @@ def test_overlapping_added_tokens_match_leftmost_first(family):
 
 
 @pytest.mark.parametrize("steps", ["metaspace", "digits+metaspace", "nested"])
-def test_metaspace_first_inside_a_sequence(steps):
+@pytest.mark.parametrize("route", PromptTokenizer.ROUTES)
+def test_metaspace_first_inside_a_sequence(steps, route):
     # The copy that encodes pieces after an added token must make every Metaspace "first" inside a Sequence
     # "never", or it prepends "▁" where the whole-text encoding does not.
     from tokenizers import pre_tokenizers
@@ -300,7 +307,7 @@ def test_metaspace_first_inside_a_sequence(steps):
         "digits+metaspace": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), metaspace]),
         "nested": pre_tokenizers.Sequence([pre_tokenizers.Sequence([metaspace])]),
     }[steps]
-    encoder = PromptTokenizer(tokenizer)
+    encoder = PromptTokenizer(tokenizer, route=route)
     assert encoder.blocker is None and encoder._rest is not encoder._first
     texts = ["[INST]<think>\n", "<think>\n", "x[INST]x", "[/INST] answer 12"]
     texts += random_texts(800, seed=23, specials=SENTENCEPIECE)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
@@ -133,31 +134,52 @@ def added_token_splitter(tokens: frozenset[str]) -> re.Pattern:
     return _SPLITTERS[key]
 
 
+def faster_route(whole: list[float], piecewise: list[float], margin: float) -> str:
+    """The route to keep from interleaved rounds of CPU seconds of each on one sample: piecewise only where its
+    best round beats whole's best by more than `margin` of it. Noise only adds time, so a route's best round is
+    its least disturbed one (on a loaded machine, a per-round comparison flips more often); the margin gives a
+    near tie to whole, which has no overhead over plain encoding, so the choice is never worse than that."""
+    return "piecewise" if min(piecewise) < (1 - margin) * min(whole) else "whole"
+
+
+def _chars(piece: str | tuple[str]) -> int:
+    return len(piece[0]) if isinstance(piece, tuple) else len(piece)
+
+
+# Decided routes: (id(tokenizer), recurring pieces) -> (weak reference to the tokenizer, route, reason).
+_ROUTES: dict[tuple[int, frozenset], tuple[weakref.ref, str, str]] = {}
+
+
 class PromptTokenizer:
     """`encode(texts)` == `tokenizer(texts, add_special_tokens=False)["input_ids"]`, by the faster of two exact
-    routes: piecewise (module docstring) or whole texts through the backend. `route` says which, and why.
+    routes: piecewise (module docstring) or whole texts through the backend. `route` says which, `route_reason`
+    why.
 
     Both give the same ids; only their speed differs with the tokenizer and the template. Pieces that recur
     (Qwen's system prompt) make piecewise faster; a template that folds everything into one new piece per row
-    (Mistral) makes it pay for cutting and bookkeeping with nothing saved. So the first batch of at least
-    `CALIBRATE_ROWS` texts is encoded both ways and the cheaper in CPU time (which other processes on the
-    machine barely move, unlike wall time) is kept for good.
+    (Mistral) makes it pay for cutting and bookkeeping with nothing saved. The route is decided once, on the
+    first batch of at least `CALIBRATE_ROWS` texts (`decide`), and kept for good: by this encoder, by its
+    pickled copies, and by any encoder of the same tokenizer object and template in this process or a process
+    forked from it (`_ROUTES`).
     """
 
     CALIBRATE_ROWS = 128
+    CALIBRATE_ROUNDS = 3
+    MARGIN = 0.05  # the share of whole's CPU time piecewise must save to be kept
     ROUTES = ("piecewise", "whole")
 
     def __init__(self, tokenizer: Any, route: str | None = None) -> None:
-        """`route` fixes the route (tests, benchmarks) instead of measuring it."""
+        """`route` fixes the route (tests, benchmarks) instead of deciding it."""
         self.tokenizer = tokenizer
         self.blocker = piecewise_blocker(tokenizer)
         self._memo: dict[Any, list[int]] = {}
-        self.timings: dict[str, float] = {}  # CPU seconds of each route on the calibration batch
+        self.timings: dict[str, float] = {}  # best CPU seconds of each route on the sample, when measured
         self._fixed = route
         if route is not None and (route not in self.ROUTES or self.blocker is not None):
             raise ValueError(f"route {route!r}: expected one of {self.ROUTES}, on a tokenizer without a blocker "
                              f"(this one: {self.blocker})")
-        self.route = f"whole: {self.blocker}" if self.blocker is not None else route  # None: not yet measured
+        self.route = f"whole: {self.blocker}" if self.blocker is not None else route  # None: not yet decided
+        self.route_reason = self.blocker or ("fixed by the caller" if route is not None else None)
         if self.blocker is not None:
             return
         backend = tokenizer.backend_tokenizer
@@ -168,12 +190,15 @@ class PromptTokenizer:
         self._split = added_token_splitter(frozenset(added)) if added else None
 
     def __getstate__(self) -> dict:
-        # The memo and a measured route are caches: workers and dataset fingerprints need only the tokenizer
-        # and a route fixed by the caller.
-        return {"tokenizer": self.tokenizer, "route": self._fixed}
+        # The memo is a cache; a decided route is kept, so that a pickled copy (a worker) does not decide again.
+        decided = None if self.blocker is not None else self.route
+        return {"tokenizer": self.tokenizer, "route": self._fixed, "decided": (decided, self.route_reason)}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["tokenizer"], state.get("route"))
+        decided, reason = state.get("decided", (None, None))
+        if self.blocker is None and decided is not None:
+            self.route, self.route_reason = decided, reason
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without added BOS/EOS (the template wrote whatever it wanted)."""
@@ -182,37 +207,86 @@ class PromptTokenizer:
         if self.blocker is not None:
             return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         if self.route is None and len(texts) >= self.CALIBRATE_ROWS:
-            return self._calibrate(texts)
+            self.decide(texts)
         if self.route == "whole":
             return self._whole(texts)
         return self._piecewise(texts)
 
-    def _calibrate(self, texts: list[str]) -> list[list[int]]:
-        """Encode `texts` piecewise (filling the memo, as later batches find it), then time both routes on up
-        to `CALIBRATE_ROWS` of them: the measurement costs about one more slice of the pipeline."""
-        ids = self._piecewise(texts)
+    def decide(self, texts: list[str]) -> str:
+        """Decide the route for good on the first `CALIBRATE_ROWS` of `texts` (prompts like those to come).
+
+        Piecewise saves at most the encoding of the text that recurs (template pieces), so where that is less
+        than `MARGIN` of the characters, whole is kept unmeasured. Otherwise both routes are timed in
+        interleaved rounds of CPU time (which other processes move less than wall time), and piecewise is kept
+        only where its best round saves more than `MARGIN` of whole's best (`faster_route`): a near tie goes to
+        whole, which costs what plain encoding costs.
+
+        The decision is stored per tokenizer object and set of recurring pieces (the template), so another
+        encoder of both in this process takes it without measuring, and so does a worker forked after it: call
+        this in the parent before forking workers.
+        """
+        if self.route is not None:
+            return self.route
         sample = list(texts[: self.CALIBRATE_ROWS])
-        for route, encode in (("whole", self._whole), ("piecewise", self._piecewise)):
-            start = time.process_time()
-            encode(sample)
-            self.timings[route] = time.process_time() - start
-        self.route = "piecewise" if self.timings["piecewise"] < self.timings["whole"] else "whole"
-        return ids
+        counts = self._piece_counts(self._cut(sample))
+        recurring = frozenset(p for p, n in counts.items() if n > 1)
+        key = (id(self.tokenizer), recurring)
+        known = _ROUTES.get(key)
+        if known is not None and known[0]() is self.tokenizer:
+            self.route, self.route_reason = known[1], f"decided earlier in this process ({known[2]})"
+            return self.route
+        total = sum(_chars(p) * n for p, n in counts.items())
+        share = sum(_chars(p) * counts[p] for p in recurring) / total if total else 0.0
+        if share < self.MARGIN:
+            route, reason = "whole", f"recurring text is {share:.0%} of the characters: piecewise cannot save enough"
+        else:
+            route, reason = self._measure(sample)
+        if len(_ROUTES) >= 64:
+            _ROUTES.clear()
+        _ROUTES[key] = (weakref.ref(self.tokenizer), route, reason)
+        self.route, self.route_reason = route, reason
+        return route
+
+    def _measure(self, sample: list[str]) -> tuple[str, str]:
+        """Both routes timed on `sample` in interleaved rounds; the route to keep (`faster_route`) and why."""
+        self._piecewise(sample)  # fills the memo, as later batches find it
+        rounds: dict[str, list[float]] = {"whole": [], "piecewise": []}
+        for _ in range(self.CALIBRATE_ROUNDS):
+            for name, encode in (("whole", self._whole), ("piecewise", self._piecewise)):
+                start = time.process_time()
+                encode(sample)
+                rounds[name].append(time.process_time() - start)
+        self.timings = {name: min(seconds) for name, seconds in rounds.items()}
+        return (faster_route(rounds["whole"], rounds["piecewise"], self.MARGIN),
+                f"measured: piecewise {self.timings['piecewise'] * 1e3:.1f} ms, whole {self.timings['whole'] * 1e3:.1f}"
+                f" ms CPU, the best of {self.CALIBRATE_ROUNDS} interleaved rounds on {len(sample)} rows")
 
     def _whole(self, texts: list[str]) -> list[list[int]]:
         # What `tokenizer(texts)` runs, without transformers' per-row conversion into a BatchEncoding.
         return [e.ids for e in self._first.encode_batch_fast(list(texts), add_special_tokens=False)]
 
-    def _piecewise(self, texts: list[str]) -> list[list[int]]:
-        # Per-row work stays in C (split, chain, map over one lookup table): Python loops run per distinct piece.
-        split, memo = self._split, self._memo
-        parts = [split.split(t) if split is not None else [t] for t in texts]  # text, added, text, ..., text
+    def _cut(self, texts: list[str]) -> list[list]:
+        """Each text as [text, added token, text, ..., text]; a 1-tuple marks a piece that starts the text where
+        that is encoded differently (Metaspace "first")."""
+        split = self._split
+        parts = [split.split(t) if split is not None else [t] for t in texts]
         if self._rest is not self._first:
-            for pieces in parts:  # a 1-tuple marks the piece that starts the text: it is encoded as such
+            for pieces in parts:
                 if pieces[0]:
                     pieces[0] = (pieces[0],)
+        return parts
+
+    @staticmethod
+    def _piece_counts(parts: list[list]) -> Counter:
         counts = Counter(chain.from_iterable(pieces[::2] for pieces in parts))
         counts.pop("", None)
+        return counts
+
+    def _piecewise(self, texts: list[str]) -> list[list[int]]:
+        # Per-row work stays in C (split, chain, map over one lookup table): Python loops run per distinct piece.
+        memo = self._memo
+        parts = self._cut(texts)
+        counts = self._piece_counts(parts)
         new = [p for p in counts if p not in memo]
         fresh = self._encode_pieces(new) if new else {}
         if len(memo) < MEMO_LIMIT:  # keep what recurs within a batch: template text, not questions
