@@ -559,6 +559,13 @@ MUTATIONS = [
     Mutation("a pickled encoder measures its route again", "prefill_kit/prompts/tokens.py",
              "            self.route, self.route_reason = decided, reason\n", "            pass\n",
              ("tests/test_ids_route.py", "-k", "pickled")),
+    Mutation("render_file's workers measure the ids route again", "prefill_kit/prompts/stream.py",
+             "        decide_ids_route(renderer, chunk_records(first)[:renderer.calibration_rows])\n", "",
+             ("tests/test_ids_route.py", "-k", "render_file")),
+    Mutation("render_dataset's workers measure the ids route again", "prefill_kit/prompts/dataset.py",
+             "    decide_ids_route(function.renderer, function.records(data[:head], list(range(head))))\n", "",
+             ("tests/test_ids_route.py", "-k", "render_dataset")),
+
 ]
 
 

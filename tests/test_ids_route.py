@@ -118,3 +118,47 @@ def test_forked_workers_take_the_parents_route_without_measuring():
     for _, inherited, fresh, reason, ids in results:
         assert inherited == fresh == encoder.route and reason.startswith("decided earlier")
         assert ids == [expected, expected]
+
+
+@pytest.mark.parametrize("front", ["render_file", "render_dataset"])
+def test_render_measures_the_route_once_in_the_parent_and_its_workers_fork_with_it(front, monkeypatch, tmp_path,
+                                                                                     chatml):
+    """The parent renders the input's first rows before the pool forks (`stream.decide_ids_route`), so the route
+    is measured once, there; a worker that measured would raise here, and the output is the one-process one."""
+    import json
+    import os
+
+    import datasets
+
+    from prefill_kit.prompts.dataset import render_dataset
+    from prefill_kit.prompts.options import RenderOptions
+    from prefill_kit.prompts.render_file import render_file
+    from prefill_kit.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer(chat_template=chatml.source)  # a fresh one: no decision kept from other tests
+    parent, calls = os.getpid(), []
+    measure = PromptTokenizer._measure
+
+    def only_in_the_parent(self, sample):
+        if os.getpid() != parent:
+            raise AssertionError("a forked worker measured the ids route")
+        calls.append(len(sample))
+        return measure(self, sample)
+
+    monkeypatch.setattr(PromptTokenizer, "_measure", only_in_the_parent)
+    rows = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {i} + 7?"}]}
+            for i in range(600)]
+    if front == "render_file":
+        source = tmp_path / "in.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        render_file(source, str(tmp_path / "out.jsonl"), RenderOptions(chatml, "<think>\n", tokenizer=tokenizer),
+                    num_proc=2, batch_size=300)
+        ids = [json.loads(line)["prompt_ids"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    else:
+        out = render_dataset(datasets.Dataset.from_list(rows), chatml, tokenizer, "<think>\n", num_proc=2,
+                             batch_size=100)
+        ids = out["prompt_ids"]
+    assert calls == [PromptTokenizer.CALIBRATE_ROWS]
+    prompts = [f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is {i} + 7?<|im_end|>\n"
+               "<|im_start|>assistant\n<think>\n" for i in range(600)]
+    assert ids == tokenizer(prompts, add_special_tokens=False)["input_ids"]

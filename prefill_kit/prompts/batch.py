@@ -75,6 +75,11 @@ class BatchRenderer:
         self._thread: ThreadPoolExecutor | None = None
         self._opening = assistant_opening(options.template, options.template_kwargs) if fmt == "prompt" else None
 
+    @property
+    def calibration_rows(self) -> int:
+        """How many rows the encoder needs to decide its ids route (0 without an encoder)."""
+        return 0 if self.encoder is None else self.encoder.CALIBRATE_ROWS
+
     def __getstate__(self) -> dict:
         return {"options": self.options, "fmt": self.fmt, "keep_messages": self.keep_messages}
 

@@ -16,7 +16,7 @@ from prefill_kit.errors import DataError
 from prefill_kit.prompts.batch import BatchRenderer
 from prefill_kit.prompts.few_shot import FewShot
 from prefill_kit.prompts.options import detect, output_columns, resolve_options
-from prefill_kit.prompts.stream import ordered_map
+from prefill_kit.prompts.stream import decide_ids_route, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +30,15 @@ class _MapRenderer:
         self.out_columns = out_columns
         self.offset = offset  # index of the first row of the shard this renders, for error messages
 
-    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def records(self, batch: dict[str, list], indices: list[int]) -> list[Record]:
         values = [batch[c] for c in self.columns]
         offset = self.offset
-        records = [Record("dataset", "row", i + offset + 1, dict(zip(self.columns, row, strict=True)),  # 1-based
-                          index=i + offset)
-                   for i, row in zip(indices, zip(*values, strict=True), strict=True)]
-        result = self.renderer(records)
+        return [Record("dataset", "row", i + offset + 1, dict(zip(self.columns, row, strict=True)),  # 1-based
+                       index=i + offset)
+                for i, row in zip(indices, zip(*values, strict=True), strict=True)]
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        result = self.renderer(self.records(batch, indices))
         for reject in result.rejects:
             logger.warning("skipped dataset row %s: %s%s", reject["row"],
                            f"field {reject['field']!r}: " if reject["field"] else "", reject["reason"])
@@ -113,6 +115,8 @@ def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]
     import datasets
     from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 
+    head = min(len(data), function.renderer.calibration_rows)
+    decide_ids_route(function.renderer, function.records(data[:head], list(range(head))))
     job = _ShardJob(data, function, shards, batch_size, get_temporary_cache_files_directory(),
                     generate_random_fingerprint())
     paths = list(ordered_map(job, range(len(shards)), len(shards)))

@@ -64,7 +64,19 @@ def render_stream(stream: Stream, options: RenderOptions, finish: Callable[[list
                   num_proc: int = 1, keep_messages: bool = False) -> Iterator[Any]:
     """`finish(records, result)` of every chunk of `stream`, in input order."""
     renderer = BatchRenderer(options, stream.fmt or "messages", keep_messages=keep_messages)
-    return ordered_map(ChunkJob(renderer, finish), stream.chunks, num_proc)
+    chunks = stream.chunks
+    if num_proc > 1 and (first := next(chunks, None)) is not None:
+        decide_ids_route(renderer, chunk_records(first)[:renderer.calibration_rows])
+        chunks = chain([first], chunks)
+    return ordered_map(ChunkJob(renderer, finish), chunks, num_proc)
+
+
+def decide_ids_route(renderer: BatchRenderer, records: list[Record]) -> None:
+    """Before forking workers: render `records` (the input's first rows) here, and throw the result away, so
+    that the encoder decides its ids route once (`PromptTokenizer.decide`) and every worker forks with it
+    instead of measuring again. Rendering the same rows twice is exact: a row's output is its own."""
+    if renderer.encoder is not None and renderer.encoder.route is None:
+        renderer(records)
 
 
 _worker_job: Callable | None = None
