@@ -66,7 +66,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
@@ -76,7 +75,13 @@ from trl import GRPOConfig, GRPOTrainer
 from prefill_kit.backends.builtin.evaluation import TurnCounts, eval_rollouts
 from prefill_kit.config import TrainingConfig
 from prefill_kit.errors import PrefillKitError
-from prefill_kit.grpo.multiturn import MultiTurnRollouts, RolloutResult, run_rollouts, turn_log
+from prefill_kit.grpo.multiturn import (
+    MultiTurnRollouts,
+    RolloutResult,
+    metrics_of_all_processes,
+    run_rollouts,
+    turn_log,
+)
 from prefill_kit.grpo.multiturn import metrics as turn_metrics
 from prefill_kit.grpo.policy import load_model, load_tokenizer, lora_config
 from prefill_kit.grpo.rollout import eos_token_ids
@@ -239,15 +244,9 @@ class ToolRollouts:
     @staticmethod
     def _log_metrics(trainer, results: list[RolloutResult]) -> None:
         """`turns/mean` over every process's rollouts, `tools/calls` and `tools/failures` summed, in TRL's logs."""
-        local = turn_metrics(results)
-        device = trainer.accelerator.device
-        summed = trainer.accelerator.gather(torch.tensor(
-            [[local["turns/mean"] * len(results), local["tools/calls"], local["tools/failures"], len(results)]],
-            device=device, dtype=torch.float32)).sum(dim=0).tolist()
         mode = "train" if trainer.model.training else "eval"
-        trainer._metrics[mode]["turns/mean"].append(summed[0] / max(1.0, summed[3]))
-        trainer._metrics[mode]["tools/calls"].append(summed[1])
-        trainer._metrics[mode]["tools/failures"].append(summed[2])
+        for name, value in metrics_of_all_processes(results, trainer.accelerator).items():
+            trainer._metrics[mode][name].append(value)
 
 
 class TrlSampler:
@@ -363,7 +362,7 @@ class PrefillKitGRPOTrainer(GRPOTrainer):
         if self.tool_rollouts is None:
             return [(index, (scores, None)) for index, scores in records]
         results = self.tool_rollouts.latest.results
-        return [(index, (scores, TurnCounts(r.turns, r.tool_calls, r.tool_failures)))
+        return [(index, (scores, TurnCounts.of(r)))
                 for (index, scores), r in zip(records, results, strict=True)]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

@@ -49,6 +49,10 @@ class TurnCounts(NamedTuple):
     tool_calls: int
     tool_failures: int
 
+    @classmethod
+    def of(cls, result) -> TurnCounts:
+        return cls(result.turns, result.tool_calls, result.tool_failures)
+
 
 def eval_rollouts(config, tokenizer, tools) -> MultiTurnRollouts | None:
     """The multi-turn rollouts evaluation runs: the training run's (tools, template, prefix, bridge) over the eval
@@ -84,7 +88,7 @@ def evaluate(policy, dataset, *, rewards: Sequence[WeightedRewardLike], tokenize
             else:
                 scored = multi_turn(policy, rows, indices, rewards=rewards, num_generations=num_generations,
                                     generation_config=generation_config, eos_ids=eos_ids, autocast=autocast)
-                counts += [TurnCounts(r.turns, r.tool_calls, r.tool_failures) for r in scored.results]
+                counts += [TurnCounts.of(r) for r in scored.results]
             local += [[none_if_nan(v) for v in row] for row in scored.scores.tolist()]  # (b, K)
     gather = gather_object if accelerator.num_processes > 1 else list
     out = eval_metrics(gather(local), [r.name for r in rewards], [float(r.weight) for r in rewards])

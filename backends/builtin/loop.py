@@ -39,10 +39,10 @@ from prefill_kit.grpo.loss import WINDOW_NORMALIZED, grpo_loss, loss_warnings
 from prefill_kit.grpo.multiturn import (
     MultiTurnRollouts,
     MultiTurnScored,
+    metrics_of_all_processes,
     sample_advantages,
     turn_log,
 )
-from prefill_kit.grpo.multiturn import metrics as turn_metrics
 from prefill_kit.grpo.policy import load_model, load_reference, load_tokenizer
 from prefill_kit.grpo.prompt_order import prompt_indices
 from prefill_kit.grpo.rollout import (
@@ -380,10 +380,5 @@ def _rollout_stats(accelerator, rewards, scores: torch.Tensor, totals: torch.Ten
     stats["completion_length"] = all_lengths.mean().item()
     stats["truncated_ratio"] = truncated.mean().item()
     if isinstance(scored, MultiTurnScored):  # turns/mean over rollouts, tool calls and failures summed
-        local = turn_metrics(scored.results)
-        summed = accelerator.reduce(torch.tensor([local["turns/mean"] * len(scored.results), local["tools/calls"],
-                                                  local["tools/failures"]], device=accelerator.device),
-                                    reduction="sum").tolist()
-        stats.update({"turns/mean": summed[0] / len(all_lengths), "tools/calls": summed[1],
-                      "tools/failures": summed[2]})
+        stats.update(metrics_of_all_processes(scored.results, accelerator))
     return stats

@@ -329,6 +329,15 @@ def metrics(results: Sequence[RolloutResult]) -> dict[str, float]:
             "tools/failures": float(sum(r.tool_failures for r in results))}
 
 
+def metrics_of_all_processes(results: Sequence[RolloutResult], accelerator) -> dict[str, float]:
+    """`metrics` over every process's rollouts: `turns/mean` over all of them, tool calls and failures summed."""
+    local = metrics(results)
+    summed = accelerator.reduce(torch.tensor(
+        [local["turns/mean"] * len(results), local["tools/calls"], local["tools/failures"], len(results)],
+        device=accelerator.device, dtype=torch.float32), reduction="sum").tolist()
+    return {"turns/mean": summed[0] / max(1.0, summed[3]), "tools/calls": summed[1], "tools/failures": summed[2]}
+
+
 # --- what the training loop calls ---------------------------------------------------------------------------
 
 

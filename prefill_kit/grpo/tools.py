@@ -22,6 +22,7 @@ going.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -182,7 +183,13 @@ def _hermes_call(block: str) -> ToolCall:
 def _new_style_parser(tokenizer: Any) -> bool:
     """Whether `tokenizer.parse_response` is transformers' new-style parser (>= 5.13: it reads `response_template`
     and needs `prefix=`), which no longer reads the legacy `response_schema`."""
-    parse = getattr(type(tokenizer), "parse_response", None)
+    return _takes_prefix(type(tokenizer))
+
+
+@functools.cache
+def _takes_prefix(tokenizer_class: type) -> bool:
+    """Decided once per tokenizer class: `parse_turn` asks on every sampled turn."""
+    parse = getattr(tokenizer_class, "parse_response", None)
     return parse is not None and "prefix" in inspect.signature(parse).parameters
 
 

@@ -55,7 +55,6 @@ def with_question_column(raw, rendered, fmt: str):
     It lets a completion log show what was asked. A `question` column the data passes through is kept as is.
     `rendered` must hold one row per `raw` row (rendering fails on a bad row rather than skip it).
     """
-
     if "question" in rendered.column_names:
         return rendered
     fmt = fmt if fmt != "auto" else detect_format(raw.column_names)
