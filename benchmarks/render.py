@@ -3,16 +3,17 @@
     python benchmarks/render.py [--rows 20000] [--repeats 3] [--num-proc 2] [--rss-rows 1000000]
                                 [--tokenizers Qwen2.5,Mistral-7B-v0.3,Gemma-3-like]
 
-Same process, same rows, outputs asserted identical (prompt text and prompt ids). Per tokenizer it prints
-rows/s (median of `--repeats` runs) for:
+Same process, same rows, outputs asserted identical (prompt text and prompt ids). The timed runs are
+interleaved: each round runs every side once, `--repeats` rounds. Per tokenizer it prints rows/s (median of
+the rounds) for:
 
 - the baselines: per-example and batched `datasets.map` with `apply_chat_template(..., tokenize=False,
   add_generation_prompt=True) + prefix`, then the tokenizer with `add_special_tokens=False`;
 - the tokenize-only floor: batch-tokenizing the already rendered texts alone;
 - the 2-core ceiling: 2 / (render CPU + tokenize CPU per row), each measured single-threaded (CPU time,
   which other processes on the machine barely move);
-- `prefill_kit.render_dataset` with 1 and `--num-proc` processes, as ratios to the batched baseline and
-  as fractions of the ceiling;
+- `prefill_kit.render_dataset` with 1 and `--num-proc` processes, as ratios to the batched baseline (the
+  median of the rounds' ratios) and as fractions of the ceiling;
 - the ids stage alone (`PromptTokenizer`, the route it chose and why) against whole-prompt batch tokenization,
   here and on every family of tests/tokenizer_families.py (plus two with 6,400 added tokens), as
   benchmarks/ids_families.py measures it (also runnable alone).
@@ -45,17 +46,17 @@ PREFIX = "<think>\n"
 REPEATS = 3
 
 
-def timed(label: str, fn, rows: int, results: dict):
-    """Run `fn` REPEATS times; record and print the median rows/s."""
-    times, out = [], None
+def interleaved(runs: dict[str, object]) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Each of `runs` (label -> function) once per round, REPEATS rounds: the seconds of every run, and each
+    function's last output. Interleaving lets load that comes and goes on the machine hit every side alike."""
+    seconds: dict[str, list[float]] = {label: [] for label in runs}
+    outputs: dict[str, object] = {}
     for _ in range(REPEATS):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    results[label] = rows / seconds
-    print(f"{label:<48} {rows / seconds:>10,.0f} rows/s  (median {seconds:.2f} s of {REPEATS})", flush=True)
-    return out
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            outputs[label] = fn()
+            seconds[label].append(time.perf_counter() - start)
+    return seconds, outputs
 
 
 def cpu_per_row(fn, rows: int, single_thread: bool = False) -> float:
@@ -179,33 +180,37 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
     print(f"\n== {name} ({added:,} added tokens): {args.rows:,} rows, GSM8K questions, prefix {PREFIX!r}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the machine skews wall "
           "times)", flush=True)
-    results: dict[str, float] = {}
-    base = timed(LABELS["per"], lambda: baseline_per_example(dataset, tokenizer), args.rows, results)
-    batched = timed(LABELS["batched"], lambda: baseline_batched(dataset, tokenizer), args.rows, results)
-    base_ids = column(base, "prompt_ids")
-    assert column(batched, "prompt_ids") == base_ids
-    texts = column(base, "prompt")
-    timed(LABELS["floor"], lambda: tokenizer(texts, add_special_tokens=False), args.rows, results)
     template = resolve_template(None, tokenizer)
+    texts = column(baseline_batched(dataset, tokenizer), "prompt")  # rendered once, for the floor and the ceiling
     render_cpu = cpu_per_row(lambda: render_dataset(dataset, template=template, prefix=PREFIX), args.rows)
     tokenize_cpu = cpu_per_row(lambda: tokenizer(texts, add_special_tokens=False), args.rows, single_thread=True)
     ceiling = 2 / (render_cpu + tokenize_cpu)
-    results["ceiling"] = ceiling
+    label = f"prefill-kit render_dataset, num_proc={args.num_proc}"
+    seconds, outputs = interleaved({
+        LABELS["per"]: lambda: baseline_per_example(dataset, tokenizer),
+        LABELS["batched"]: lambda: baseline_batched(dataset, tokenizer),
+        LABELS["floor"]: lambda: tokenizer(texts, add_special_tokens=False),
+        LABELS["one"]: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX),
+        label: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX, num_proc=args.num_proc)})
+    results: dict[str, float] = {"ceiling": ceiling}
+    for run, times in seconds.items():
+        results[run] = args.rows / statistics.median(times)
+        print(f"{run:<48} {results[run]:>10,.0f} rows/s  (median {statistics.median(times):.2f} s of {REPEATS})")
     print(f"{'2-core ceiling: 2 / (render + tokenize CPU)':<48} {ceiling:>10,.0f} rows/s  (render "
           f"{render_cpu * 1e6:.0f} us + tokenize {tokenize_cpu * 1e6:.0f} us CPU per row, single-threaded)")
-    ours = timed(LABELS["one"], lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX), args.rows,
-                 results)
-    assert column(ours, "prompt") == texts, "prompt text differs from the baseline"
-    assert column(ours, "prompt_ids") == base_ids, "prompt ids differ from the baseline"
-    label = f"prefill-kit render_dataset, num_proc={args.num_proc}"
-    ours_n = timed(label, lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX,
-                                                 num_proc=args.num_proc), args.rows, results)
-    assert column(ours_n, "prompt_ids") == base_ids, "prompt ids differ from the baseline (num_proc)"
+    base_ids = column(outputs[LABELS["per"]], "prompt_ids")
+    assert column(outputs[LABELS["batched"]], "prompt_ids") == base_ids
+    for key in (LABELS["one"], label):
+        assert column(outputs[key], "prompt") == column(outputs[LABELS["per"]], "prompt"), f"{key}: prompt text differs"
+        assert column(outputs[key], "prompt_ids") == base_ids, f"{key}: prompt ids differ from the baseline"
     print("outputs identical: prompt text and prompt ids")
-    b, per = results[LABELS["batched"]], results[LABELS["per"]]
     for procs, key in ((1, LABELS["one"]), (args.num_proc, label)):
-        print(f"{name} prefill-kit, {procs} process{'es' if procs > 1 else ''}: {results[key] / b:.2f}x the batched "
-              f"baseline ({results[key] / per:.2f}x per-example), {results[key] / ceiling:.2f} of the 2-core ceiling")
+        # ratios: the median over rounds of each round's ratio, both sides timed minutes apart at most
+        vs_batched = statistics.median(b / o for b, o in zip(seconds[LABELS["batched"]], seconds[key], strict=True))
+        vs_per = statistics.median(p / o for p, o in zip(seconds[LABELS["per"]], seconds[key], strict=True))
+        results[f"{key} vs batched"] = vs_batched
+        print(f"{name} prefill-kit, {procs} process{'es' if procs > 1 else ''}: {vs_batched:.2f}x the batched "
+              f"baseline ({vs_per:.2f}x per-example), {results[key] / ceiling:.2f} of the 2-core ceiling")
     results["ids"] = tokenization_stage(name, tokenizer, texts, base_ids)
     return results
 
@@ -258,10 +263,10 @@ def main() -> None:
     print(f"\n== targets (1 process >= 1.3x batched and >= 0.85 of the ceiling; num_proc={args.num_proc} >= 1.8x "
           "batched; ids stage >= 1.0x whole)")
     for name, r in summary.items():
-        b = r[LABELS["batched"]]
-        n = r[f"prefill-kit render_dataset, num_proc={args.num_proc}"]
-        print(f"{name:<16} 1 process {r[LABELS['one']] / b:.2f}x batched, {r[LABELS['one']] / r['ceiling']:.2f} of "
-              f"ceiling; num_proc={args.num_proc} {n / b:.2f}x batched; ids stage {r['ids']:.2f}x whole")
+        n = f"prefill-kit render_dataset, num_proc={args.num_proc}"
+        print(f"{name:<16} 1 process {r[LABELS['one'] + ' vs batched']:.2f}x batched, "
+              f"{r[LABELS['one']] / r['ceiling']:.2f} of ceiling; num_proc={args.num_proc} {r[n + ' vs batched']:.2f}x "
+              f"batched; ids stage {r['ids']:.2f}x whole")
     print(f"\nload average after the timed runs: {os.getloadavg()[0]:.1f}")
     print(f"peak RSS of this process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
     if args.rss_rows:

@@ -7,6 +7,7 @@ given, few-shot examples trimmed to fit `max_prompt_tokens`, and the prefix-boun
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,8 +54,10 @@ def reject_entry(record: Record, reason: str, field_name: str | None) -> dict[st
 class BatchRenderer:
     """Turns located records into output rows; bad rows raise (on_error=fail) or become rejects (skip).
 
-    With a tokenizer, rows are rendered in slices and each slice is tokenized on a background thread
-    while the next one renders: the tokenizer releases the GIL, so Jinja and BPE run side by side.
+    With a tokenizer, `start(records)` renders the rows in slices here and hands each slice to a background
+    thread to tokenize (the tokenizer runs in Rust without the GIL), and returns at once: the caller renders
+    its next batch while this one tokenizes, and `PendingBatch.result()` collects the ids, tokenizing here
+    any slice the thread has not begun, so that both threads tokenize when tokenizing is the slower side.
     The slice that picks the encoder's route (`PromptTokenizer.route`) is encoded in the foreground, so that
     its CPU-time measurement holds the tokenizer's work only. `encoder` shares one already built (a forked
     worker takes its parent's, with its added-token cutter and memo). Picklable (the thread is not carried),
@@ -73,6 +76,7 @@ class BatchRenderer:
             encoder = PromptTokenizer(options.tokenizer)
         self.encoder = encoder
         self._thread: ThreadPoolExecutor | None = None
+        self._thread_pid = 0
         self._opening = assistant_opening(options.template, options.template_kwargs) if fmt == "prompt" else None
 
     @property
@@ -87,8 +91,12 @@ class BatchRenderer:
         self.__init__(state["options"], state["fmt"], keep_messages=state["keep_messages"])
 
     def __call__(self, records: list[Record]) -> BatchResult:
+        return self.start(records).result()
+
+    def start(self, records: list[Record]) -> PendingBatch:
+        """Render `records` here and start tokenizing them in the background (class docstring)."""
         result = BatchResult()
-        pending: list[Future] = []
+        slices: list[tuple[Future, list[str]]] = []
         for start in range(0, len(records), self.SLICE):
             first_row = len(result.rows)
             self._render(records[start:start + self.SLICE], result)
@@ -97,15 +105,17 @@ class BatchRenderer:
                 if self.encoder.route is None:  # not measured yet: measure with nothing else of ours running
                     done: Future = Future()
                     done.set_result(self.encoder.encode(prompts))
-                    pending.append(done)
+                    slices.append((done, prompts))
                     continue
-                if self._thread is None:
-                    self._thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-kit-tokenize")
-                pending.append(self._thread.submit(self.encoder.encode, prompts))
-        if pending:
-            self._add_ids(result, [ids for future in pending for ids in future.result()])
-            result.ids_route = self.encoder.route or "piecewise (too few rows to measure)"
-        return result
+                slices.append((self._tokenizing_thread().submit(self.encoder.encode, prompts), prompts))
+        return PendingBatch(self, result, slices)
+
+    def _tokenizing_thread(self) -> ThreadPoolExecutor:
+        """This process's background thread; a forked worker starts its own (threads do not survive a fork)."""
+        if self._thread is None or self._thread_pid != os.getpid():
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-kit-tokenize")
+            self._thread_pid = os.getpid()
+        return self._thread
 
     def _render(self, records: list[Record], result: BatchResult) -> None:
         for record in records:
@@ -189,3 +199,27 @@ class BatchRenderer:
                 result.merge_example = describe_merge(self.options.tokenizer, kept[i].where, whole, split)
 
 
+
+
+@dataclass
+class PendingBatch:
+    """A batch rendered by `BatchRenderer.start`, its slices tokenizing in the background."""
+
+    renderer: BatchRenderer
+    rendered: BatchResult
+    slices: list[tuple[Future, list[str]]]
+
+    def result(self) -> BatchResult:
+        """The batch with its ids. Slices still waiting for the thread are taken back, the last first (the
+        thread works from the first: the two meet in between), and tokenized here by the same encoder: the ids
+        are the same whichever thread computes them. `Future.cancel` succeeds only before the thread begins a
+        slice, and the thread then skips it."""
+        encoder, result = self.renderer.encoder, self.rendered
+        if self.slices:
+            taken = {i: encoder.encode(prompts) for i, (future, prompts) in reversed(list(enumerate(self.slices)))
+                     if future.cancel()}
+            ids = [i for k, (future, _) in enumerate(self.slices)
+                   for i in (taken[k] if k in taken else future.result())]
+            self.renderer._add_ids(result, ids)
+            result.ids_route = encoder.route or "piecewise (too few rows to measure)"
+        return result

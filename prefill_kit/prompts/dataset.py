@@ -1,6 +1,8 @@
 """Render a Hugging Face dataset (or a path to data) into a `datasets.Dataset`: the library's front end, as
-`render_file` is the command line's. Rows go through the same `BatchRenderer`; with `num_proc` the dataset is
-cut into contiguous shards rendered by `prefill_kit.prompts.stream`'s process pool.
+`render_file` is the command line's. Rows go through the same `BatchRenderer` and the same in-process overlap of
+rendering and tokenizing (`prefill_kit.prompts.stream.render_chunks`), written batch by batch with the `ArrowWriter`
+that `Dataset.map` writes with; with `num_proc` the dataset is cut into contiguous shards, each rendered so in a
+forked process.
 """
 
 from __future__ import annotations
@@ -8,40 +10,48 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from prefill_kit.data.readers import Record, _load_from_disk, first_unreadable_line, resolve_inputs
+from prefill_kit.data.readers import (
+    Chunk,
+    Record,
+    _load_from_disk,
+    chunk_records,
+    first_unreadable_line,
+    resolve_inputs,
+)
 from prefill_kit.data.writers import to_columns
 from prefill_kit.errors import DataError
-from prefill_kit.prompts.batch import BatchRenderer
+from prefill_kit.prompts.batch import BatchRenderer, BatchResult
 from prefill_kit.prompts.few_shot import FewShot
 from prefill_kit.prompts.options import detect, output_columns, resolve_options
-from prefill_kit.prompts.stream import decide_ids_route, ordered_map
+from prefill_kit.prompts.stream import decide_ids_route, ordered_map, render_chunks
 
 logger = logging.getLogger(__name__)
+SOURCE = "dataset"  # how rows of a dataset are named in errors: "dataset row 3"
+
+
+def _log_rejects(result: BatchResult) -> None:
+    for reject in result.rejects:
+        logger.warning("skipped dataset row %s: %s%s", reject["row"],
+                       f"field {reject['field']!r}: " if reject["field"] else "", reject["reason"])
 
 
 class _MapRenderer:
-    """`datasets.map` function: a column batch in, rendered columns out (fewer rows when skipping)."""
+    """`IterableDataset.map` function: a column batch in, rendered columns out (fewer rows when skipping)."""
 
-    def __init__(self, renderer: BatchRenderer, columns: list[str], out_columns: list[str], offset: int = 0) -> None:
+    def __init__(self, renderer: BatchRenderer, columns: list[str], out_columns: list[str]) -> None:
         self.renderer = renderer
         self.columns = columns
         self.out_columns = out_columns
-        self.offset = offset  # index of the first row of the shard this renders, for error messages
-
-    def records(self, batch: dict[str, list], indices: list[int]) -> list[Record]:
-        values = [batch[c] for c in self.columns]
-        offset = self.offset
-        return [Record("dataset", "row", i + offset + 1, dict(zip(self.columns, row, strict=True)),  # 1-based
-                       index=i + offset)
-                for i, row in zip(indices, zip(*values, strict=True), strict=True)]
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        result = self.renderer(self.records(batch, indices))
-        for reject in result.rejects:
-            logger.warning("skipped dataset row %s: %s%s", reject["row"],
-                           f"field {reject['field']!r}: " if reject["field"] else "", reject["reason"])
+        values = [batch[c] for c in self.columns]
+        records = [Record(SOURCE, "row", i + 1, dict(zip(self.columns, row, strict=True)), index=i)  # 1-based
+                   for i, row in zip(indices, zip(*values, strict=True), strict=True)]
+        result = self.renderer(records)
+        _log_rejects(result)
         return to_columns(result.rows, self.out_columns)
 
 
@@ -90,12 +100,15 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
                               on_error=on_error, max_prompt_tokens=max_prompt_tokens, few_shot=few_shot)
     in_columns = data.column_names or list(next(iter(data)).keys())
     fmt = detect(in_columns, options)
-    function = _MapRenderer(BatchRenderer(options, fmt), in_columns, output_columns(in_columns, fmt, options))
-    if isinstance(data, datasets.Dataset) and num_proc and num_proc > 1:
-        shards = shard_bounds(len(data), num_proc, batch_size)
-        if len(shards) > 1 and "fork" in multiprocessing.get_all_start_methods():
-            return _map_in_processes(data, function, shards, batch_size)
-    return data.map(function, batched=True, batch_size=batch_size, with_indices=True, remove_columns=in_columns)
+    renderer, out_columns = BatchRenderer(options, fmt), output_columns(in_columns, fmt, options)
+    if not isinstance(data, datasets.Dataset):  # an IterableDataset renders lazily, a batch at a time as it is read
+        return data.map(_MapRenderer(renderer, in_columns, out_columns), batched=True, batch_size=batch_size,
+                        with_indices=True, remove_columns=in_columns)
+    if len(data) == 0:  # what Dataset.map returns for no rows
+        return data.remove_columns(in_columns)
+    forks = "fork" in multiprocessing.get_all_start_methods()
+    shards = shard_bounds(len(data), num_proc or 1, batch_size) if forks else [(0, len(data))]
+    return _render_table(data, _TableJob(data, renderer, out_columns, shards, batch_size))
 
 
 def shard_bounds(rows: int, num_proc: int, batch_size: int) -> list[tuple[int, int]]:
@@ -104,40 +117,91 @@ def shard_bounds(rows: int, num_proc: int, batch_size: int) -> list[tuple[int, i
     return [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
 
 
-def _map_in_processes(data, function: _MapRenderer, shards: list[tuple[int, int]], batch_size: int):
-    """`data.map(function)` over contiguous shards in forked processes, concatenated in input order.
+def _transmit_format(render):
+    """`render(data, ...)`'s output keeps `data`'s format (`set_format`), as the output of `Dataset.map` does."""
+    from datasets.arrow_dataset import transmit_format
 
-    Why not `Dataset.map(num_proc=...)`: it pickles the function, tokenizer included, for every shard and
-    hashes it for a fingerprint, which costs seconds per call. Forked workers inherit the function and
-    the data instead, and each writes its own Arrow file (in datasets' temporary cache directory, removed
-    at exit), so only file names cross the process boundary.
+    return transmit_format(render)
+
+
+@_transmit_format
+def _render_table(data, job: _TableJob):
+    """The rendered dataset: in this process, or one forked process per shard, each writing its own Arrow file
+    (in datasets' temporary cache directory, removed at exit), concatenated in input order.
+
+    Why not `Dataset.map(num_proc=...)`: it pickles the function, tokenizer included, for every shard and hashes it
+    for a fingerprint, which costs seconds per call; forked workers inherit the renderer and the data instead, so
+    only file names cross the process boundary. The parent decides the ids route on the first rows before forking.
     """
     import datasets
-    from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 
-    head = min(len(data), function.renderer.calibration_rows)
-    decide_ids_route(function.renderer, function.records(data[:head], list(range(head))))
-    job = _ShardJob(data, function, shards, batch_size, get_temporary_cache_files_directory(),
-                    generate_random_fingerprint())
-    paths = list(ordered_map(job, range(len(shards)), len(shards)))
+    if len(job.shards) == 1:
+        return job.in_this_process()
+    if head := min(len(data), job.renderer.calibration_rows):
+        decide_ids_route(job.renderer, chunk_records(next(_chunks(data, 0, head, head))))
+    paths = list(ordered_map(job, range(len(job.shards)), len(job.shards)))
     return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
 
 
-class _ShardJob:
-    """Worker: render shard `index` of `data` into its own Arrow file and return its path."""
+def _chunks(data, start: int, stop: int, batch_size: int) -> Iterator[Chunk]:
+    """Rows [start, stop) of `data` as chunks of `batch_size`, formatted as `Dataset.map` formats its batches
+    (the dataset's own format type, every column), each row located by its 1-based row in `data`."""
+    formatted = data.with_format(data.format["type"], **data.format["format_kwargs"])
+    columns = data.column_names
+    for offset in range(start, stop, batch_size):
+        batch = formatted[offset:min(offset + batch_size, stop)]
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*(batch[c] for c in columns), strict=True)]
+        yield Chunk(SOURCE, "row", start=offset, rows=rows, index=offset)
 
-    def __init__(self, data, function: _MapRenderer, shards: list[tuple[int, int]], batch_size: int,
-                 directory: str, fingerprint: str) -> None:
-        self.data, self.function, self.shards, self.batch_size = data, function, shards, batch_size
-        self.directory, self.fingerprint = directory, fingerprint
+
+class _TableJob:
+    """Renders a shard of `data` and writes it as `Dataset.map` writes its output: with the `ArrowWriter` given the
+    input's features (a passed-through column keeps its type), to a file or, for an input held in memory, to memory.
+    As a worker's job, `job(index)` writes shard `index` to a file and returns its path."""
+
+    def __init__(self, data, renderer: BatchRenderer, out_columns: list[str], shards: list[tuple[int, int]],
+                 batch_size: int) -> None:
+        from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
+
+        self.data, self.renderer, self.out_columns, self.shards = data, renderer, out_columns, shards
+        self.batch_size = batch_size
+        self.directory, self.fingerprint = get_temporary_cache_files_directory(), generate_random_fingerprint()
 
     def __call__(self, index: int) -> str:
-        start, stop = self.shards[index]
         path = os.path.join(self.directory, f"prefill-kit-{self.fingerprint}-{index:05d}.arrow")
-        parent = self.function.renderer  # its encoder (cutter, memo) is inherited; its thread is not
-        renderer = BatchRenderer(parent.options, parent.fmt, parent.encoder)
-        function = _MapRenderer(renderer, self.function.columns, self.function.out_columns, offset=start)
-        self.data.select(range(start, stop)).map(function, batched=True, batch_size=self.batch_size,
-                                                 with_indices=True, remove_columns=self.function.columns,
-                                                 cache_file_name=path, new_fingerprint=f"{self.fingerprint}-{index}")
+        self._write(index, path=path)
         return path
+
+    def in_this_process(self):
+        """The one shard rendered here, as a `Dataset` (memory-mapped from a file when `data` is)."""
+        import datasets
+        import pyarrow as pa
+        from datasets.table import InMemoryTable
+
+        if self.data.cache_files:
+            path = self(0)
+            table, features = datasets.Dataset.from_file(path).data, None
+        else:
+            buffer = pa.BufferOutputStream()
+            features = self._write(0, stream=buffer)
+            table = InMemoryTable.from_buffer(buffer.getvalue())
+        info = self.data.info.copy()
+        info.features = features
+        return datasets.Dataset(table, info=info, split=self.data.split, fingerprint=self.fingerprint)
+
+    def _write(self, index: int, **sink: Any):
+        """Shard `index` rendered into `sink` (`path=` or `stream=`); the features written."""
+        from datasets.arrow_writer import ArrowWriter
+
+        start, stop = self.shards[index]
+        with ArrowWriter(features=self.data.features, update_features=True, fingerprint=self.fingerprint,
+                         **sink) as writer:
+            for columns in render_chunks(self.renderer, _chunks(self.data, start, stop, self.batch_size),
+                                         self._columns):
+                writer.write_batch(columns)
+            writer.finalize()
+            return writer._features
+
+    def _columns(self, records: list[Record], result: BatchResult) -> dict[str, list]:
+        _log_rejects(result)
+        return to_columns(result.rows, self.out_columns)

@@ -56,19 +56,59 @@ class ChunkJob:
     finish: Callable[[list[Record], BatchResult], Any]
 
     def __call__(self, chunk: Chunk) -> Any:
+        return self.start(chunk)()
+
+    def start(self, chunk: Chunk) -> Callable[[], Any]:
+        """Render the chunk now; the returned call waits for its ids and finishes it."""
         records = chunk_records(chunk)
-        return self.finish(records, self.renderer(records))
+        pending = self.renderer.start(records)
+        return lambda: self.finish(records, pending.result())
 
 
 def render_stream(stream: Stream, options: RenderOptions, finish: Callable[[list[Record], BatchResult], Any], *,
                   num_proc: int = 1, keep_messages: bool = False) -> Iterator[Any]:
     """`finish(records, result)` of every chunk of `stream`, in input order."""
     renderer = BatchRenderer(options, stream.fmt or "messages", keep_messages=keep_messages)
-    chunks = stream.chunks
-    if num_proc > 1 and (first := next(chunks, None)) is not None:
+    return render_chunks(renderer, stream.chunks, finish, num_proc=num_proc)
+
+
+def render_chunks(renderer: BatchRenderer, chunks: Iterator[Chunk], finish: Callable[[list[Record], BatchResult], Any],
+                  *, num_proc: int = 1) -> Iterator[Any]:
+    """`finish(records, result)` of every chunk, in input order: in this process (`overlapped`), or in
+    `num_proc` forked workers that take the ids route the parent decides on the first chunk."""
+    job = ChunkJob(renderer, finish)
+    if num_proc <= 1:
+        return overlapped(job, chunks)
+    if (first := next(chunks, None)) is not None:
         decide_ids_route(renderer, chunk_records(first)[:renderer.calibration_rows])
         chunks = chain([first], chunks)
-    return ordered_map(ChunkJob(renderer, finish), chunks, num_proc)
+    return ordered_map(job, chunks, num_proc)
+
+
+def overlapped(job: ChunkJob, chunks: Iterable[Chunk]) -> Iterator[Any]:
+    """`map(job, chunks)` in this process, each chunk rendered before the one before it is finished: Python
+    renders chunk k+1 while the tokenizer (Rust, without the GIL) encodes chunk k, so one process keeps two
+    cores busy. Meanwhile the tokenizer runs single-threaded (its own thread pool would take the core that
+    rendering needs; `BatchRenderer` puts a second thread on tokenizing when that is the slower side).
+
+    An error rendering chunk k+1 is raised once chunk k is finished and given out: its rows come first, and so
+    does a bad row of its own (one too long, found once tokenized). Results and errors come in input order, as
+    they do without the overlap.
+    """
+    with _tokenizers_single_threaded():
+        waiting = None
+        for chunk in chunks:
+            try:
+                started = job.start(chunk)
+            except Exception:
+                if waiting is not None:
+                    yield waiting()
+                raise
+            if waiting is not None:
+                yield waiting()
+            waiting = started
+        if waiting is not None:
+            yield waiting()
 
 
 def decide_ids_route(renderer: BatchRenderer, records: list[Record]) -> None:

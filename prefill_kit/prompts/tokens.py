@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import weakref
 from collections import Counter
@@ -161,6 +162,9 @@ class PromptTokenizer:
     first batch of at least `CALIBRATE_ROWS` texts (`decide`), and kept for good: by this encoder, by its
     pickled copies, and by any encoder of the same tokenizer object and template in this process or a process
     forked from it (`_ROUTES`).
+
+    Two threads may encode at once (the render pipeline tokenizes on two): the backend encodes under a shared
+    borrow, the memo only ever gains complete entries, and the route is decided before any second thread runs.
     """
 
     CALIBRATE_ROWS = 128
@@ -175,6 +179,7 @@ class PromptTokenizer:
         self._memo: dict[Any, list[int]] = {}
         self.timings: dict[str, float] = {}  # best CPU seconds of each route on the sample, when measured
         self._fixed = route
+        self._plain_lock = threading.Lock()  # transformers' call may set the backend's truncation: one at a time
         if route is not None and (route not in self.ROUTES or self.blocker is not None):
             raise ValueError(f"route {route!r}: expected one of {self.ROUTES}, on a tokenizer without a blocker "
                              f"(this one: {self.blocker})")
@@ -205,7 +210,8 @@ class PromptTokenizer:
         if not texts:
             return []
         if self.blocker is not None:
-            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            with self._plain_lock:
+                return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         if self.route is None and len(texts) >= self.CALIBRATE_ROWS:
             self.decide(texts)
         if self.route == "whole":

@@ -1,0 +1,203 @@
+"""Rendering overlaps tokenizing in one process (issue 19): the next chunk renders while this one tokenizes,
+a slice the background thread has not begun is tokenized by the caller, and `render_dataset` writes what
+`Dataset.map` writes. The outputs themselves are compared with the plain path in tests/test_pipeline.py and
+tests/test_render_files.py; these tests are about order, threads and the written table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from prefill_kit.data.readers import Record
+from prefill_kit.errors import DataError
+from prefill_kit.prompts.batch import BatchRenderer
+from prefill_kit.prompts.options import RenderOptions
+from prefill_kit.prompts.stream import overlapped
+
+PREFIX = "<think>\n"
+
+
+def _records(n: int) -> list[Record]:
+    return [Record("in.jsonl", "line", i + 1, {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]},
+                   index=i) for i in range(n)]
+
+
+class _Job:
+    """A stand-in ChunkJob that records when each chunk starts and finishes, and can fail either step."""
+
+    def __init__(self, fail_start: int | None = None, fail_finish: int | None = None) -> None:
+        self.events: list[str] = []
+        self.fail_start, self.fail_finish = fail_start, fail_finish
+        self.parallelism: list[str | None] = []
+
+    def start(self, chunk: int):
+        self.parallelism.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        if chunk == self.fail_start:
+            raise ValueError(f"bad row in chunk {chunk}")
+        self.events.append(f"start {chunk}")
+
+        def finish():
+            if chunk == self.fail_finish:
+                raise DataError(f"too long in chunk {chunk}")
+            self.events.append(f"finish {chunk}")
+            return chunk
+
+        return finish
+
+
+def test_the_next_chunk_renders_before_this_one_is_finished():
+    job = _Job()
+    assert list(overlapped(job, range(4))) == [0, 1, 2, 3]
+    assert job.events == ["start 0", "start 1", "finish 0", "start 2", "finish 1", "start 3", "finish 2", "finish 3"]
+
+
+def test_chunks_before_a_failing_one_are_given_out_and_an_earlier_error_comes_first():
+    job = _Job(fail_start=2)
+    got = []
+    with pytest.raises(ValueError, match="chunk 2"):
+        for result in overlapped(job, range(4)):
+            got.append(result)
+    assert got == [0, 1]  # chunk 1 was rendered before chunk 2 failed: it is still written
+    # chunk 1 fails once tokenized, chunk 2 while rendering: chunk 1's error is the one raised
+    with pytest.raises(DataError, match="chunk 1"):
+        list(overlapped(_Job(fail_start=2, fail_finish=1), range(4)))
+
+
+def test_the_tokenizer_runs_single_threaded_during_the_overlap_and_is_restored(monkeypatch):
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    job = _Job()
+    list(overlapped(job, range(3)))
+    assert job.parallelism == ["false"] * 3
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    list(overlapped(_Job(), range(2)))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+def test_slices_the_thread_has_not_begun_are_tokenized_by_the_caller(chatml, tiny_tokenizer, monkeypatch):
+    """The background thread is kept busy: `result()` must not wait for it, and computes every slice itself."""
+    monkeypatch.setattr(BatchRenderer, "SLICE", 4)
+    renderer = BatchRenderer(RenderOptions(chatml, PREFIX, tokenizer=tiny_tokenizer), "messages")
+    renderer.encoder.route = "piecewise"  # decided: every slice goes to the thread
+    release = threading.Event()
+    renderer._tokenizing_thread().submit(release.wait, 10)  # occupies the thread until released
+    threads, encode = [], renderer.encoder.encode
+
+    def recording_encode(texts):
+        threads.append(threading.current_thread().name)
+        return encode(texts)
+
+    monkeypatch.setattr(renderer.encoder, "encode", recording_encode)
+    try:
+        pending = renderer.start(_records(10))
+        result = pending.result()
+    finally:
+        release.set()
+    assert threads == [threading.current_thread().name] * 3  # 3 slices of at most 4 rows, all taken back
+    prompts = [r["prompt"] for r in result.rows]
+    assert [r["prompt_ids"] for r in result.rows] == tiny_tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert [r["num_prompt_tokens"] for r in result.rows] == [len(r["prompt_ids"]) for r in result.rows]
+    renderer._thread.shutdown()
+
+
+def test_a_slice_the_thread_has_begun_is_waited_for_not_computed_twice(chatml, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(BatchRenderer, "SLICE", 4)
+    renderer = BatchRenderer(RenderOptions(chatml, PREFIX, tokenizer=tiny_tokenizer), "messages")
+    renderer.encoder.route = "piecewise"
+    calls, encode = [], renderer.encoder.encode
+    monkeypatch.setattr(renderer.encoder, "encode", lambda texts: calls.append(len(texts)) or encode(texts))
+    pending = renderer.start(_records(10))
+    for future, _ in pending.slices:
+        future.result()  # the thread has done them all
+    result = pending.result()
+    assert sorted(calls) == [2, 4, 4] and len(result.rows) == 10
+
+
+_FORKED: BatchRenderer | None = None
+
+
+def _render_in_child(n: int) -> tuple[list[list[int]], str]:
+    """The rows' ids and the name of the thread that runs this process's background work (a slice taken back
+    by the caller would hide a thread that never runs, so it is asked directly)."""
+    ids = [row["prompt_ids"] for row in _FORKED(_records(n)).rows]
+    return ids, _FORKED._tokenizing_thread().submit(lambda: threading.current_thread().name).result(timeout=5)
+
+
+def test_a_forked_worker_tokenizes_on_its_own_thread_not_the_parents(chatml, tiny_tokenizer, monkeypatch):
+    """Threads do not survive a fork: a worker handed the parent's started executor has no thread behind it."""
+    import multiprocessing
+
+    global _FORKED
+    monkeypatch.setattr(BatchRenderer, "SLICE", 4)
+    renderer = BatchRenderer(RenderOptions(chatml, PREFIX, tokenizer=tiny_tokenizer), "messages")
+    renderer.encoder.route = "piecewise"
+    expected = [row["prompt_ids"] for row in renderer(_records(10)).rows]  # the parent's thread is running now
+    assert renderer._thread is not None
+    _FORKED = renderer
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            ids, thread = pool.apply_async(_render_in_child, (10,)).get(timeout=30)
+        assert ids == expected and thread.startswith("prefill-kit-tokenize")
+    finally:
+        _FORKED = None
+
+
+def test_a_too_long_row_in_an_earlier_chunk_is_the_error_over_a_bad_row_in_the_next(tmp_path, chatml,
+                                                                                   tiny_tokenizer):
+    from prefill_kit.prompts.render_file import render_file
+
+    rows = [{"messages": [{"role": "user", "content": "short"}]} for _ in range(5)]
+    rows[2] = {"messages": [{"role": "user", "content": "a much longer question " * 20}]}
+    rows[4] = {"messages": [{"role": "nobody", "content": "x"}]}
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    options = RenderOptions(chatml, PREFIX, tokenizer=tiny_tokenizer, max_prompt_tokens=40)
+    with pytest.raises(DataError, match="prompt too long") as caught:
+        render_file(source, str(tmp_path / "out.jsonl"), options, batch_size=3)
+    assert caught.value.line == 3
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# --- render_dataset writes what Dataset.map writes ---------------------------------------------------------------
+
+def _by_map(data, options, batch_size):
+    """The reference: `Dataset.map` with the renderer, as render_dataset ran before it wrote its own table."""
+    from prefill_kit.prompts.dataset import _MapRenderer
+    from prefill_kit.prompts.options import detect, output_columns
+
+    columns = data.column_names
+    fmt = detect(columns, options)
+    function = _MapRenderer(BatchRenderer(options, fmt), columns, output_columns(columns, fmt, options))
+    return data.map(function, batched=True, batch_size=batch_size, with_indices=True, remove_columns=columns)
+
+
+@pytest.mark.parametrize("source", ["memory", "file"])
+def test_render_dataset_writes_the_table_dataset_map_writes(source, tmp_path, chatml, tiny_tokenizer):
+    import datasets
+
+    from prefill_kit.prompts.dataset import render_dataset
+
+    features = datasets.Features({"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+                                  "id": datasets.Value("int32"), "label": datasets.ClassLabel(names=["no", "yes"]),
+                                  "score": datasets.Value("float16")})
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}], "id": i, "label": i % 2, "score": i / 4}
+            for i in range(23)]
+    data = datasets.Dataset.from_list(rows, features=features)
+    if source == "file":
+        data.save_to_disk(str(tmp_path / "saved"))
+        data = datasets.load_from_disk(str(tmp_path / "saved"))
+        assert data.cache_files
+    data = data.with_format(None, columns=["messages", "id"])  # a format that still reads conversations
+    options = RenderOptions(chatml, PREFIX, tokenizer=tiny_tokenizer)
+    ours = render_dataset(data, chatml, tiny_tokenizer, PREFIX, batch_size=5)
+    reference = _by_map(data, options, 5)
+    assert ours.features == reference.features  # int32, ClassLabel and float16 kept, as map keeps them
+    assert ours.features["id"] == datasets.Value("int32")
+    assert ours.format == reference.format and "label" not in ours.format["columns"]
+    assert ours.with_format(None).to_list() == reference.with_format(None).to_list()
+    assert ours.info.description == reference.info.description and ours.split == reference.split
+    assert bool(ours.cache_files) == (source == "file")  # a file input gives a file-backed output, as map's is
