@@ -201,3 +201,23 @@ def test_render_dataset_writes_the_table_dataset_map_writes(source, tmp_path, ch
     assert ours.with_format(None).to_list() == reference.with_format(None).to_list()
     assert ours.info.description == reference.info.description and ours.split == reference.split
     assert bool(ours.cache_files) == (source == "file")  # a file input gives a file-backed output, as map's is
+
+
+def _frozen_in_worker(_: int) -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_workers_fork_with_the_parents_objects_frozen_and_the_parent_thaws():
+    """A worker's garbage collections skip what it inherited (`gc.freeze` before the fork), so they do not copy
+    the parent's memory pages; the parent's own collections are as before once the pool has started."""
+    import gc
+
+    from prefill_kit.prompts.stream import ordered_map
+
+    kept = [[i] for i in range(1000)]  # objects the parent holds when it forks
+    assert gc.get_freeze_count() == 0
+    frozen = list(ordered_map(_frozen_in_worker, range(2), 2))
+    assert min(frozen) >= len(kept)
+    assert gc.get_freeze_count() == 0

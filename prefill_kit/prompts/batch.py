@@ -199,8 +199,6 @@ class BatchRenderer:
                 result.merge_example = describe_merge(self.options.tokenizer, kept[i].where, whole, split)
 
 
-
-
 @dataclass
 class PendingBatch:
     """A batch rendered by `BatchRenderer.start`, its slices tokenizing in the background."""

@@ -8,6 +8,7 @@ fork, ignore Ctrl-C (the parent handles it), and at most `2 * num_proc` jobs are
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections import deque
@@ -145,7 +146,7 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
         return
     pool = None
     try:
-        with _tokenizers_single_threaded(), signals_held_for_new_workers():
+        with _tokenizers_single_threaded(), signals_held_for_new_workers(), _heap_frozen():
             pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
                                                             initargs=(job, os.getpid()))
     except BaseException:  # a Ctrl-C held while the pool started is raised as the block ends: stop its workers
@@ -160,6 +161,18 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+@contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """The parent's objects frozen while the pool forks (`gc.freeze`, Python's advice before a fork): a worker's
+    garbage collections then skip the objects it inherited instead of touching each one, which would copy their
+    memory pages into the worker one by one (the parent may hold a loaded tokenizer, datasets, other work)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextmanager
