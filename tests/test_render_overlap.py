@@ -221,3 +221,14 @@ def test_workers_fork_with_the_parents_objects_frozen_and_the_parent_thaws():
     frozen = list(ordered_map(_frozen_in_worker, range(2), 2))
     assert min(frozen) >= len(kept)
     assert gc.get_freeze_count() == 0
+
+
+def test_importing_render_dataset_leaves_datasets_unloaded():
+    """`datasets` loads when data does (`prompts.training_data`), not when the module that renders it is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, prefill_kit.prompts.dataset; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'datasets'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

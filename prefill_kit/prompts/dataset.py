@@ -106,9 +106,12 @@ def render_dataset(data, template=None, tokenizer=None, prefix: str = "", *, con
                         with_indices=True, remove_columns=in_columns)
     if len(data) == 0:  # what Dataset.map returns for no rows
         return data.remove_columns(in_columns)
+    from datasets.arrow_dataset import transmit_format  # imported here: datasets loads only when data does
+
     forks = "fork" in multiprocessing.get_all_start_methods()
     shards = shard_bounds(len(data), num_proc or 1, batch_size) if forks else [(0, len(data))]
-    return _render_table(data, _TableJob(data, renderer, out_columns, shards, batch_size))
+    job = _TableJob(data, renderer, out_columns, shards, batch_size)
+    return transmit_format(_render_table)(data, job)  # the output keeps the input's format, as Dataset.map's does
 
 
 def shard_bounds(rows: int, num_proc: int, batch_size: int) -> list[tuple[int, int]]:
@@ -117,14 +120,6 @@ def shard_bounds(rows: int, num_proc: int, batch_size: int) -> list[tuple[int, i
     return [(rows * i // n, rows * (i + 1) // n) for i in range(n)]
 
 
-def _transmit_format(render):
-    """`render(data, ...)`'s output keeps `data`'s format (`set_format`), as the output of `Dataset.map` does."""
-    from datasets.arrow_dataset import transmit_format
-
-    return transmit_format(render)
-
-
-@_transmit_format
 def _render_table(data, job: _TableJob):
     """The rendered dataset: in this process, or one forked process per shard, each writing its own Arrow file
     (in datasets' temporary cache directory, removed at exit), concatenated in input order.
@@ -168,19 +163,21 @@ class _TableJob:
         self.directory, self.fingerprint = get_temporary_cache_files_directory(), generate_random_fingerprint()
 
     def __call__(self, index: int) -> str:
-        path = os.path.join(self.directory, f"prefill-kit-{self.fingerprint}-{index:05d}.arrow")
-        self._write(index, path=path)
-        return path
+        self._write(index, path=self._path(index))
+        return self._path(index)
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, f"prefill-kit-{self.fingerprint}-{index:05d}.arrow")
 
     def in_this_process(self):
         """The one shard rendered here, as a `Dataset` (memory-mapped from a file when `data` is)."""
         import datasets
         import pyarrow as pa
-        from datasets.table import InMemoryTable
+        from datasets.table import InMemoryTable, MemoryMappedTable
 
         if self.data.cache_files:
-            path = self(0)
-            table, features = datasets.Dataset.from_file(path).data, None
+            features = self._write(0, path=self._path(0))
+            table = MemoryMappedTable.from_file(self._path(0))
         else:
             buffer = pa.BufferOutputStream()
             features = self._write(0, stream=buffer)
