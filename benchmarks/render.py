@@ -10,10 +10,12 @@ the rounds) for:
 - the baselines: per-example and batched `datasets.map` with `apply_chat_template(..., tokenize=False,
   add_generation_prompt=True) + prefix`, then the tokenizer with `add_special_tokens=False`;
 - the tokenize-only floor: batch-tokenizing the already rendered texts alone;
-- the 2-core ceiling: 2 / (render CPU + tokenize CPU per row), each measured single-threaded (CPU time,
-  which other processes on the machine barely move);
-- `prefill_kit.render_dataset` with 1 and `--num-proc` processes, as ratios to the batched baseline (the
-  median of the rounds' ratios) and as fractions of the ceiling;
+- the 2-core ceiling: 2 / (render CPU + tokenize CPU per row), each measured single-threaded, in every round
+  (the host's load moves CPU times too: a ceiling measured once, minutes before or after a run, is not that
+  run's);
+- `prefill_kit.render_dataset` with 1 and `--num-proc` processes, as ratios to the batched baseline and as
+  fractions of the ceiling (each the median of the rounds' own ratios);
+- how much of two cores the host gives now: two processes spinning at once, against one alone;
 - the ids stage alone (`PromptTokenizer`, the route it chose and why) against whole-prompt batch tokenization,
   here and on every family of tests/tokenizer_families.py (plus two with 6,400 added tokens), as
   benchmarks/ids_families.py measures it (also runnable alone).
@@ -59,23 +61,38 @@ def interleaved(runs: dict[str, object]) -> tuple[dict[str, list[float]], dict[s
     return seconds, outputs
 
 
-def cpu_per_row(fn, rows: int, single_thread: bool = False) -> float:
-    """Median CPU seconds per row of `fn` (all threads of this process), optionally with tokenizers' pool off."""
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    if single_thread:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        times = []
-        for _ in range(REPEATS):
+def cpu_seconds(fn, into: list[float], single_thread: bool = False):
+    """`fn` as a run for `interleaved` that appends its CPU seconds (all threads of this process) to `into`,
+    optionally with tokenizers' pool off."""
+    def run() -> None:
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        if single_thread:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
             start = time.process_time()
             fn()
-            times.append(time.process_time() - start)
-    finally:
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
-    return statistics.median(times) / rows
+            into.append(time.process_time() - start)
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+    return run
+
+
+SPIN = "import time\ns = time.perf_counter()\nx = 0\nfor i in range(5_000_000): x += i\nprint(time.perf_counter() - s)"
+
+
+def host_cores() -> float:
+    """How many cores the host gives this machine now: one process spinning alone, then two at once; 2.0 when
+    both run as fast as one alone (the 2-core ceiling assumes that), less when they share."""
+    def spin(n: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    alone, together = spin(1), spin(2)
+    return 2 * alone / together
 
 
 def column(dataset, name: str) -> list:
@@ -182,22 +199,30 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
           "times)", flush=True)
     template = resolve_template(None, tokenizer)
     texts = column(baseline_batched(dataset, tokenizer), "prompt")  # rendered once, for the floor and the ceiling
-    render_cpu = cpu_per_row(lambda: render_dataset(dataset, template=template, prefix=PREFIX), args.rows)
-    tokenize_cpu = cpu_per_row(lambda: tokenizer(texts, add_special_tokens=False), args.rows, single_thread=True)
-    ceiling = 2 / (render_cpu + tokenize_cpu)
     label = f"prefill-kit render_dataset, num_proc={args.num_proc}"
+    cpu: dict[str, list[float]] = {"render": [], "tokenize": []}  # CPU seconds of each round
+    print(f"host: two spinning processes run as {host_cores():.2f} cores (2.00: two whole cores)", flush=True)
     seconds, outputs = interleaved({
         LABELS["per"]: lambda: baseline_per_example(dataset, tokenizer),
         LABELS["batched"]: lambda: baseline_batched(dataset, tokenizer),
         LABELS["floor"]: lambda: tokenizer(texts, add_special_tokens=False),
         LABELS["one"]: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX),
-        label: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX, num_proc=args.num_proc)})
-    results: dict[str, float] = {"ceiling": ceiling}
+        label: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX, num_proc=args.num_proc),
+        "render CPU": cpu_seconds(lambda: render_dataset(dataset, template=template, prefix=PREFIX), cpu["render"]),
+        "tokenize CPU": cpu_seconds(lambda: tokenizer(texts, add_special_tokens=False), cpu["tokenize"],
+                                    single_thread=True)})
+    for run in ("render CPU", "tokenize CPU"):
+        seconds.pop(run)
+    render_cpu, tokenize_cpu = ([c / args.rows for c in cpu[k]] for k in ("render", "tokenize"))
+    ceilings = [2 / (r + t) for r, t in zip(render_cpu, tokenize_cpu, strict=True)]  # rows/s, one per round
+    results: dict[str, float] = {"ceiling": statistics.median(ceilings)}
     for run, times in seconds.items():
         results[run] = args.rows / statistics.median(times)
-        print(f"{run:<48} {results[run]:>10,.0f} rows/s  (median {statistics.median(times):.2f} s of {REPEATS})")
-    print(f"{'2-core ceiling: 2 / (render + tokenize CPU)':<48} {ceiling:>10,.0f} rows/s  (render "
-          f"{render_cpu * 1e6:.0f} us + tokenize {tokenize_cpu * 1e6:.0f} us CPU per row, single-threaded)")
+        rounds = ", ".join(f"{args.rows / t:,.0f}" for t in times)
+        print(f"{run:<48} {results[run]:>10,.0f} rows/s  (median of {REPEATS} rounds: {rounds})")
+    print(f"{'2-core ceiling: 2 / (render + tokenize CPU)':<48} {results['ceiling']:>10,.0f} rows/s  (median of "
+          f"rounds: {', '.join(f'{c:,.0f}' for c in ceilings)}; render {statistics.median(render_cpu) * 1e6:.0f} us + "
+          f"tokenize {statistics.median(tokenize_cpu) * 1e6:.0f} us CPU per row, single-threaded)")
     base_ids = column(outputs[LABELS["per"]], "prompt_ids")
     assert column(outputs[LABELS["batched"]], "prompt_ids") == base_ids
     for key in (LABELS["one"], label):
@@ -208,9 +233,10 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
         # ratios: the median over rounds of each round's ratio, both sides timed minutes apart at most
         vs_batched = statistics.median(b / o for b, o in zip(seconds[LABELS["batched"]], seconds[key], strict=True))
         vs_per = statistics.median(p / o for p, o in zip(seconds[LABELS["per"]], seconds[key], strict=True))
-        results[f"{key} vs batched"] = vs_batched
+        share = statistics.median(args.rows / o / c for o, c in zip(seconds[key], ceilings, strict=True))
+        results[f"{key} vs batched"], results[f"{key} of ceiling"] = vs_batched, share
         print(f"{name} prefill-kit, {procs} process{'es' if procs > 1 else ''}: {vs_batched:.2f}x the batched "
-              f"baseline ({vs_per:.2f}x per-example), {results[key] / ceiling:.2f} of the 2-core ceiling")
+              f"baseline ({vs_per:.2f}x per-example), {share:.2f} of the 2-core ceiling")
     results["ids"] = tokenization_stage(name, tokenizer, texts, base_ids)
     return results
 
@@ -264,9 +290,9 @@ def main() -> None:
           "batched; ids stage >= 1.0x whole)")
     for name, r in summary.items():
         n = f"prefill-kit render_dataset, num_proc={args.num_proc}"
-        print(f"{name:<16} 1 process {r[LABELS['one'] + ' vs batched']:.2f}x batched, "
-              f"{r[LABELS['one']] / r['ceiling']:.2f} of ceiling; num_proc={args.num_proc} {r[n + ' vs batched']:.2f}x "
-              f"batched; ids stage {r['ids']:.2f}x whole")
+        one = LABELS["one"]
+        print(f"{name:<16} 1 process {r[one + ' vs batched']:.2f}x batched, {r[one + ' of ceiling']:.2f} of ceiling; "
+              f"num_proc={args.num_proc} {r[n + ' vs batched']:.2f}x batched; ids stage {r['ids']:.2f}x whole")
     print(f"\nload average after the timed runs: {os.getloadavg()[0]:.1f}")
     print(f"peak RSS of this process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
     if args.rss_rows:

@@ -361,6 +361,12 @@ MUTATIONS = [
              "            return _check_size(left + right)\n",
              "            return left + right\n",
              ("tests/test_sandbox_growth.py", "-k", "plus")),
+    Mutation("the str + str shortcut skips the length check", "templates/sandbox.py",
+             "                if len(left) + len(right) > LIMITS.max_string:\n"
+             "                    _check_size_of(len(left) + len(right), left)\n"
+             "                return left + right\n",
+             "                return left + right\n",
+             ("tests/test_sandbox_fast_paths.py", "-k", "limit")),
     Mutation("int * str is checked only after it is built", "templates/sandbox.py",
              "            _check_repeat(right, left)\n", "            pass\n",
              ("tests/test_sandbox_growth.py", "-k", "times and int and str")),

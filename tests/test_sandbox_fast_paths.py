@@ -83,3 +83,22 @@ def test_every_filter_check_filter_measures_is_a_sized_filter():
 
     checked = set(re.findall(r'name == "(\w+)"', inspect.getsource(sandbox._check_filter)))
     assert checked == sandbox._SIZED_FILTERS
+
+
+PLUS_OPERANDS = [("ab", "cd"), ("", ""), (1, 2), (-5, 10**30), (True, 1), (1, True), (1.5, 2), ([1], [2]), ((1,), (2,)),
+                 (jinja2.utils.markupsafe.Markup("<b>"), "x"), ("x", jinja2.utils.markupsafe.Markup("<b>"))]
+
+
+@pytest.mark.parametrize(("left", "right"), PLUS_OPERANDS, ids=repr)
+def test_plus_shortcuts_give_pythons_sum(left, right):
+    """`str + str` and `int + int` skip the general path's checks: the value and its type stay Python's."""
+    got = _ENV.call_binop(None, "+", left, right)
+    assert got == left + right and type(got) is type(left + right)
+
+
+def test_plus_shortcut_refuses_a_string_over_the_limit_before_building_it():
+    limit = sandbox.LIMITS.max_string
+    half = "x" * (limit // 2)
+    assert len(_ENV.call_binop(None, "+", half, "x" * (limit - len(half)))) == limit  # at the limit: allowed
+    with pytest.raises(jinja2.exceptions.SecurityError, match=f"a string of {limit + 1:,} characters"):
+        _ENV.call_binop(None, "+", half, "x" * (limit - len(half) + 1))
