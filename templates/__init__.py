@@ -30,6 +30,7 @@ from prefill_kit.templates.sandbox import compile_template
 # Names a message's reasoning may arrive under; transformers copies it to `reasoning_content` (what
 # templates read) and to `thinking` (gpt-oss), so templates see it whichever name the data used.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_REASONING_KEYS = frozenset(_REASONING_FIELDS)
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                       "mask_token")
 # The added (atomic) tokens each shipped template's family writes: a prefix never starts inside one of them.
@@ -96,6 +97,8 @@ class ChatTemplate:
 
 
 def _normalise(message: dict[str, Any]) -> dict[str, Any]:
+    if _REASONING_KEYS.isdisjoint(message) and not any(v is None for v in message.values()):
+        return message  # nothing to drop or add; no copy needed: the template cannot change it (immutable sandbox)
     message = {k: v for k, v in message.items() if v is not None}
     reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
     if reasoning is not None:

@@ -338,7 +338,8 @@ class _BoundedTemplate(jinja2.Template):
     def render(self, *args: Any, **kwargs: Any) -> str:
         token = _BUDGET.set(_Budget(time.monotonic() + LIMITS.max_seconds))
         try:
-            return "".join(_bounded_output(self.root_render_func(self.new_context(dict(*args, **kwargs)))))
+            context = self.new_context(dict(*args, **kwargs) if args else kwargs)  # kwargs: a dict of its own
+            return "".join(_bounded_output(self.root_render_func(context)))
         except Exception:
             self.environment.handle_exception()  # re-raises, as jinja2.Template.render does
         finally:

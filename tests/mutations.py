@@ -361,6 +361,12 @@ MUTATIONS = [
              "            return _check_size(left + right)\n",
              "            return left + right\n",
              ("tests/test_sandbox_growth.py", "-k", "plus")),
+    Mutation("a message holding None reaches the template unnormalised", "templates/__init__.py",
+             " and not any(v is None for v in message.values()):", ":",
+             ("tests/test_templates_loader.py", "-k", "none_are_dropped")),
+    Mutation("a message with reasoning reaches the template unaliased", "templates/__init__.py",
+             "    if _REASONING_KEYS.isdisjoint(message) and not", "    if not",
+             ("tests/test_templates_loader.py", "-k", "reasoning_fields")),
     Mutation("the str + str shortcut skips the length check", "templates/sandbox.py",
              "                if len(left) + len(right) > LIMITS.max_string:\n"
              "                    _check_size_of(len(left) + len(right), left)\n"

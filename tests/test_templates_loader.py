@@ -80,6 +80,17 @@ def test_reasoning_fields_are_aliased_like_transformers(field):
     assert "|because|because|a]" in expected
 
 
+def test_keys_whose_value_is_none_are_dropped_like_transformers():
+    """A `tool_calls: None` is not defined for the template (Mistral's checks `tool_calls is defined`); a message
+    with nothing to drop or alias reaches the template as it is."""
+    source = "{% for m in messages %}[{{ m.tool_calls is defined }}|{{ m.content }}]{% endfor %}"
+    tokenizer = build_tokenizer(chat_template=source)
+    messages = [{"role": "user", "content": "q", "tool_calls": None}, {"role": "assistant", "content": "a"},
+                {"role": "assistant", "content": "b", "tool_calls": []}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ChatTemplate(source).render(messages) == expected == "[False|q][False|a][True|b]"
+
+
 def test_strftime_now_is_available():
     assert ChatTemplate("{{ strftime_now('%Y') }}").render([]).isdigit()
 
