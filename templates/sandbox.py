@@ -510,6 +510,14 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return _bounded_call(_BINOPS[operator_name], (left, right), {})
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature, to avoid name clashes
+        """A call from a template, with the limits' checks. `namespace()`, which many chat templates call on
+        every row, goes straight to where the general path ends for it: jinja's `Context.call` passes it no
+        context (it has no `jinja_pass_arg`) and drops jinja's own keywords, `is_safe_callable` holds for it, and
+        it is bound to no string; the general path looks each of those attributes up, and misses, on every call."""
+        if __obj is _Namespace:
+            kwargs.pop("_block_vars", None)
+            kwargs.pop("_loop_vars", None)
+            return _bounded_call(_Namespace, args, kwargs)
         bound_to = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # str.format comes wrapped
         if isinstance(bound_to, str):
             args = _check_method(bound_to, getattr(__obj, "__name__", None), args, kwargs)

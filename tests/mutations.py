@@ -367,6 +367,14 @@ MUTATIONS = [
     Mutation("a message with reasoning reaches the template unaliased", "templates/__init__.py",
              "    if _REASONING_KEYS.isdisjoint(message) and not", "    if not",
              ("tests/test_templates_loader.py", "-k", "reasoning_fields")),
+    Mutation("namespace() skips the argument checks", "templates/sandbox.py",
+             "            return _bounded_call(_Namespace, args, kwargs)\n",
+             "            return _Namespace(*args, **kwargs)\n",
+             ("tests/test_sandbox_fast_paths.py", "-k", "namespace_shortcut")),
+    Mutation("namespace() passes jinja's loop keywords on", "templates/sandbox.py",
+             '            kwargs.pop("_loop_vars", None)\n            return _bounded_call(_Namespace',
+             "            return _bounded_call(_Namespace",
+             ("tests/test_sandbox_fast_paths.py", "-k", "namespace_shortcut")),
     Mutation("the str + str shortcut skips the length check", "templates/sandbox.py",
              "                if len(left) + len(right) > LIMITS.max_string:\n"
              "                    _check_size_of(len(left) + len(right), left)\n"

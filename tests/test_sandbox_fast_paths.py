@@ -102,3 +102,25 @@ def test_plus_shortcut_refuses_a_string_over_the_limit_before_building_it():
     assert len(_ENV.call_binop(None, "+", half, "x" * (limit - len(half)))) == limit  # at the limit: allowed
     with pytest.raises(jinja2.exceptions.SecurityError, match=f"a string of {limit + 1:,} characters"):
         _ENV.call_binop(None, "+", half, "x" * (limit - len(half) + 1))
+
+
+NAMESPACE_CALLS = [((), {}), ((), {"index": 0, "text": "x"}), (({"a": 1},), {"b": 2}), (([("a", 1)],), {}),
+                   ((), {"_hidden": 1}), (({"_hidden": 1},), {}), ((), {"big": 10**9}), ((), {"_loop_vars": {"x": 1}}),
+                   ((), {"_block_vars": {}, "a": 1}), ((1,), {}), ((), {"a": "x" * 10})]
+
+
+def _call_outcome(call, args, kwargs):
+    try:
+        value = call(_ENV.from_string("").new_context({}), _Namespace, *args, **dict(kwargs))
+    except (jinja2.exceptions.SecurityError, TypeError) as exc:
+        return ("refused", type(exc), str(exc))
+    return ("value", type(value), dict(value._Namespace__attrs))
+
+
+@pytest.mark.parametrize(("args", "kwargs"), NAMESPACE_CALLS, ids=repr)
+def test_namespace_shortcut_is_the_general_call(args, kwargs):
+    """`namespace(...)` skips the general path's attribute probing: the same namespace, the same refusals."""
+    def general(context, obj, *a, **kw):  # the general path, as `_Sandbox.call` takes it for any other callable
+        return sandbox._bounded_call(jinja2.sandbox.SandboxedEnvironment.call.__get__(_ENV), (context, obj, *a), kw)
+
+    assert _call_outcome(_ENV.call, args, kwargs) == _call_outcome(general, args, kwargs)
