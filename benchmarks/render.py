@@ -15,7 +15,7 @@ the rounds) for:
   run's);
 - `prefill_kit.render_dataset` with 1 and `--num-proc` processes, as ratios to the batched baseline and as
   fractions of the ceiling (each the median of the rounds' own ratios);
-- how much of two cores the host gives now: two processes spinning at once, against one alone;
+- how much of two cores the host gives, in every round: two processes spinning at once, against one alone;
 - the ids stage alone (`PromptTokenizer`, the route it chose and why) against whole-prompt batch tokenization,
   here and on every family of tests/tokenizer_families.py (plus two with 6,400 added tokens), as
   benchmarks/ids_families.py measures it (also runnable alone).
@@ -91,8 +91,11 @@ def host_cores() -> float:
         procs = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True) for _ in range(n)]
         return max(float(p.communicate()[0]) for p in procs)
 
-    alone, together = min(spin(1) for _ in range(3)), min(spin(2) for _ in range(3))  # the least disturbed of 3
-    return 2 * alone / together
+    alone, together = [], []
+    for _ in range(3):  # interleaved; the least disturbed of each
+        alone.append(spin(1))
+        together.append(spin(2))
+    return 2 * min(alone) / min(together)
 
 
 def column(dataset, name: str) -> list:
@@ -200,8 +203,7 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
     template = resolve_template(None, tokenizer)
     texts = column(baseline_batched(dataset, tokenizer), "prompt")  # rendered once, for the floor and the ceiling
     label = f"prefill-kit render_dataset, num_proc={args.num_proc}"
-    cpu: dict[str, list[float]] = {"render": [], "tokenize": []}  # CPU seconds of each round
-    print(f"host: two spinning processes run as {host_cores():.2f} cores (2.00: two whole cores)", flush=True)
+    cpu: dict[str, list[float]] = {"render": [], "tokenize": [], "host": []}  # CPU seconds, host cores: per round
     seconds, outputs = interleaved({
         LABELS["per"]: lambda: baseline_per_example(dataset, tokenizer),
         LABELS["batched"]: lambda: baseline_batched(dataset, tokenizer),
@@ -210,8 +212,9 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
         label: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX, num_proc=args.num_proc),
         "render CPU": cpu_seconds(lambda: render_dataset(dataset, template=template, prefix=PREFIX), cpu["render"]),
         "tokenize CPU": cpu_seconds(lambda: tokenizer(texts, add_special_tokens=False), cpu["tokenize"],
-                                    single_thread=True)})
-    for run in ("render CPU", "tokenize CPU"):
+                                    single_thread=True),
+        "host cores": lambda: cpu["host"].append(host_cores())})
+    for run in ("render CPU", "tokenize CPU", "host cores"):
         seconds.pop(run)
     render_cpu, tokenize_cpu = ([c / args.rows for c in cpu[k]] for k in ("render", "tokenize"))
     ceilings = [2 / (r + t) for r, t in zip(render_cpu, tokenize_cpu, strict=True)]  # rows/s, one per round
@@ -223,6 +226,8 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
     print(f"{'2-core ceiling: 2 / (render + tokenize CPU)':<48} {results['ceiling']:>10,.0f} rows/s  (median of "
           f"rounds: {', '.join(f'{c:,.0f}' for c in ceilings)}; render {statistics.median(render_cpu) * 1e6:.0f} us + "
           f"tokenize {statistics.median(tokenize_cpu) * 1e6:.0f} us CPU per row, single-threaded)")
+    print(f"{'host: cores two spinning processes get':<48} {statistics.median(cpu['host']):>10.2f}       (median of "
+          f"rounds: {', '.join(f'{c:.2f}' for c in cpu['host'])}; 2.00 is two whole cores, which the ceiling assumes)")
     base_ids = column(outputs[LABELS["per"]], "prompt_ids")
     assert column(outputs[LABELS["batched"]], "prompt_ids") == base_ids
     for key in (LABELS["one"], label):
