@@ -203,20 +203,21 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
     template = resolve_template(None, tokenizer)
     texts = column(baseline_batched(dataset, tokenizer), "prompt")  # rendered once, for the floor and the ceiling
     label = f"prefill-kit render_dataset, num_proc={args.num_proc}"
-    cpu: dict[str, list[float]] = {"render": [], "tokenize": [], "host": []}  # CPU seconds, host cores: per round
+    per_round: dict[str, list[float]] = {"render": [], "tokenize": [], "host": []}  # CPU seconds; host cores
     seconds, outputs = interleaved({
         LABELS["per"]: lambda: baseline_per_example(dataset, tokenizer),
         LABELS["batched"]: lambda: baseline_batched(dataset, tokenizer),
         LABELS["floor"]: lambda: tokenizer(texts, add_special_tokens=False),
         LABELS["one"]: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX),
         label: lambda: render_dataset(dataset, tokenizer=tokenizer, prefix=PREFIX, num_proc=args.num_proc),
-        "render CPU": cpu_seconds(lambda: render_dataset(dataset, template=template, prefix=PREFIX), cpu["render"]),
-        "tokenize CPU": cpu_seconds(lambda: tokenizer(texts, add_special_tokens=False), cpu["tokenize"],
+        "render CPU": cpu_seconds(lambda: render_dataset(dataset, template=template, prefix=PREFIX),
+                                  per_round["render"]),
+        "tokenize CPU": cpu_seconds(lambda: tokenizer(texts, add_special_tokens=False), per_round["tokenize"],
                                     single_thread=True),
-        "host cores": lambda: cpu["host"].append(host_cores())})
+        "host cores": lambda: per_round["host"].append(host_cores())})
     for run in ("render CPU", "tokenize CPU", "host cores"):
         seconds.pop(run)
-    render_cpu, tokenize_cpu = ([c / args.rows for c in cpu[k]] for k in ("render", "tokenize"))
+    render_cpu, tokenize_cpu = ([c / args.rows for c in per_round[k]] for k in ("render", "tokenize"))
     ceilings = [2 / (r + t) for r, t in zip(render_cpu, tokenize_cpu, strict=True)]  # rows/s, one per round
     results: dict[str, float] = {"ceiling": statistics.median(ceilings)}
     for run, times in seconds.items():
@@ -226,8 +227,9 @@ def compare(name: str, tokenizer, dataset, args) -> dict[str, float]:
     print(f"{'2-core ceiling: 2 / (render + tokenize CPU)':<48} {results['ceiling']:>10,.0f} rows/s  (median of "
           f"rounds: {', '.join(f'{c:,.0f}' for c in ceilings)}; render {statistics.median(render_cpu) * 1e6:.0f} us + "
           f"tokenize {statistics.median(tokenize_cpu) * 1e6:.0f} us CPU per row, single-threaded)")
-    print(f"{'host: cores two spinning processes get':<48} {statistics.median(cpu['host']):>10.2f}       (median of "
-          f"rounds: {', '.join(f'{c:.2f}' for c in cpu['host'])}; 2.00 is two whole cores, which the ceiling assumes)")
+    host = per_round["host"]
+    print(f"{'host: cores two spinning processes get':<48} {statistics.median(host):>10.2f}       (median of rounds: "
+          f"{', '.join(f'{c:.2f}' for c in host)}; 2.00 is two whole cores, which the ceiling assumes)")
     base_ids = column(outputs[LABELS["per"]], "prompt_ids")
     assert column(outputs[LABELS["batched"]], "prompt_ids") == base_ids
     for key in (LABELS["one"], label):

@@ -489,14 +489,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         the limits. Two `+` shortcuts come first, each what the general path does for those types, minus the
         checks that cannot fire: `str + str` (most of what chat templates compute) checks only the length, and
         `int + int` (a counter: `ns.index + 1`) has no size to check."""
-        if operator_name == "+" and type(right) is type(left):
-            if type(left) is str:
+        if operator_name == "+":  # checked before it is built
+            if type(left) is str and type(right) is str:
                 if len(left) + len(right) > LIMITS.max_string:
                     _check_size_of(len(left) + len(right), left)
                 return left + right
-            if type(left) is int:
+            if type(left) is int and type(right) is int:
                 return left + right
-        if operator_name == "+":  # checked before it is built
             if isinstance(left, str | list | tuple) and type(left) is type(right):
                 _check_size_of(len(left) + len(right), left)
             return _check_size(left + right)
