@@ -111,10 +111,43 @@ def test_a_slice_the_thread_has_begun_is_waited_for_not_computed_twice(chatml, t
     calls, encode = [], renderer.encoder.encode
     monkeypatch.setattr(renderer.encoder, "encode", lambda texts: calls.append(len(texts)) or encode(texts))
     pending = renderer.start(_records(10))
-    for future, _ in pending.slices:
-        future.result()  # the thread has done them all
+    for piece in pending.slices:
+        piece.future.result()  # the thread has done them all
     result = pending.result()
     assert sorted(calls) == [2, 4, 4] and len(result.rows) == 10
+
+
+def test_while_the_thread_is_on_this_batch_the_caller_tokenizes_the_next_batch(chatml, tiny_tokenizer,
+                                                                             monkeypatch):
+    """The caller does not wait for the slice the thread is on: it takes the next batch's slices the thread has
+    not begun, the last first, and that batch then finds them done."""
+    monkeypatch.setattr(BatchRenderer, "SLICE", 4)
+    renderer = BatchRenderer(RenderOptions(chatml, PREFIX, tokenizer=tiny_tokenizer), "messages")
+    renderer.encoder.route = "piecewise"
+    begun, release = threading.Event(), threading.Event()
+    calls, released, encode = [], [], renderer.encoder.encode
+
+    def encode_blocking_the_thread(texts):
+        here = threading.current_thread() is threading.main_thread()
+        calls.append(("caller" if here else "thread", texts[0]))
+        if not here and not begun.is_set():  # the thread's first slice: it stays busy on it
+            begun.set()
+            released.append(release.wait(5))  # False: the caller waited for this slice instead
+        if here and len(calls) == 3:  # the caller has taken both slices of the second batch
+            release.set()
+        return encode(texts)
+
+    monkeypatch.setattr(renderer.encoder, "encode", encode_blocking_the_thread)
+    first = renderer.start(_records(4))
+    assert begun.wait(5)
+    records = _records(12)[4:]
+    second = renderer.start(records)
+    rows = first.result().rows + second.result().rows
+    prompts = [r["prompt"] for r in rows]
+    assert released == [True]
+    assert calls == [("thread", prompts[0]), ("caller", prompts[8]), ("caller", prompts[4])]
+    assert [r["prompt_ids"] for r in rows] == tiny_tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    renderer._thread.shutdown()
 
 
 _FORKED: BatchRenderer | None = None
@@ -221,6 +254,57 @@ def test_workers_fork_with_the_parents_objects_frozen_and_the_parent_thaws():
     frozen = list(ordered_map(_frozen_in_worker, range(2), 2))
     assert min(frozen) >= len(kept)
     assert gc.get_freeze_count() == 0
+
+
+class _CollectorJob(_Job):
+    """Records, as each chunk starts, how many objects are frozen and the youngest generation's threshold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def start(self, chunk: int):
+        import gc
+
+        self.seen.append((gc.get_freeze_count(), gc.get_threshold()[0]))
+        return super().start(chunk)
+
+
+def test_the_collector_skips_the_callers_objects_while_rendering_and_is_restored():
+    """While the loop runs, the caller's objects are frozen (a full collection does not rescan a large heap) and
+    young collections are rarer (a chunk's rows are not rescanned before they are freed); after it, as before."""
+    import gc
+
+    from prefill_kit.prompts.stream import YOUNG_THRESHOLD
+
+    kept = [[i] for i in range(1000)]
+    before = gc.get_threshold()
+    job = _CollectorJob()
+    assert list(overlapped(job, range(3))) == [0, 1, 2]
+    assert all(frozen >= len(kept) for frozen, _ in job.seen)
+    assert [young for _, young in job.seen] == [YOUNG_THRESHOLD] * 3
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+def test_a_callers_own_freeze_is_kept_and_overlapping_loops_restore_once():
+    import gc
+
+    before = gc.get_threshold()
+    kept = [[1]]
+    gc.freeze()  # the caller's own (a server that preloads, then forks)
+    try:
+        list(overlapped(_Job(), range(2)))
+        assert not any(o is kept for o in gc.get_objects())  # still frozen: no generation holds it
+    finally:
+        gc.unfreeze()
+    assert any(o is kept for o in gc.get_objects())  # the check above can see a thawed object
+    first, second = overlapped(_CollectorJob(), range(2)), overlapped(_CollectorJob(), range(2))
+    next(first)
+    next(second)  # two loops at once, the first ends before the second
+    list(first)
+    assert gc.get_threshold()[0] > before[0] and gc.get_freeze_count() > 0  # the second still runs eased
+    list(second)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
 def test_importing_render_dataset_leaves_datasets_unloaded():

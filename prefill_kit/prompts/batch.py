@@ -8,6 +8,7 @@ given, few-shot examples trimmed to fit `max_prompt_tokens`, and the prefix-boun
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class BatchRenderer:
         self.encoder = encoder
         self._thread: ThreadPoolExecutor | None = None
         self._thread_pid = 0
+        self._queued: deque[Slice] = deque()  # slices submitted to the thread, oldest first (finished ones pruned)
         self._opening = assistant_opening(options.template, options.template_kwargs) if fmt == "prompt" else None
 
     @property
@@ -96,7 +98,7 @@ class BatchRenderer:
     def start(self, records: list[Record]) -> PendingBatch:
         """Render `records` here and start tokenizing them in the background (class docstring)."""
         result = BatchResult()
-        slices: list[tuple[Future, list[str]]] = []
+        slices: list[Slice] = []
         for start in range(0, len(records), self.SLICE):
             first_row = len(result.rows)
             self._render(records[start:start + self.SLICE], result)
@@ -105,17 +107,37 @@ class BatchRenderer:
                 if self.encoder.route is None:  # not measured yet: measure with nothing else of ours running
                     done: Future = Future()
                     done.set_result(self.encoder.encode(prompts))
-                    slices.append((done, prompts))
+                    slices.append(Slice(prompts, done))
                     continue
-                slices.append((self._tokenizing_thread().submit(self.encoder.encode, prompts), prompts))
+                slices.append(self._submit(prompts))
         return PendingBatch(self, result, slices)
 
     def _tokenizing_thread(self) -> ThreadPoolExecutor:
-        """This process's background thread; a forked worker starts its own (threads do not survive a fork)."""
+        """This process's background thread; a forked worker starts its own (threads do not survive a fork), with
+        an empty queue (its parent's slices are not its own)."""
         if self._thread is None or self._thread_pid != os.getpid():
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-kit-tokenize")
             self._thread_pid = os.getpid()
+            self._queued = deque()
         return self._thread
+
+    def _submit(self, prompts: list[str]) -> Slice:
+        thread, queued = self._tokenizing_thread(), self._queued
+        while queued and queued[0].future.done():
+            queued.popleft()
+        queued.append(Slice(prompts, thread.submit(self.encoder.encode, prompts)))
+        return queued[-1]
+
+    def _take_last_waiting(self) -> bool:
+        """Tokenize here the last slice the thread has not begun, whichever batch it belongs to; False when there
+        is none. The thread takes slices in order, so once the last is begun or done, so is every other."""
+        while self._queued:
+            last = self._queued.pop()
+            if last.take(self.encoder):
+                return True
+            if last.ids is None:  # begun or done by the thread
+                return False
+        return False
 
     def _render(self, records: list[Record], result: BatchResult) -> None:
         for record in records:
@@ -200,24 +222,46 @@ class BatchRenderer:
 
 
 @dataclass
+class Slice:
+    """Prompts submitted to the tokenizing thread, or taken back and tokenized by the caller (`ids`)."""
+
+    prompts: list[str]
+    future: Future
+    ids: list[list[int]] | None = None
+
+    def take(self, encoder: PromptTokenizer) -> bool:
+        """Tokenize here, if the thread has not begun this slice. `Future.cancel` succeeds only before the thread
+        begins it, and the thread then skips it; the ids are the same whichever thread computes them."""
+        if self.ids is None and self.future.cancel():
+            self.ids = encoder.encode(self.prompts)
+            return True
+        return False
+
+    def result(self) -> list[list[int]]:
+        return self.ids if self.ids is not None else self.future.result()
+
+
+@dataclass
 class PendingBatch:
     """A batch rendered by `BatchRenderer.start`, its slices tokenizing in the background."""
 
     renderer: BatchRenderer
     rendered: BatchResult
-    slices: list[tuple[Future, list[str]]]
+    slices: list[Slice]
 
     def result(self) -> BatchResult:
         """The batch with its ids. Slices still waiting for the thread are taken back, the last first (the
-        thread works from the first: the two meet in between), and tokenized here by the same encoder: the ids
-        are the same whichever thread computes them. `Future.cancel` succeeds only before the thread begins a
-        slice, and the thread then skips it."""
+        thread works from the first: the two meet in between), and tokenized here. While the thread is on one of
+        this batch's slices, the caller does not wait: it takes the last slice the thread has not begun, of a
+        batch started after this one, and looks again when that is done."""
         encoder, result = self.renderer.encoder, self.rendered
         if self.slices:
-            taken = {i: encoder.encode(prompts) for i, (future, prompts) in reversed(list(enumerate(self.slices)))
-                     if future.cancel()}
-            ids = [i for k, (future, _) in enumerate(self.slices)
-                   for i in (taken[k] if k in taken else future.result())]
+            for piece in reversed(self.slices):
+                piece.take(encoder)
+            for piece in self.slices:
+                while piece.ids is None and not piece.future.done() and self.renderer._take_last_waiting():
+                    pass
+            ids = [i for piece in self.slices for i in piece.result()]
             self.renderer._add_ids(result, ids)
             result.ids_route = encoder.route or "piecewise (too few rows to measure)"
         return result

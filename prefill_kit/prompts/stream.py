@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -94,9 +95,10 @@ def overlapped(job: ChunkJob, chunks: Iterable[Chunk]) -> Iterator[Any]:
 
     An error rendering chunk k+1 is raised once chunk k is finished and given out: its rows come first, and so
     does a bad row of its own (one too long, found once tokenized). Results and errors come in input order, as
-    they do without the overlap.
+    they do without the overlap. The garbage collector leaves the caller's objects alone meanwhile
+    (`_collector_eased`).
     """
-    with _tokenizers_single_threaded():
+    with _tokenizers_single_threaded(), _collector_eased():
         waiting = None
         for chunk in chunks:
             try:
@@ -146,7 +148,7 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
         return
     pool = None
     try:
-        with _tokenizers_single_threaded(), signals_held_for_new_workers(), _heap_frozen():
+        with _tokenizers_single_threaded(), signals_held_for_new_workers(), _collector_eased():
             pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
                                                             initargs=(job, os.getpid()))
     except BaseException:  # a Ctrl-C held while the pool started is raised as the block ends: stop its workers
@@ -163,16 +165,47 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
             yield pending.popleft().get()
 
 
+YOUNG_THRESHOLD = 50_000  # net new container objects between collections of the youngest generation, while rendering
+_eased = 0  # render loops (and pool starts) of this process now inside `_collector_eased`
+_eased_lock = threading.Lock()
+_saved_threshold: tuple[int, ...] = ()
+_frozen_here = False
+os.register_at_fork(after_in_child=lambda: globals().update(_eased_lock=threading.Lock()))
+
+
 @contextmanager
-def _heap_frozen() -> Iterator[None]:
-    """The parent's objects frozen while the pool forks (`gc.freeze`, Python's advice before a fork): a worker's
-    garbage collections then skip the objects it inherited instead of touching each one, which would copy their
-    memory pages into the worker one by one (the parent may hold a loaded tokenizer, datasets, other work)."""
-    gc.freeze()
+def _collector_eased() -> Iterator[None]:
+    """While the render loop runs, and while the pool forks, the cyclic garbage collector spends its time on the
+    loop's own objects only. Both steps change no output, only when garbage cycles are collected:
+
+    - `gc.freeze` moves the objects that exist into a generation no collection scans. A full collection of a large
+      heap (a caller holding datasets, a tokenizer, a model) takes a tenth of a second; in a forked worker it would
+      also touch, so copy, every inherited page (Python's advice before a fork). Where the caller has frozen
+      objects itself, nothing is frozen or thawed here: thawing would undo the caller's freeze.
+    - The youngest generation's threshold is raised to `YOUNG_THRESHOLD`: a chunk's rows, a dozen containers each,
+      live until the chunk is written, so at the default of 700 every collection rescans rows about to be freed.
+      Cycles are still collected, at most that many allocations late.
+
+    Loops that overlap (threads, nested streams) share one setting: the first in sets it, the last out restores it.
+    """
+    global _eased, _saved_threshold, _frozen_here
+    with _eased_lock:
+        if _eased == 0:
+            _saved_threshold = gc.get_threshold()
+            _frozen_here = gc.get_freeze_count() == 0
+            if _frozen_here:
+                gc.freeze()
+            gc.set_threshold(max(_saved_threshold[0], YOUNG_THRESHOLD), *_saved_threshold[1:])
+        _eased += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _eased_lock:
+            _eased -= 1
+            if _eased == 0:
+                gc.set_threshold(*_saved_threshold)
+                if _frozen_here:
+                    gc.unfreeze()
 
 
 @contextmanager
