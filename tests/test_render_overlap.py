@@ -208,7 +208,7 @@ def _by_map(data, options, batch_size):
     return data.map(function, batched=True, batch_size=batch_size, with_indices=True, remove_columns=columns)
 
 
-@pytest.mark.parametrize("source", ["memory", "file"])
+@pytest.mark.parametrize("source", ["memory", "file", "with ids"])
 def test_render_dataset_writes_the_table_dataset_map_writes(source, tmp_path, chatml, tiny_tokenizer):
     import datasets
 
@@ -219,6 +219,9 @@ def test_render_dataset_writes_the_table_dataset_map_writes(source, tmp_path, ch
                                   "score": datasets.Value("float16")})
     rows = [{"messages": [{"role": "user", "content": f"question {i}"}], "id": i, "label": i % 2, "score": i / 4}
             for i in range(23)]
+    if source == "with ids":  # an input's own prompt_ids column: map keeps its type for the new ids
+        features["prompt_ids"] = datasets.List(datasets.Value("int32"))
+        rows = [{**row, "prompt_ids": [0]} for row in rows]
     data = datasets.Dataset.from_list(rows, features=features)
     if source == "file":
         data.save_to_disk(str(tmp_path / "saved"))
@@ -230,6 +233,8 @@ def test_render_dataset_writes_the_table_dataset_map_writes(source, tmp_path, ch
     reference = _by_map(data, options, 5)
     assert ours.features == reference.features  # int32, ClassLabel and float16 kept, as map keeps them
     assert ours.features["id"] == datasets.Value("int32")
+    ids_type = "int32" if source == "with ids" else "int64"
+    assert ours.features["prompt_ids"] == datasets.List(datasets.Value(ids_type))
     assert ours.format == reference.format and "label" not in ours.format["columns"]
     assert ours.with_format(None).to_list() == reference.with_format(None).to_list()
     assert ours.info.description == reference.info.description and ours.split == reference.split

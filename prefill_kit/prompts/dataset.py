@@ -199,6 +199,13 @@ class _TableJob:
             writer.finalize()
             return writer._features
 
-    def _columns(self, records: list[Record], result: BatchResult) -> dict[str, list]:
+    def _columns(self, records: list[Record], result: BatchResult) -> dict[str, Any]:
+        import pyarrow as pa
+
         _log_rejects(result)
-        return to_columns(result.rows, self.out_columns)
+        columns = to_columns(result.rows, self.out_columns)
+        if "prompt_ids" in columns and "prompt_ids" not in self.data.features:
+            # handed over as Arrow, of the type the writer infers from Python lists, which it checks id by id in
+            # Python (an input's own prompt_ids column keeps its type: those go as lists, as Dataset.map gives them)
+            columns["prompt_ids"] = pa.array(columns["prompt_ids"], type=pa.list_(pa.int64()))
+        return columns
