@@ -261,6 +261,24 @@ def test_workers_fork_with_the_parents_objects_frozen_and_the_parent_thaws():
     assert gc.get_freeze_count() == 0
 
 
+def _pid_or_fail(item: int) -> int:
+    if item < 0:
+        raise DataError(f"bad item {item}")
+    return os.getpid()
+
+
+def test_the_first_shard_renders_in_this_process_and_the_others_in_forked_workers():
+    """`render_dataset(num_proc=N)` forks N - 1 workers: this process renders the first shard meanwhile."""
+    from prefill_kit.prompts.stream import map_here_and_forked
+
+    pids = map_here_and_forked(_pid_or_fail, [0, 1, 2])
+    assert pids[0] == os.getpid() and os.getpid() not in pids[1:]
+    with pytest.raises(DataError, match="bad item -1"):  # input order: the first item's error, not the second's
+        map_here_and_forked(_pid_or_fail, [-1, -2])
+    with pytest.raises(DataError, match="bad item -2"):
+        map_here_and_forked(_pid_or_fail, [0, -2])
+
+
 class _CollectorJob(_Job):
     """Records, as each chunk starts, how many objects are frozen and the youngest generation's threshold."""
 

@@ -2,7 +2,7 @@
 `render_file` is the command line's. Rows go through the same `BatchRenderer` and the same in-process overlap of
 rendering and tokenizing (`prefill_kit.prompts.stream.render_chunks`), written batch by batch with the `ArrowWriter`
 that `Dataset.map` writes with; with `num_proc` the dataset is cut into contiguous shards, each rendered so in a
-forked process.
+process of its own (this one renders the first).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from prefill_kit.errors import DataError
 from prefill_kit.prompts.batch import BatchRenderer, BatchResult
 from prefill_kit.prompts.few_shot import FewShot
 from prefill_kit.prompts.options import detect, output_columns, resolve_options
-from prefill_kit.prompts.stream import decide_ids_route, ordered_map, render_chunks
+from prefill_kit.prompts.stream import decide_ids_route, map_here_and_forked, render_chunks
 
 logger = logging.getLogger(__name__)
 SOURCE = "dataset"  # how rows of a dataset are named in errors: "dataset row 3"
@@ -121,8 +121,9 @@ def shard_bounds(rows: int, num_proc: int, batch_size: int) -> list[tuple[int, i
 
 
 def _render_table(data, job: _TableJob):
-    """The rendered dataset: in this process, or one forked process per shard, each writing its own Arrow file
-    (in datasets' temporary cache directory, removed at exit), concatenated in input order.
+    """The rendered dataset: in this process, or one process per shard (this one and forked workers), each
+    writing its own Arrow file (in datasets' temporary cache directory, removed at exit), concatenated in input
+    order.
 
     Why not `Dataset.map(num_proc=...)`: it pickles the function, tokenizer included, for every shard and hashes it
     for a fingerprint, which costs seconds per call; forked workers inherit the renderer and the data instead, so
@@ -134,7 +135,7 @@ def _render_table(data, job: _TableJob):
         return job.in_this_process()
     if head := min(len(data), job.renderer.calibration_rows):
         decide_ids_route(job.renderer, chunk_records(next(_chunks(data, 0, head, head))))
-    paths = list(ordered_map(job, range(len(job.shards)), len(job.shards)))
+    paths = map_here_and_forked(job, list(range(len(job.shards))))
     return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
 
 

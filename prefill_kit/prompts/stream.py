@@ -146,16 +146,7 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
     if num_proc <= 1:
         yield from map(job, items)
         return
-    pool = None
-    try:
-        with _tokenizers_single_threaded(), signals_held_for_new_workers(), _collector_eased():
-            pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker,
-                                                            initargs=(job, os.getpid()))
-    except BaseException:  # a Ctrl-C held while the pool started is raised as the block ends: stop its workers
-        if pool is not None:
-            pool.terminate()
-        raise
-    with pool:  # leaving it, also by Ctrl-C or a broken pipe, terminates the workers
+    with _worker_pool(job, num_proc) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(_run_in_worker, (item,)))
@@ -163,6 +154,36 @@ def ordered_map(job: Callable[[Any], Any], items: Iterable[Any], num_proc: int) 
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def map_here_and_forked(job: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """`[job(item) for item in items]`: the first in this process, the others in `len(items) - 1` workers forked
+    as `ordered_map` forks them. This process would otherwise wait for its workers with nothing to do,
+    and one fork fewer is one copy fewer of its memory map before the work starts. Errors come in input order:
+    one in the first item is raised before the workers' results are looked at."""
+    if len(items) <= 1:
+        return [job(item) for item in items]
+    with _worker_pool(job, len(items) - 1) as pool:
+        rest = [pool.apply_async(_run_in_worker, (item,)) for item in items[1:]]
+        first = job(items[0])
+        return [first, *(result.get() for result in rest)]
+
+
+@contextmanager
+def _worker_pool(job: Callable[[Any], Any], processes: int) -> Iterator[Any]:
+    """A pool of `processes` forked workers that run `job`; leaving it, also by Ctrl-C or a broken pipe,
+    terminates them."""
+    pool = None
+    try:
+        with _tokenizers_single_threaded(), signals_held_for_new_workers(), _collector_eased():
+            pool = multiprocessing.get_context("fork").Pool(processes, initializer=_init_worker,
+                                                            initargs=(job, os.getpid()))
+    except BaseException:  # a Ctrl-C held while the pool started is raised as the block ends: stop its workers
+        if pool is not None:
+            pool.terminate()
+        raise
+    with pool:
+        yield pool
 
 
 YOUNG_THRESHOLD = 50_000  # net new container objects between collections of the youngest generation, while rendering
