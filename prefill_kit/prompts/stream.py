@@ -2,8 +2,9 @@
 chunk rendered by one `BatchRenderer`, results out in input order, in this process or in a pool of forked ones.
 
 `render_file` (files), `render_dataset` (HF datasets) and the verl export all run here, so there is one
-detection rule and one process pool (`ordered_map`): workers inherit the loaded tokenizer and template by
-fork, ignore Ctrl-C (the parent handles it), and at most `2 * num_proc` jobs are in flight.
+detection rule and one way to start workers (`_worker_pool`, for `ordered_map` and `map_here_and_forked`): they
+inherit the loaded tokenizer and template by fork and ignore Ctrl-C (the parent handles it); `ordered_map` keeps
+at most `2 * num_proc` jobs in flight.
 """
 
 from __future__ import annotations
