@@ -122,7 +122,8 @@ class BatchRenderer:
         return self._thread
 
     def _submit(self, prompts: list[str]) -> Slice:
-        thread, queued = self._tokenizing_thread(), self._queued
+        thread = self._tokenizing_thread()  # first: in a forked worker it also empties the queue
+        queued = self._queued
         while queued and queued[0].future.done():
             queued.popleft()
         queued.append(Slice(prompts, thread.submit(self.encoder.encode, prompts)))
